@@ -1,0 +1,1 @@
+//! HTTP/HTTPS fetch with retries, bounded by a deadline.

@@ -1,0 +1,1 @@
+//! gzip and tar unboxing of a downloaded module (Istio unboxIfPossible).

@@ -1,0 +1,1 @@
+//! Which addresses a fetch may connect to (SSRF rules), checked on every resolved address.

@@ -1,0 +1,133 @@
+//! wasm-ecds: distributes remote WebAssembly modules to Envoy the way the Istio agent does.
+//!
+//! Give [`Cache::convert`] the bytes of an ECDS `DiscoveryResponse`; every Envoy Wasm filter whose module is
+//! remote (`vm_config.code.remote`) is fetched, verified and stored on disk, and the response comes back with
+//! `code.local.filename` pointing at the stored file — or a [`Rejection`] whose reason goes into the NACK.
+//! Everything is blocking and thread-safe; no thread outlives a call. The C ABI lives in [`ffi`].
+
+mod ecds;
+pub mod ffi;
+mod fetch;
+mod guard;
+mod log_bridge;
+pub mod metrics;
+mod module;
+mod nack;
+pub mod options;
+mod store;
+mod typed_struct;
+mod wire;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use ecds::Rejection;
+pub use metrics::{ConversionResult, FetchResult, Metrics};
+pub use nack::{nack, nack_delta};
+pub use options::{OnFetchFailure, Options, OptionsError};
+
+/// The library version, also returned by `wasm_ecds_version()`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why a cache could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    Options(OptionsError),
+    /// The cache directory could not be created or used.
+    CacheDir(String),
+    /// The TLS settings (e.g. `ca_file`) could not be loaded.
+    Tls(String),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Options(e) => e.fmt(f),
+            OpenError::CacheDir(m) | OpenError::Tls(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+impl From<OptionsError> for OpenError {
+    fn from(e: OptionsError) -> Self {
+        OpenError::Options(e)
+    }
+}
+
+/// A module cache with its counters: converts ECDS responses. `Send + Sync`; share one per process (or per
+/// Envoy) and call it from any thread.
+pub struct Cache {
+    options: Options,
+    metrics: Arc<Metrics>,
+    store: store::Store,
+    policy: ecds::ConversionPolicy,
+}
+
+impl Cache {
+    /// Opens (creating if needed) the cache directory and reuses what an earlier process left there.
+    pub fn new(options: Options) -> Result<Cache, OpenError> {
+        let metrics = Arc::new(Metrics::new());
+        let fetcher = fetch::Fetcher::new(&fetch::FetchSettings::from_options(&options))
+            .map_err(|e| OpenError::Tls(e.to_string()))?;
+        let store = store::Store::open(store::StoreSettings::from_options(&options), fetcher, metrics.clone())
+            .map_err(|e| OpenError::CacheDir(e.to_string()))?;
+        let policy = ecds::ConversionPolicy {
+            default_timeout: options.default_fetch_timeout,
+            on_fetch_failure: options.on_fetch_failure,
+        };
+        Ok(Cache { options, metrics, store, policy })
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Converts a serialized state-of-the-world `DiscoveryResponse`. On success the bytes to forward to
+    /// Envoy; on rejection the reason for the NACK (forward nothing).
+    pub fn convert(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
+        if !self.options.enable_conversion {
+            return Ok(response.to_vec());
+        }
+        self.store.purge_if_due();
+        let start = Instant::now();
+        let result = ecds::convert_sotw(response, &self.store, &self.policy, &self.metrics).map(|converted| {
+            self.store.set_sotw_in_use(converted.modules);
+            converted.bytes
+        });
+        self.metrics.observe_conversion_duration(start.elapsed());
+        result
+    }
+
+    /// Converts a serialized `DeltaDiscoveryResponse`; removed resource names pass through.
+    pub fn convert_delta(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
+        if !self.options.enable_conversion {
+            return Ok(response.to_vec());
+        }
+        self.store.purge_if_due();
+        let start = Instant::now();
+        let result = ecds::convert_delta(response, &self.store, &self.policy, &self.metrics).map(|converted| {
+            self.store.update_delta_in_use(converted.resources, &converted.removed);
+            converted.bytes
+        });
+        self.metrics.observe_conversion_duration(start.elapsed());
+        result
+    }
+
+    /// Prometheus text exposition of this cache's counters.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// Runs a purge now: deletes modules unused for longer than the expiry and not referenced by the latest
+    /// converted ECDS state. Returns how many modules were removed.
+    pub fn purge(&self) -> Result<usize, std::io::Error> {
+        self.store.purge()
+    }
+}
