@@ -137,7 +137,10 @@ pub extern "C" fn wasm_ecds_version() -> *const c_char {
 /// # Safety
 /// `options_json` is NULL or a NUL-terminated string; `error` is NULL or valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn wasm_ecds_cache_new(options_json: *const c_char, error: *mut *mut c_char) -> *mut wasm_ecds_cache {
+pub unsafe extern "C" fn wasm_ecds_cache_new(
+    options_json: *const c_char,
+    error: *mut *mut c_char,
+) -> *mut wasm_ecds_cache {
     let mut handle: *mut wasm_ecds_cache = ptr::null_mut();
     guarded(error, || {
         let json = if options_json.is_null() { "" } else { input_str(options_json, "options_json")? };
@@ -311,7 +314,11 @@ pub unsafe extern "C" fn wasm_ecds_purge(cache: *mut wasm_ecds_cache) -> i64 {
         removed = n as i64;
         Ok(WASM_ECDS_OK)
     });
-    if status == WASM_ECDS_OK { removed } else { i64::from(status) }
+    if status == WASM_ECDS_OK {
+        removed
+    } else {
+        i64::from(status)
+    }
 }
 
 /// Frees bytes returned by the library. `{NULL, 0}` is fine. Free each exactly once.
@@ -343,7 +350,11 @@ pub unsafe extern "C" fn wasm_ecds_string_free(s: *mut c_char) {
 /// # Safety
 /// `callback` must stay callable, and `user_data` valid, until logging is turned off or replaced.
 #[no_mangle]
-pub unsafe extern "C" fn wasm_ecds_set_log_callback(callback: wasm_ecds_log_callback, max_level: i32, user_data: *mut c_void) -> i32 {
+pub unsafe extern "C" fn wasm_ecds_set_log_callback(
+    callback: wasm_ecds_log_callback,
+    max_level: i32,
+    user_data: *mut c_void,
+) -> i32 {
     guarded(ptr::null_mut(), || {
         if !(0..=WASM_ECDS_LOG_TRACE).contains(&max_level) {
             return Err(invalid("max_level is not a WASM_ECDS_LOG_* level"));

@@ -6,8 +6,8 @@
 //! Everything is blocking and thread-safe; no thread outlives a call. The C ABI lives in [`ffi`].
 
 mod ecds;
-pub mod ffi;
 mod fetch;
+pub mod ffi;
 mod guard;
 mod log_bridge;
 pub mod metrics;

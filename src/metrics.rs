@@ -154,13 +154,23 @@ impl Metrics {
         out.push_str("# HELP istio_agent_wasm_remote_fetch_count number of Wasm remote fetches and results, including success, download failure, and checksum mismatch.\n");
         out.push_str("# TYPE istio_agent_wasm_remote_fetch_count counter\n");
         for r in FetchResult::ALL {
-            let _ = writeln!(out, "istio_agent_wasm_remote_fetch_count{{result=\"{}\"}} {}", r.label(), load(&self.fetch[r as usize]));
+            let _ = writeln!(
+                out,
+                "istio_agent_wasm_remote_fetch_count{{result=\"{}\"}} {}",
+                r.label(),
+                load(&self.fetch[r as usize])
+            );
         }
 
         out.push_str("# HELP istio_agent_wasm_config_conversion_count number of Wasm config conversion count and results, including success, no remote load, marshal failure, remote fetch failure, and miss remote fetch hint.\n");
         out.push_str("# TYPE istio_agent_wasm_config_conversion_count counter\n");
         for r in ConversionResult::ALL {
-            let _ = writeln!(out, "istio_agent_wasm_config_conversion_count{{result=\"{}\"}} {}", r.label(), load(&self.conversion[r as usize]));
+            let _ = writeln!(
+                out,
+                "istio_agent_wasm_config_conversion_count{{result=\"{}\"}} {}",
+                r.label(),
+                load(&self.conversion[r as usize])
+            );
         }
 
         out.push_str("# HELP istio_agent_wasm_config_conversion_duration Total time in milliseconds istio-agent spends on converting remote load in Wasm config.\n");

@@ -83,7 +83,9 @@ fn type_url_and_nonce(response: &[u8], what: &str) -> Result<(String, String), N
     for field in wire::Fields::new(response) {
         let field = field.map_err(|e| NackError(format!("malformed {what}: {e}")))?;
         match field.number {
-            4 => type_url = field.string().map_err(|e| NackError(format!("malformed {what}: type_url: {e}")))?.to_owned(),
+            4 => {
+                type_url = field.string().map_err(|e| NackError(format!("malformed {what}: type_url: {e}")))?.to_owned()
+            }
             5 => nonce = field.string().map_err(|e| NackError(format!("malformed {what}: nonce: {e}")))?.to_owned(),
             _ => {}
         }

@@ -114,12 +114,15 @@ impl Options {
         let enable_conversion = match raw.enable_conversion {
             Some(v) => v,
             None => match env_value(env, "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION") {
-                Some(v) => parse_go_bool(&v).ok_or_else(|| env_error("ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION", &v, "a boolean"))?,
+                Some(v) => parse_go_bool(&v)
+                    .ok_or_else(|| env_error("ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION", &v, "a boolean"))?,
                 None => true,
             },
         };
-        let module_expiry = secs_option(raw.module_expiry_secs, "module_expiry_secs", env, "WASM_MODULE_EXPIRY", 86_400)?;
-        let purge_interval = secs_option(raw.purge_interval_secs, "purge_interval_secs", env, "WASM_PURGE_INTERVAL", 3_600)?;
+        let module_expiry =
+            secs_option(raw.module_expiry_secs, "module_expiry_secs", env, "WASM_MODULE_EXPIRY", 86_400)?;
+        let purge_interval =
+            secs_option(raw.purge_interval_secs, "purge_interval_secs", env, "WASM_PURGE_INTERVAL", 3_600)?;
         let default_fetch_timeout = Duration::from_millis(raw.default_fetch_timeout_ms.unwrap_or(5_000));
         let http_request_timeout = match raw.http_request_timeout_ms {
             Some(0) => return Err(positive_error("http_request_timeout_ms")),
@@ -159,12 +162,19 @@ impl Options {
         let blocked_cidrs = match raw.blocked_cidrs {
             Some(list) => list
                 .iter()
-                .map(|c| parse_cidr(c).map_err(|_| OptionsError(format!("invalid options: blocked_cidrs: {c:?} is not a CIDR"))))
+                .map(|c| {
+                    parse_cidr(c)
+                        .map_err(|_| OptionsError(format!("invalid options: blocked_cidrs: {c:?} is not a CIDR")))
+                })
                 .collect::<Result<Vec<_>, _>>()?,
             None => match env_value(env, "BLOCKED_CIDRS_IN_WASM_FETCH") {
                 Some(v) => comma_list(&v)
                     .iter()
-                    .map(|c| parse_cidr(c).map_err(|_| env_error("BLOCKED_CIDRS_IN_WASM_FETCH", &v, "a comma-separated list of CIDRs")))
+                    .map(|c| {
+                        parse_cidr(c).map_err(|_| {
+                            env_error("BLOCKED_CIDRS_IN_WASM_FETCH", &v, "a comma-separated list of CIDRs")
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
                 None => Vec::new(),
             },
@@ -213,7 +223,13 @@ fn default_cache_dir(env: EnvLookup<'_>) -> Result<PathBuf, OptionsError> {
 
 /// A seconds option, else a Go-duration environment variable, else the default. Zero is refused: Istio
 /// replaces zero by the default, which hides a mistake; we name it instead.
-fn secs_option(value: Option<u64>, key: &str, env: EnvLookup<'_>, var: &str, default_secs: u64) -> Result<Duration, OptionsError> {
+fn secs_option(
+    value: Option<u64>,
+    key: &str,
+    env: EnvLookup<'_>,
+    var: &str,
+    default_secs: u64,
+) -> Result<Duration, OptionsError> {
     match value {
         Some(0) => Err(positive_error(key)),
         Some(s) => Ok(Duration::from_secs(s)),

@@ -103,7 +103,10 @@ impl<'a> Fields<'a> {
 
     fn take(&mut self, n: usize, number: u32) -> Result<&'a [u8], WireError> {
         if self.buf.len() - self.pos < n {
-            return Err(WireError(format!("field {number} is truncated: needs {n} bytes, {} left", self.buf.len() - self.pos)));
+            return Err(WireError(format!(
+                "field {number} is truncated: needs {n} bytes, {} left",
+                self.buf.len() - self.pos
+            )));
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -121,7 +124,8 @@ impl<'a> Fields<'a> {
             WireType::ThirtyTwoBit => self.take(4, number),
             WireType::LengthDelimited => {
                 let len = self.read_varint().map_err(|e| WireError(format!("field {number}: bad length: {e}")))?;
-                let len = usize::try_from(len).map_err(|_| WireError(format!("field {number}: length {len} too large")))?;
+                let len =
+                    usize::try_from(len).map_err(|_| WireError(format!("field {number}: length {len} too large")))?;
                 self.take(len, number)
             }
             WireType::StartGroup => {

@@ -73,7 +73,9 @@ impl FetchError {
     pub fn counted_as(&self) -> Option<FetchResult> {
         match self.kind {
             FetchErrorKind::UnsupportedScheme | FetchErrorKind::InvalidUrl => None,
-            FetchErrorKind::Download | FetchErrorKind::TooLarge | FetchErrorKind::Io => Some(FetchResult::DownloadFailure),
+            FetchErrorKind::Download | FetchErrorKind::TooLarge | FetchErrorKind::Io => {
+                Some(FetchResult::DownloadFailure)
+            }
         }
     }
 }
@@ -102,3 +104,12 @@ impl Fetcher {
         todo!("fetch::Fetcher::fetch")
     }
 }
+
+/// Creates a temp file in `dir` named `.tmp-<pid>-<random>`: the pid lets a later process tell a crashed
+/// writer's leftovers (pid gone) from a live neighbour's download in a shared cache directory.
+pub(crate) fn new_temp_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new().prefix(&format!("{TEMP_PREFIX}{}-", std::process::id())).tempfile_in(dir)
+}
+
+/// Prefix of every temp file the library writes.
+pub(crate) const TEMP_PREFIX: &str = ".tmp-";
