@@ -117,10 +117,6 @@ impl State {
         self.modules.len() + self.pending.len()
     }
 
-    fn in_use(&self, sha: &str) -> bool {
-        self.sotw_in_use.contains(sha) || self.delta_in_use.values().any(|s| &**s == sha)
-    }
-
     /// Reference §2.3 step 3b: the checksum a checksum-less request resolves to, storing its resource version.
     fn lookup_url(&mut self, req: &ModuleRequest, ignore_rv: bool) -> Option<Arc<str>> {
         if !self.urls.contains_key(req.url.as_str()) {
@@ -1002,4 +998,655 @@ fn now_ms() -> u64 {
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::FetchErrorKind;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Serves bytes from a map into temp files, counting calls and concurrency.
+    #[derive(Default)]
+    struct TestFetcher {
+        bodies: Mutex<HashMap<String, Vec<u8>>>,
+        delay: Mutex<Duration>,
+        calls: AtomicUsize,
+        current: AtomicUsize,
+        max_concurrent: AtomicUsize,
+    }
+
+    impl TestFetcher {
+        fn serve(&self, url: &str, body: &[u8]) {
+            self.bodies.lock().unwrap().insert(url.to_string(), body.to_vec());
+        }
+        fn set_delay(&self, d: Duration) {
+            *self.delay.lock().unwrap() = d;
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    struct Shared(Arc<TestFetcher>);
+
+    impl ModuleFetcher for Shared {
+        fn fetch(&self, url: &str, _deadline: Instant, temp_dir: &Path) -> Result<Downloaded, FetchError> {
+            let f = &self.0;
+            f.calls.fetch_add(1, Ordering::SeqCst);
+            let now = f.current.fetch_add(1, Ordering::SeqCst) + 1;
+            f.max_concurrent.fetch_max(now, Ordering::SeqCst);
+            let delay = *f.delay.lock().unwrap();
+            std::thread::sleep(delay);
+            let body = f.bodies.lock().unwrap().get(url).cloned();
+            f.current.fetch_sub(1, Ordering::SeqCst);
+            let Some(body) = body else {
+                return Err(FetchError {
+                    kind: FetchErrorKind::Download,
+                    message: "wasm module download request failed: status code 404".into(),
+                });
+            };
+            let mut file =
+                new_temp_file(temp_dir).map_err(|e| FetchError { kind: FetchErrorKind::Io, message: e.to_string() })?;
+            file.write_all(&body).unwrap();
+            Ok(Downloaded {
+                file,
+                sha256: sha256_hex(&body),
+                len: body.len() as u64,
+                is_wasm: body.len() >= 8 && body.starts_with(b"\0asm"),
+            })
+        }
+    }
+
+    fn wasm(tag: &str) -> Vec<u8> {
+        let mut b = b"\0asm\x01\0\0\0".to_vec();
+        b.extend_from_slice(tag.as_bytes());
+        b
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        fetcher: Arc<TestFetcher>,
+        metrics: Arc<Metrics>,
+        store: Option<Store>,
+    }
+
+    fn settings(dir: &Path, expiry: Duration, interval: Duration) -> StoreSettings {
+        StoreSettings { dir: dir.to_path_buf(), module_expiry: expiry, purge_interval: interval }
+    }
+
+    fn fixture() -> Fixture {
+        fixture_with(Duration::from_secs(3600), Duration::from_secs(3600))
+    }
+
+    fn fixture_with(expiry: Duration, interval: Duration) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let fetcher = Arc::new(TestFetcher::default());
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open_with(
+            settings(&dir.path().join("cache"), expiry, interval),
+            Box::new(Shared(fetcher.clone())),
+            metrics.clone(),
+        )
+        .unwrap();
+        Fixture { dir, fetcher, metrics, store: Some(store) }
+    }
+
+    impl Fixture {
+        fn store(&self) -> &Store {
+            self.store.as_ref().unwrap()
+        }
+        fn close(&mut self) {
+            self.store = None;
+        }
+        fn cache_dir(&self) -> PathBuf {
+            self.dir.path().join("cache")
+        }
+        /// A second store on the same directory, as another process (or a restart) would open it.
+        fn reopen(&self) -> (Store, Arc<TestFetcher>, Arc<Metrics>) {
+            let fetcher = Arc::new(TestFetcher::default());
+            let metrics = Arc::new(Metrics::new());
+            let store = Store::open_with(
+                settings(&self.cache_dir(), Duration::from_secs(3600), Duration::from_secs(3600)),
+                Box::new(Shared(fetcher.clone())),
+                metrics.clone(),
+            )
+            .unwrap();
+            (store, fetcher, metrics)
+        }
+        fn temp_files(&self) -> Vec<String> {
+            let mut out = Vec::new();
+            for d in [self.cache_dir(), self.cache_dir().join(MODULES_DIR)] {
+                for e in fs::read_dir(d).unwrap().flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with(TEMP_PREFIX) {
+                        out.push(n);
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    fn req(url: &str) -> ModuleRequest {
+        ModuleRequest {
+            url: url.to_string(),
+            sha256: None,
+            timeout: Duration::from_secs(5),
+            resource_name: "res".into(),
+            resource_version: "1".into(),
+            pull_policy: PullPolicy::Unspecified,
+            pull_secret: None,
+        }
+    }
+
+    fn req_sha(url: &str, sha: &str) -> ModuleRequest {
+        ModuleRequest { sha256: Some(sha.to_string()), ..req(url) }
+    }
+
+    fn lookups(m: &Metrics) -> (u64, u64) {
+        (m.lookups(true), m.lookups(false))
+    }
+
+    #[test]
+    fn miss_then_hit_counts_and_content_addressed_path() {
+        let f = fixture();
+        let body = wasm("a");
+        f.fetcher.serve("http://x/a.wasm", &body);
+        let m = f.store().get(&req_sha("http://x/a.wasm", &sha256_hex(&body))).unwrap();
+        assert_eq!(&*m.sha256, sha256_hex(&body));
+        let canonical = fs::canonicalize(f.cache_dir()).unwrap();
+        assert_eq!(Path::new(&*m.path), canonical.join("modules").join(format!("{}.wasm", m.sha256)));
+        assert!(Path::new(&*m.path).is_absolute());
+        assert_eq!(fs::read(&*m.path).unwrap(), body);
+        assert_eq!(lookups(&f.metrics), (0, 1));
+        assert_eq!(f.metrics.fetches(FetchResult::Success), 1);
+        assert_eq!(f.metrics.cache_entries(), 1);
+
+        let again = f.store().get(&req_sha("http://x/a.wasm", &sha256_hex(&body))).unwrap();
+        assert_eq!(again, m);
+        assert_eq!(lookups(&f.metrics), (1, 1));
+        assert_eq!(f.fetcher.calls(), 1);
+        assert!(f.temp_files().is_empty());
+    }
+
+    #[test]
+    fn checksum_less_miss_counts_two_lookups() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        f.store().get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(lookups(&f.metrics), (0, 2));
+        f.store().get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(lookups(&f.metrics), (1, 2));
+        assert_eq!(f.fetcher.calls(), 1);
+    }
+
+    #[test]
+    fn sha_given_is_served_whatever_url_names_it() {
+        let f = fixture();
+        let body = wasm("a");
+        let sha = sha256_hex(&body);
+        f.fetcher.serve("http://x/a.wasm", &body);
+        let a = f.store().get(&req_sha("http://x/a.wasm", &sha)).unwrap();
+        let b = f.store().get(&req_sha("http://mirror/other.wasm", &sha)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(f.fetcher.calls(), 1);
+        // Upper-case checksums are the same module.
+        let c = f.store().get(&req_sha("http://y/z", &sha.to_ascii_uppercase())).unwrap();
+        assert_eq!(a, c);
+        assert_eq!(f.fetcher.calls(), 1);
+    }
+
+    #[test]
+    fn same_content_under_two_urls_is_one_file() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        f.fetcher.serve("http://y/a.wasm", &wasm("a"));
+        let a = f.store().get(&req("http://x/a.wasm")).unwrap();
+        let b = f.store().get(&req("http://y/a.wasm")).unwrap();
+        assert_eq!(a, b);
+        // The second URL downloaded, found the checksum in the store (second lookup hit): no success count.
+        assert_eq!(f.fetcher.calls(), 2);
+        assert_eq!(f.metrics.fetches(FetchResult::Success), 1);
+        assert_eq!(lookups(&f.metrics), (1, 3));
+        assert_eq!(f.metrics.cache_entries(), 1);
+    }
+
+    /// Reference §2.4, one row per case: (policy, url, second resource version, expect a second download).
+    #[test]
+    fn pull_policy_table() {
+        let rows = [
+            (PullPolicy::IfNotPresent, "http://x/m.wasm", "1", false),
+            (PullPolicy::IfNotPresent, "http://x/m.wasm", "2", false),
+            (PullPolicy::Always, "http://x/m.wasm", "1", false),
+            (PullPolicy::Always, "http://x/m.wasm", "2", true),
+            (PullPolicy::Unspecified, "http://x/m.wasm", "2", false),
+            (PullPolicy::Unspecified, "http://x/m:latest", "2", false),
+            (PullPolicy::Unspecified, "oci://reg/m:latest", "1", false),
+            (PullPolicy::Unspecified, "oci://reg/m:latest", "2", true),
+            (PullPolicy::Unspecified, "oci://reg/m:v1", "2", false),
+        ];
+        for (policy, url, rv2, refetch) in rows {
+            let f = fixture();
+            f.fetcher.serve(url, &wasm("m"));
+            let first = ModuleRequest { pull_policy: policy, ..req(url) };
+            f.store().get(&first).unwrap();
+            let second = ModuleRequest { resource_version: rv2.into(), ..first.clone() };
+            f.store().get(&second).unwrap();
+            assert_eq!(f.fetcher.calls(), if refetch { 2 } else { 1 }, "{policy:?} {url} rv {rv2}");
+            // The new version was recorded: asking again with it does not download again.
+            f.store().get(&second).unwrap();
+            assert_eq!(f.fetcher.calls(), if refetch { 2 } else { 1 }, "{policy:?} {url} rv {rv2} again");
+        }
+    }
+
+    #[test]
+    fn always_with_changed_version_picks_up_new_content() {
+        let f = fixture();
+        let url = "http://x/m.wasm";
+        f.fetcher.serve(url, &wasm("v1"));
+        let r1 = ModuleRequest { pull_policy: PullPolicy::Always, ..req(url) };
+        let m1 = f.store().get(&r1).unwrap();
+        f.fetcher.serve(url, &wasm("v2"));
+        let m_same = f.store().get(&r1).unwrap();
+        assert_eq!(m1, m_same);
+        let r2 = ModuleRequest { resource_version: "2".into(), ..r1.clone() };
+        let m2 = f.store().get(&r2).unwrap();
+        assert_ne!(m1.sha256, m2.sha256);
+        assert_eq!(&*m2.sha256, sha256_hex(&wasm("v2")));
+        // Resource versions are per resource: another resource at version 1 has no record yet and ignores nothing.
+        let other = ModuleRequest { resource_name: "other".into(), ..r1.clone() };
+        let m_other = f.store().get(&other).unwrap();
+        assert_eq!(m_other, m2);
+    }
+
+    #[test]
+    fn checksum_mismatch_counts_and_leaves_nothing() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let want = sha256_hex(b"something else");
+        let err = f.store().get(&req_sha("http://x/a.wasm", &want)).unwrap_err();
+        assert_eq!(err.counted_as, Some(FetchResult::ChecksumMismatched));
+        assert_eq!(err.message, format!("checksum mismatch: want {want}, got {}", sha256_hex(&wasm("a"))));
+        assert_eq!(f.metrics.fetches(FetchResult::ChecksumMismatched), 1);
+        assert_eq!(f.metrics.fetches(FetchResult::Success), 0);
+        assert_eq!(f.metrics.cache_entries(), 0);
+        assert!(f.temp_files().is_empty());
+        assert_eq!(fs::read_dir(f.cache_dir().join(MODULES_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn malformed_checksum_never_reaches_a_path() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        for bad in ["../../etc/passwd", "abc", &"g".repeat(64)] {
+            let err = f.store().get(&req_sha("http://x/a.wasm", bad)).unwrap_err();
+            assert_eq!(err.counted_as, Some(FetchResult::ChecksumMismatched), "{bad}");
+        }
+        assert_eq!(f.fetcher.calls(), 3);
+    }
+
+    #[test]
+    fn invalid_wasm_counts_fetch_failure() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", b"<html>not wasm</html>");
+        let err = f.store().get(&req("http://x/a.wasm")).unwrap_err();
+        assert_eq!(err.counted_as, Some(FetchResult::FetchFailure));
+        assert_eq!(err.message, "fetched Wasm binary from http://x/a.wasm is invalid");
+        assert_eq!(f.metrics.fetches(FetchResult::FetchFailure), 1);
+        assert!(f.temp_files().is_empty());
+        assert_eq!(f.metrics.cache_entries(), 0);
+    }
+
+    #[test]
+    fn download_failure_is_counted_once() {
+        let f = fixture();
+        let err = f.store().get(&req("http://x/missing.wasm")).unwrap_err();
+        assert_eq!(err.counted_as, Some(FetchResult::DownloadFailure));
+        assert!(err.message.contains("404"));
+        assert_eq!(f.metrics.fetches(FetchResult::DownloadFailure), 1);
+        assert!(f.temp_files().is_empty());
+    }
+
+    #[test]
+    fn restart_reuses_modules_without_fetching() {
+        let mut f = fixture();
+        let body = wasm("a");
+        f.fetcher.serve("http://x/a.wasm", &body);
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.close();
+        let index = fs::read_to_string(f.cache_dir().join(INDEX_FILE)).unwrap();
+        assert!(!index.contains("http://x"), "URLs must not reach the disk: {index}");
+
+        let (store, fetcher, metrics) = f.reopen();
+        assert_eq!(metrics.cache_entries(), 1);
+        // Checksum-less (URL map restored) and by sha.
+        assert_eq!(store.get(&req("http://x/a.wasm")).unwrap(), m);
+        assert_eq!(store.get(&req_sha("http://elsewhere/", &sha256_hex(&body))).unwrap(), m);
+        assert_eq!(fetcher.calls(), 0);
+        assert_eq!(lookups(&metrics), (2, 0));
+    }
+
+    #[test]
+    fn unknown_module_file_on_disk_is_adopted_after_verification() {
+        let f = fixture();
+        let body = wasm("a");
+        let sha = sha256_hex(&body);
+        fs::write(f.cache_dir().join(MODULES_DIR).join(format!("{sha}.wasm")), &body).unwrap();
+        let (store, fetcher, _) = f.reopen();
+        store.get(&req_sha("http://x/a.wasm", &sha)).unwrap();
+        assert_eq!(fetcher.calls(), 0);
+    }
+
+    #[test]
+    fn corrupted_module_is_refetched_after_restart() {
+        let mut f = fixture();
+        let body = wasm("a");
+        f.fetcher.serve("http://x/a.wasm", &body);
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.close();
+        fs::write(&*m.path, b"\0asm\x01\0\0\0tampered").unwrap();
+
+        let (store, fetcher, metrics) = f.reopen();
+        fetcher.serve("http://x/a.wasm", &body);
+        let again = store.get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(again, m);
+        assert_eq!(fetcher.calls(), 1);
+        assert_eq!(fs::read(&*m.path).unwrap(), body);
+        assert_eq!(metrics.fetches(FetchResult::Success), 1);
+        assert_eq!(lookups(&metrics), (0, 2));
+
+        // Same with a sha-given request and a truncated file.
+        drop(store);
+        fs::write(&*m.path, b"").unwrap();
+        let (store, fetcher, _) = f.reopen();
+        fetcher.serve("http://x/a.wasm", &body);
+        store.get(&req_sha("http://x/a.wasm", &sha256_hex(&body))).unwrap();
+        assert_eq!(fetcher.calls(), 1);
+        assert_eq!(fs::read(&*m.path).unwrap(), body);
+    }
+
+    #[test]
+    fn dead_writers_temp_files_are_removed_live_ones_kept() {
+        let f = fixture();
+        // A pid above the kernel's maximum (4194304) cannot be alive.
+        let dead = f.cache_dir().join(format!("{TEMP_PREFIX}4194305-abc"));
+        let live = f.cache_dir().join(format!("{TEMP_PREFIX}{}-def", std::process::id()));
+        let other = f.cache_dir().join("unrelated");
+        for p in [&dead, &live, &other] {
+            fs::write(p, b"partial").unwrap();
+        }
+        let (_store, _, _) = f.reopen();
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert!(other.exists());
+    }
+
+    #[test]
+    fn corrupt_index_is_tolerated() {
+        let mut f = fixture();
+        let body = wasm("a");
+        f.fetcher.serve("http://x/a.wasm", &body);
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.close();
+        fs::write(f.cache_dir().join(INDEX_FILE), b"{ not json").unwrap();
+        let (store, fetcher, _) = f.reopen();
+        // The URL map is lost, the file is still found by its checksum.
+        assert_eq!(store.get(&req_sha("http://x/a.wasm", &sha256_hex(&body))).unwrap(), m);
+        assert_eq!(fetcher.calls(), 0);
+        drop(store);
+        fs::write(f.cache_dir().join(INDEX_FILE), b"\xff\xfe").unwrap();
+        let _ = f.reopen();
+    }
+
+    #[test]
+    fn index_entry_without_file_is_dropped() {
+        let mut f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.close();
+        fs::remove_file(&*m.path).unwrap();
+        let (store, fetcher, metrics) = f.reopen();
+        assert_eq!(metrics.cache_entries(), 0);
+        fetcher.serve("http://x/a.wasm", &wasm("a"));
+        store.get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(fetcher.calls(), 1);
+    }
+
+    #[test]
+    fn purge_deletes_expired_modules_except_those_in_use() {
+        let f = fixture_with(Duration::ZERO, Duration::from_secs(3600));
+        let mut mods = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            let url = format!("http://x/{name}.wasm");
+            f.fetcher.serve(&url, &wasm(name));
+            mods.push(f.store().get(&req(&url)).unwrap());
+        }
+        assert_eq!(f.metrics.cache_entries(), 4);
+        f.store().set_sotw_in_use(vec![mods[0].sha256.clone()]);
+        f.store().update_delta_in_use(
+            vec![("r1".into(), Some(mods[1].sha256.clone())), ("r2".into(), Some(mods[2].sha256.clone()))],
+            &[],
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert!(!Path::new(&*mods[3].path).exists());
+        assert_eq!(f.metrics.cache_entries(), 3);
+
+        // r1 cleared by an update without module, r2 removed: only the SotW module stays protected.
+        f.store().update_delta_in_use(vec![("r1".into(), None)], &["r2".to_string()]);
+        assert_eq!(f.store().purge().unwrap(), 2);
+        assert!(Path::new(&*mods[0].path).exists());
+        assert!(!Path::new(&*mods[1].path).exists());
+        assert_eq!(f.metrics.cache_entries(), 1);
+
+        // Its URL-map entry went with it: the next request downloads again.
+        let calls = f.fetcher.calls();
+        f.store().get(&req("http://x/b.wasm")).unwrap();
+        assert_eq!(f.fetcher.calls(), calls + 1);
+
+        f.store().set_sotw_in_use(vec![]);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 2);
+        assert_eq!(f.metrics.cache_entries(), 0);
+    }
+
+    #[test]
+    fn purge_keeps_fresh_modules() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(f.store().purge().unwrap(), 0);
+        assert!(Path::new(&*m.path).exists());
+    }
+
+    #[test]
+    fn last_use_survives_restart() {
+        let mut f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.close();
+        std::thread::sleep(Duration::from_millis(5));
+        // A restarted store with zero expiry sees the module as old (not freshly loaded) and purges it.
+        let store = Store::open_with(
+            settings(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
+            Box::new(Shared(Arc::new(TestFetcher::default()))),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        assert_eq!(store.purge().unwrap(), 1);
+        assert!(!Path::new(&*m.path).exists());
+    }
+
+    #[test]
+    fn module_held_by_another_process_is_not_deleted() {
+        let mut f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.store().set_sotw_in_use(vec![m.sha256.clone()]);
+        // A neighbour with zero expiry, that knows the module from the index but does not use it.
+        let neighbour = Store::open_with(
+            settings(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
+            Box::new(Shared(Arc::new(TestFetcher::default()))),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(neighbour.purge().unwrap(), 0);
+        assert!(Path::new(&*m.path).exists());
+        // Still served by the first store, from memory.
+        assert_eq!(f.store().get(&req("http://x/a.wasm")).unwrap(), m);
+        drop(neighbour);
+        f.close();
+        // Once nobody holds it, a purge deletes it.
+        let last = Store::open_with(
+            settings(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
+            Box::new(Shared(Arc::new(TestFetcher::default()))),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(last.purge().unwrap(), 1);
+        assert!(!Path::new(&*m.path).exists());
+    }
+
+    #[test]
+    fn purge_if_due_respects_the_interval() {
+        let f = fixture_with(Duration::ZERO, Duration::from_millis(300));
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        f.store().purge_if_due();
+        assert!(Path::new(&*m.path).exists(), "purged before the interval passed");
+        std::thread::sleep(Duration::from_millis(350));
+        f.store().purge_if_due();
+        assert!(!Path::new(&*m.path).exists(), "not purged after the interval");
+        // The next one is again an interval away.
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        f.store().purge_if_due();
+        assert!(Path::new(&*m.path).exists());
+    }
+
+    #[test]
+    fn single_flight_sixteen_threads_one_fetch() {
+        let body = wasm("a");
+        for r in [req("http://x/a.wasm"), req_sha("http://x/a.wasm", &sha256_hex(&body))] {
+            let f = fixture();
+            f.fetcher.serve("http://x/a.wasm", &body);
+            f.fetcher.set_delay(Duration::from_millis(200));
+            let barrier = std::sync::Barrier::new(16);
+            let results: Vec<_> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..16)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            f.store().get(&r)
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(f.fetcher.calls(), 1);
+            let first = results[0].clone().unwrap();
+            assert!(results.iter().all(|r| r.as_ref() == Ok(&first)));
+            assert_eq!(f.metrics.fetches(FetchResult::Success), 1);
+            // Every waiter counts one miss; the leader of a checksum-less request counts two.
+            let leader_lookups = if r.sha256.is_none() { 2 } else { 1 };
+            assert_eq!(lookups(&f.metrics), (0, 15 + leader_lookups));
+        }
+    }
+
+    #[test]
+    fn single_flight_failure_is_shared() {
+        let f = fixture();
+        f.fetcher.set_delay(Duration::from_millis(100));
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8).map(|_| s.spawn(|| f.store().get(&req("http://x/missing")))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.iter().all(|r| r.is_err()));
+        assert!(f.fetcher.calls() < 8);
+        assert_eq!(f.metrics.fetches(FetchResult::DownloadFailure) as usize, f.fetcher.calls());
+    }
+
+    #[test]
+    fn waiter_gives_up_at_its_own_deadline() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        f.fetcher.set_delay(Duration::from_millis(400));
+        std::thread::scope(|s| {
+            let leader = s.spawn(|| f.store().get(&req("http://x/a.wasm")));
+            while f.fetcher.calls() == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let short = ModuleRequest { timeout: Duration::from_millis(50), ..req("http://x/a.wasm") };
+            let err = f.store().get(&short).unwrap_err();
+            assert!(err.message.contains("timed out"), "{}", err.message);
+            assert!(leader.join().unwrap().is_ok());
+        });
+    }
+
+    #[test]
+    fn get_all_fetches_distinct_modules_concurrently() {
+        let f = fixture();
+        f.fetcher.set_delay(Duration::from_millis(200));
+        let mut requests = Vec::new();
+        for i in 0..8 {
+            let url = format!("http://x/{i}.wasm");
+            f.fetcher.serve(&url, &wasm(&i.to_string()));
+            requests.push(req(&url));
+        }
+        // Duplicates (same URL for another resource) are answered without another download.
+        requests.push(ModuleRequest { resource_name: "dup".into(), ..req("http://x/3.wasm") });
+        let results = f.store().get_all(&requests);
+        assert_eq!(results.len(), 9);
+        for (i, r) in results.iter().enumerate().take(8) {
+            assert_eq!(&*r.as_ref().unwrap().sha256, sha256_hex(&wasm(&i.to_string())));
+        }
+        assert_eq!(results[8], results[3]);
+        assert_eq!(f.fetcher.calls(), 8);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
+        assert_eq!(f.metrics.cache_entries(), 8);
+        assert!(f.store().get_all(&[]).is_empty());
+    }
+
+    #[test]
+    fn cache_dir_is_private_and_created() {
+        let f = fixture();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(f.cache_dir()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+    }
+
+    #[test]
+    fn poisoned_lock_does_not_break_the_store() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _g = f.store().state.lock().unwrap();
+                panic!("poison");
+            })
+            .join()
+        });
+        assert!(f.store().state.is_poisoned());
+        f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.store().purge().unwrap();
+    }
+
+    #[test]
+    fn url_helpers() {
+        assert!(ignore_resource_version(PullPolicy::Unspecified, "http://x/m:latest"));
+        assert!(!ignore_resource_version(PullPolicy::Unspecified, "OCI://reg/m:latest"));
+        assert!(!ignore_resource_version(PullPolicy::Unspecified, "oci://reg/m:latest?x=1"));
+        assert!(ignore_resource_version(PullPolicy::Unspecified, "oci://reg:latest"));
+        assert!(!ignore_resource_version(PullPolicy::Always, "http://x"));
+        assert!(ignore_resource_version(PullPolicy::IfNotPresent, "oci://reg/m:latest"));
+        assert!(is_sha256_hex(&sha256_hex(b"")));
+        assert!(!is_sha256_hex(&sha256_hex(b"").to_ascii_uppercase()));
+    }
 }
