@@ -1065,10 +1065,11 @@ mod tests {
     }
 
     struct Fixture {
-        dir: tempfile::TempDir,
+        // Declared first so it is dropped (writing its index) before the directory goes.
+        store: Option<Store>,
         fetcher: Arc<TestFetcher>,
         metrics: Arc<Metrics>,
-        store: Option<Store>,
+        dir: tempfile::TempDir,
     }
 
     fn settings(dir: &Path, expiry: Duration, interval: Duration) -> StoreSettings {
@@ -1449,6 +1450,18 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(f.store().purge().unwrap(), 2);
         assert_eq!(f.metrics.cache_entries(), 0);
+    }
+
+    #[test]
+    fn hit_path_does_not_touch_the_disk() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        // Nothing but this process's own purge deletes a file it serves (the shared lock keeps
+        // neighbours off), so a hit trusts memory: removing the file behind its back goes unnoticed.
+        fs::remove_file(&*m.path).unwrap();
+        assert_eq!(f.store().get(&req("http://x/a.wasm")).unwrap(), m);
+        assert_eq!(f.fetcher.calls(), 1);
     }
 
     #[test]
