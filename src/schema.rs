@@ -14,7 +14,7 @@ use prost::encoding::{encode_key, encode_varint, WireType};
 use crate::wire::{self, Fields};
 
 /// How deep messages may nest (Go allows 10 000; the callers' stacks are not ours to exhaust).
-pub(crate) const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wkt {
