@@ -62,7 +62,7 @@ pub(crate) fn unbox(original: Staged, temp_dir: &Path, max: u64, buf: &mut [u8])
     };
     // `current` is an intermediate layer (never the original); dropping it deletes its file.
     let mut current: Option<(Staged, Vec<u8>)> = None;
-    for _ in 0..=MAX_DEPTH {
+    for _ in 0..MAX_DEPTH {
         let (layer, head) = match &current {
             Some((staged, head)) => (staged, head),
             None => (&original, &original_head),
@@ -178,5 +178,123 @@ impl<R: Read> Read for ExactLen<'_, R> {
             *remaining = remaining.saturating_sub(n as u64);
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::super::test_server::{gzip, sha256_hex, tar, wasm_module};
+    use super::super::{FetchErrorKind, COPY_BUFFER_BYTES};
+    use super::*;
+
+    fn stage(dir: &Path, bytes: &[u8]) -> Staged {
+        let mut file = new_temp_file(dir).unwrap();
+        file.write_all(bytes).unwrap();
+        Staged { file, sha256: sha256_hex(bytes), len: bytes.len() as u64 }
+    }
+
+    fn run(bytes: &[u8], max: u64) -> (tempfile::TempDir, Result<Unboxed, FetchError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = stage(dir.path(), bytes);
+        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        let result = unbox(staged, dir.path(), max, &mut buf);
+        (dir, result)
+    }
+
+    fn unboxed_to(bytes: &[u8], expected: &[u8]) {
+        let (dir, result) = run(bytes, 1 << 24);
+        let u = result.unwrap();
+        assert_eq!(u.sha256, sha256_hex(expected));
+        assert_eq!(u.len, expected.len() as u64);
+        assert_eq!(std::fs::read(u.file.path()).unwrap(), expected);
+        assert_eq!(u.head, &expected[..expected.len().min(HEAD_BYTES)]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "intermediate files left");
+    }
+
+    #[test]
+    fn wasm_stays_as_is() {
+        let m = wasm_module(1000);
+        unboxed_to(&m, &m);
+    }
+
+    #[test]
+    fn layers_are_unwrapped() {
+        let m = wasm_module(200_000);
+        unboxed_to(&gzip(&m), &m);
+        unboxed_to(&tar(&[("x", &m)]), &m);
+        unboxed_to(&gzip(&tar(&[("plugin.wasm", &m)])), &m);
+        unboxed_to(&tar(&[("a.tar.gz", &gzip(&tar(&[("plugin.wasm", &m)])))]), &m);
+        unboxed_to(&gzip(&gzip(&m)), &m);
+        // Multi-member gzip (as `cat a.gz b.gz`).
+        let (a, b) = m.split_at(1000);
+        unboxed_to(&[gzip(a), gzip(b)].concat(), &m);
+        // A long name (PAX / GNU header) in front of the first entry.
+        let long = "d/".repeat(80) + "plugin.wasm";
+        unboxed_to(&tar(&[(long.as_str(), &m)]), &m);
+    }
+
+    #[test]
+    fn whatever_is_not_wasm_in_the_end_keeps_the_original() {
+        let text = b"just some text".to_vec();
+        for original in [
+            gzip(&text),
+            tar(&[("README", &text), ("plugin.wasm", &wasm_module(10))]),
+            gzip(&tar(&[("dir-entry-like", b"")])),
+            text.clone(),
+            b"\x1f\x8b".to_vec(), // too short to be gzip
+        ] {
+            unboxed_to(&original, &original);
+        }
+    }
+
+    #[test]
+    fn broken_layers_keep_the_original() {
+        let m = wasm_module(100_000);
+        let mut broken_gzip = gzip(&m);
+        broken_gzip.truncate(broken_gzip.len() - 100);
+        unboxed_to(&broken_gzip, &broken_gzip);
+        let mut corrupt_gzip = gzip(&m);
+        let mid = corrupt_gzip.len() / 2;
+        corrupt_gzip[mid] ^= 0xff;
+        corrupt_gzip[mid + 1] ^= 0xff;
+        unboxed_to(&corrupt_gzip, &corrupt_gzip);
+        let mut short_tar = tar(&[("plugin.wasm", &m)]);
+        short_tar.truncate(512 + 50_000);
+        unboxed_to(&short_tar, &short_tar);
+        // A tar.gz whose tar is cut: the original .tar.gz is kept, not the intermediate tar.
+        let cut_tar_gz = gzip(&short_tar);
+        unboxed_to(&cut_tar_gz, &cut_tar_gz);
+        let mut bad_checksum = tar(&[("plugin.wasm", &m)]);
+        bad_checksum[148] = b'9';
+        unboxed_to(&bad_checksum, &bad_checksum);
+    }
+
+    #[test]
+    fn output_past_the_limit_is_too_large() {
+        // A gzip bomb: 4 MiB of zeros compress to a few KiB.
+        let bomb = gzip(&vec![0u8; 4 << 20]);
+        let (dir, result) = run(&bomb, 1 << 20);
+        let err = result.err().unwrap();
+        assert_eq!(err.kind, FetchErrorKind::TooLarge);
+        assert!(err.message.contains(&(1u64 << 20).to_string()), "{}", err.message);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "files left");
+        // A tar entry announcing more than the limit.
+        let m = wasm_module(5000);
+        let (_dir, result) = run(&tar(&[("plugin.wasm", &m)]), 4000);
+        assert_eq!(result.err().unwrap().kind, FetchErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let m = wasm_module(10);
+        let mut nested = m.clone();
+        for _ in 0..MAX_DEPTH {
+            nested = gzip(&nested);
+        }
+        unboxed_to(&nested, &m);
+        let too_deep = gzip(&nested);
+        unboxed_to(&too_deep, &too_deep);
     }
 }
