@@ -44,10 +44,15 @@ enum AttemptError {
 }
 
 impl HttpFetcher {
+    /// Clients that use the proxy named by `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (first set wins, as
+    /// ureq reads them) except for hosts in `NO_PROXY`.
     pub fn new(settings: &FetchSettings) -> Result<HttpFetcher, FetchError> {
+        HttpFetcher::with_proxy(settings, Proxy::try_from_env())
+    }
+
+    pub fn with_proxy(settings: &FetchSettings, proxy: Option<Proxy>) -> Result<HttpFetcher, FetchError> {
         let roots = root_certs(settings.ca_file.as_deref())?;
         let policy = AddressPolicy::new(settings.blocked_cidrs.clone());
-        let proxy = Proxy::try_from_env();
         let agent = |tls: TlsConfig| {
             let config = Agent::config_builder()
                 .http_status_as_error(false)

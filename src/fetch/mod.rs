@@ -646,6 +646,38 @@ mod tests {
         );
     }
 
+    /// A fetcher whose clients go through `proxy` (the environment is process-global; tests set it here).
+    fn fetcher_with_proxy(s: &FetchSettings, proxy: &str) -> Fetcher {
+        let proxy = ureq::Proxy::new(proxy).unwrap();
+        Fetcher { http: http::HttpFetcher::with_proxy(s, Some(proxy)).unwrap(), max_module_bytes: s.max_module_bytes }
+    }
+
+    #[test]
+    fn proxy_is_used_and_guarded() {
+        // The test server is no proxy: it answers the CONNECT with 404, which shows the request went there.
+        let proxy = TestServer::http();
+        let s = FetchSettings { max_attempts: 1, ..settings() };
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher_with_proxy(&s, &proxy.base_url());
+        let err = f.fetch("http://wasm.example.invalid/m.wasm", in_10s(), dir.path()).err().unwrap();
+        assert!(
+            err.message.starts_with("wasm module download failed after 1 attempts, last error: "),
+            "{}",
+            err.message
+        );
+        assert_eq!(proxy.total_requests(), 1);
+        // The proxy's own address is checked too.
+        let s = FetchSettings { blocked_cidrs: vec!["127.0.0.0/8".parse().unwrap()], ..s };
+        let f = fetcher_with_proxy(&s, &proxy.base_url());
+        let err = f.fetch("http://wasm.example.invalid/m.wasm", in_10s(), dir.path()).err().unwrap();
+        assert_eq!(
+            err.message,
+            "wasm module download failed after 1 attempts, last error: connection blocked: resolved IP 127.0.0.1 is in blocked CIDR range 127.0.0.0/8"
+        );
+        assert_eq!(proxy.total_requests(), 1);
+        assert!(files(dir.path()).is_empty());
+    }
+
     #[test]
     fn unsupported_schemes_make_no_request() {
         let server = TestServer::http();
@@ -690,6 +722,41 @@ mod tests {
         assert_eq!(err.kind, FetchErrorKind::Io);
         assert!(err.message.contains("No such file or directory"), "{}", err.message);
         assert_eq!(server.requests("/m.wasm"), 1, "not retried");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn disk_full_is_reported_with_the_os_message() {
+        let mut full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        let data = vec![7u8; 200_000];
+        match copy_hashed(&mut &data[..], &mut full, &mut buf, u64::MAX) {
+            Err(CopyError::Write(e)) => {
+                let err = FetchError::io("cannot write the module", Path::new("/cache"), &e);
+                assert_eq!(err.kind, FetchErrorKind::Io);
+                assert!(
+                    err.message.starts_with("cannot write the module in /cache: No space left on device"),
+                    "{}",
+                    err.message
+                );
+            }
+            _ => panic!("expected a write error"),
+        }
+    }
+
+    #[test]
+    fn copy_hashes_and_caps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = new_temp_file(dir.path()).unwrap();
+        let data = wasm_module(300_000);
+        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        let (sha, len) = copy_hashed(&mut &data[..], file.as_file_mut(), &mut buf, data.len() as u64).ok().unwrap();
+        assert_eq!((sha, len), (sha256_hex(&data), data.len() as u64));
+        let mut file = new_temp_file(dir.path()).unwrap();
+        assert!(matches!(
+            copy_hashed(&mut &data[..], file.as_file_mut(), &mut buf, data.len() as u64 - 1),
+            Err(CopyError::TooLarge)
+        ));
     }
 
     #[test]
