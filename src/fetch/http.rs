@@ -112,13 +112,13 @@ impl HttpFetcher {
             if attempts >= self.max_attempts {
                 break message;
             }
-            // Sleep the backoff, but never past the deadline; once it has passed, stop.
+            // Sleep the backoff unless it ends at or past the deadline: then no attempt could follow, so stop
+            // now rather than sleep until the deadline.
             let Some(remaining) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                 break message;
             };
             let pause = backoff.next();
             if pause >= remaining {
-                std::thread::sleep(remaining);
                 break message;
             }
             std::thread::sleep(pause);
