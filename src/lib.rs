@@ -13,6 +13,7 @@ mod log_bridge;
 pub mod metrics;
 mod module;
 mod nack;
+mod schema;
 pub mod options;
 mod store;
 mod typed_struct;
@@ -102,6 +103,7 @@ impl Cache {
             converted.bytes
         });
         self.metrics.observe_conversion_duration(start.elapsed());
+        log_outcome(&result, start);
         result
     }
 
@@ -117,6 +119,7 @@ impl Cache {
             converted.bytes
         });
         self.metrics.observe_conversion_duration(start.elapsed());
+        log_outcome(&result, start);
         result
     }
 
@@ -129,5 +132,12 @@ impl Cache {
     /// converted ECDS state. Returns how many modules were removed.
     pub fn purge(&self) -> Result<usize, std::io::Error> {
         self.store.purge()
+    }
+}
+
+fn log_outcome(result: &Result<Vec<u8>, Rejection>, start: Instant) {
+    match result {
+        Ok(_) => log::debug!("converted ECDS response in {:?}", start.elapsed()),
+        Err(rejection) => log::warn!("rejecting ECDS response: {}", rejection.reason),
     }
 }
