@@ -354,7 +354,8 @@ void test_convert_points_at_the_local_file() {
   std::string filename = pb::path(vm, {3, 1, 1});
   CHECK_MSG(!filename.empty() && filename[0] == '/', filename);
   CHECK(read_file(filename) == module);
-  auto env = pb::all(pb::path(vm, {7}), 2);
+  std::string env_block = pb::path(vm, {7});  // all() returns views into it: keep it alive
+  auto env = pb::all(env_block, 2);
   CHECK(env.size() == 1 && pb::path(env[0], {1}) == "USER_KEY");
   CHECK(server.hits("/basic-auth.wasm") == 1);
 }
