@@ -188,6 +188,18 @@ func TestWrongChecksumIsARejectedError(t *testing.T) {
 	}
 }
 
+func TestEmptyResponsePassesThroughAsEmpty(t *testing.T) {
+	c := openCache(t)
+	for _, in := range [][]byte{nil, {}} {
+		if out, err := c.Convert(in); err != nil || len(out) != 0 {
+			t.Fatalf("Convert(%v) = %v, %v", in, out, err)
+		}
+		if out, err := c.ConvertDelta(in); err != nil || len(out) != 0 {
+			t.Fatalf("ConvertDelta(%v) = %v, %v", in, out, err)
+		}
+	}
+}
+
 func TestGarbageIsRejectedNotACrash(t *testing.T) {
 	c := openCache(t)
 	_, err := c.Convert([]byte{0xff, 0xff, 0xff})

@@ -261,3 +261,15 @@ def test_library_logs_reach_the_logging_module(cache, server: ModuleServer, modu
     assert records, "no record from the library reached the wasm_ecds logger"
     assert all(isinstance(getattr(r, "wasm_ecds_target", None), str) for r in records)
     assert any(r.wasm_ecds_target.startswith("wasm_ecds") for r in records)
+
+
+def test_convert_accepts_bytearray_and_memoryview(cache, server: ModuleServer, module) -> None:
+    url = server.add("/m.wasm", module)
+    response = remote_response(url, module)
+    assert cache.convert(bytearray(response)) == cache.convert(memoryview(response)) == cache.convert(response)
+
+
+def test_empty_response_passes_through_as_empty(cache) -> None:
+    # An empty message is a valid DiscoveryResponse with no type_url: nothing to convert.
+    assert cache.convert(b"") == b""
+    assert cache.convert_delta(b"") == b""
