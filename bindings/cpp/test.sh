@@ -25,8 +25,12 @@ warn=(-Wall -Wextra -Werror -Wpedantic -Wconversion -Wno-sign-conversion)
 for std in c++17 c++20; do
     echo '#include "wasm_ecds.hpp"' | g++ -std=$std "${warn[@]}" -I"$repo/include" -I"$here" -x c++ -fsyntax-only -
 done
-g++ -std=c++17 -Wall -Wextra -Werror -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
-    -fno-sanitize-recover=undefined -I"$repo/include" -I"$here" "$here/test_wasm_ecds.cpp" \
-    "$lib_dir/libwasm_ecds.a" -lpthread -ldl -lm -o "$out_dir/test_wasm_ecds"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-    "$out_dir/test_wasm_ecds" "$@"
+# The test program as C++17 (what the header promises) and C++20 (std::span, std::atomic<shared_ptr>).
+for std in c++17 c++20; do
+    echo "== test_wasm_ecds ($std, ASan/UBSan)"
+    g++ -std=$std -Wall -Wextra -Werror -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+        -fno-sanitize-recover=undefined -I"$repo/include" -I"$here" "$here/test_wasm_ecds.cpp" \
+        "$lib_dir/libwasm_ecds.a" -lpthread -ldl -lm -o "$out_dir/test_wasm_ecds_$std"
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+        "$out_dir/test_wasm_ecds_$std" "$@"
+done

@@ -401,6 +401,11 @@ void test_pass_through_is_byte_identical() {
   auto out = cache.convert(response);
   CHECK_MSG(out.ok(), out.error().message);
   CHECK(*out == response);
+#ifdef WASM_ECDS_HPP_HAS_SPAN
+  std::vector<std::uint8_t> raw(response.begin(), response.end());
+  auto from_span = cache.convert(std::span<const std::uint8_t>(raw));
+  CHECK(from_span.ok() && *from_span == response);
+#endif
 }
 
 void test_sixteen_threads_share_one_download() {

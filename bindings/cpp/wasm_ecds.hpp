@@ -385,9 +385,17 @@ using Logger = std::function<void(Level level, std::string_view target, std::str
 namespace detail {
 
 struct LogState {
-  // Read lock-free by the trampoline (which runs under the library's sink lock): set_logger must never make
-  // the trampoline wait for a lock that set_logger holds while it calls into the library.
+  // Read without a lock by the trampoline (which runs under the library's sink lock): set_logger must never
+  // make the trampoline wait for a lock that set_logger holds while it calls into the library.
+#if defined(__cpp_lib_atomic_shared_ptr) && __cpp_lib_atomic_shared_ptr >= 201711L
+  std::atomic<std::shared_ptr<const Logger>> logger;
+  std::shared_ptr<const Logger> load() const { return logger.load(); }
+  void store(std::shared_ptr<const Logger> l) { logger.store(std::move(l)); }
+#else
   std::shared_ptr<const Logger> logger;
+  std::shared_ptr<const Logger> load() const { return std::atomic_load(&logger); }
+  void store(std::shared_ptr<const Logger> l) { std::atomic_store(&logger, std::move(l)); }
+#endif
   std::mutex set_mutex;  // serialises set_logger calls only
 };
 
@@ -397,7 +405,7 @@ inline LogState& log_state() {
 }
 
 extern "C" inline void log_trampoline(void*, std::int32_t level, const char* target, const char* message) {
-  std::shared_ptr<const Logger> logger = std::atomic_load(&log_state().logger);
+  std::shared_ptr<const Logger> logger = log_state().load();
   if (!logger || !*logger) return;
   try {
     (*logger)(static_cast<Level>(level), target ? target : "", message ? message : "");
@@ -414,8 +422,7 @@ inline void set_logger(Logger logger, Level max_level = Level::info) {
   auto& state = detail::log_state();
   std::lock_guard<std::mutex> lock(state.set_mutex);
   bool on = static_cast<bool>(logger) && max_level != Level::off;
-  std::atomic_store(&state.logger,
-                    on ? std::make_shared<const Logger>(std::move(logger)) : std::shared_ptr<const Logger>());
+  state.store(on ? std::make_shared<const Logger>(std::move(logger)) : std::shared_ptr<const Logger>());
   if (on) {
     wasm_ecds_set_log_callback(&detail::log_trampoline, static_cast<std::int32_t>(max_level), nullptr);
   } else {
