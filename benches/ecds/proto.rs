@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use prost::Message;
-pub use prost_types::{value::Kind, Any, Duration, ListValue, Struct, Value};
+pub use prost_types::{value::Kind, Any, Duration, Struct, Value};
 
 // ---- xDS transport ----
 
