@@ -13,6 +13,7 @@ mod log_bridge;
 pub mod metrics;
 mod module;
 mod nack;
+mod schema;
 pub mod options;
 mod store;
 mod typed_struct;
