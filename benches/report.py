@@ -122,6 +122,11 @@ for a, b, what in (("hit_large", "copy_large", "large vs copy (info)"), ("hit_la
     if a in st and b in st:
         r = st[a]["median_ns"] / st[b]["median_ns"]
         row(what, us(st[a]["median_ns"]), "us", b, us(st[b]["median_ns"]), round(r, 3), "-", None, "", spread_ns(st[a]))
+for a, b, what in (("hit_direct20", "copy_direct20", "breakdown: 20 direct Wasm vs copy (info)"),
+                   ("hit_struct20", "copy_struct20", "breakdown: 20 TypedStruct vs copy (info)")):
+    if a in st and b in st:
+        r = st[a]["median_ns"] / st[b]["median_ns"]
+        row(what, us(st[a]["median_ns"]), "us", b, us(st[b]["median_ns"]), round(r, 3), "-", None, "", spread_ns(st[a]))
 for name in ("copy_typical", "prost_typical", "copy_pass", "copy_large", "prost_large"):
     if name in st:
         row("baseline " + name, us(st[name]["median_ns"]), "us", "-", None, None, "-", None, "", spread_ns(st[name]))

@@ -237,10 +237,15 @@ pub fn wasm_response(specs: &[WasmSpec]) -> Vec<u8> {
 
 /// `n` resources like "typical": module `s{i % 200}.wasm`, even ones direct, odd ones TypedStruct.
 pub fn typical(base: &str, manifest: &BTreeMap<String, String>, n: usize) -> Vec<u8> {
+    typical_with(base, manifest, n, |i| i % 2 == 1)
+}
+
+/// As `typical`, choosing per resource whether it is a TypedStruct.
+pub fn typical_with(base: &str, manifest: &BTreeMap<String, String>, n: usize, ts: impl Fn(usize) -> bool) -> Vec<u8> {
     let specs: Vec<WasmSpec> = (0..n)
         .map(|i| {
             let name = format!("s{}.wasm", i % 200);
-            WasmSpec { uri: format!("{base}/{name}"), sha256: manifest[&name].clone(), typed_struct: i % 2 == 1 }
+            WasmSpec { uri: format!("{base}/{name}"), sha256: manifest[&name].clone(), typed_struct: ts(i) }
         })
         .collect();
     wasm_response(&specs)

@@ -100,6 +100,7 @@ fn main() {
         "fanin" => fanin(&args),
         "fanout" => fanout(&args),
         "warm" => warm(&args),
+        "loop" => hit_loop(&args),
         _ => {
             eprintln!("usage: see the header of benches/ecds/main.rs (run benches/run.sh)");
             return;
@@ -119,6 +120,9 @@ fn micro(args: &Args) -> serde_json::Value {
     let typical = inputs::typical(&base(args), &manifest, 20);
     let large = inputs::typical(&base(args), &manifest, 200);
     let pass = inputs::pass_through(50);
+    // Breakdown of "typical" (information): all 20 direct, all 20 TypedStruct.
+    let direct = inputs::typical_with(&base(args), &manifest, 20, |_| false);
+    let structs = inputs::typical_with(&base(args), &manifest, 20, |_| true);
     std::fs::write(work.join("typical.pb"), &typical).unwrap();
     std::fs::write(work.join("large.pb"), &large).unwrap();
     std::fs::write(work.join("pass.pb"), &pass).unwrap();
@@ -137,6 +141,8 @@ fn micro(args: &Args) -> serde_json::Value {
         let gets = total_gets(&server) - gets_before;
         let out_typical = cache.convert(&typical).expect("typical converts");
         let out_pass = cache.convert(&pass).expect("pass-through converts");
+        assert_eq!(inputs::count_local(&cache.convert(&direct).expect("direct converts")), 20);
+        assert_eq!(inputs::count_local(&cache.convert(&structs).expect("TypedStruct converts")), 20);
         assert_eq!(inputs::count_local(&out_typical), 20, "every typical resource should load a local file");
         let sanity = json!({
             "typical_local": inputs::count_local(&out_typical),
@@ -176,6 +182,8 @@ fn micro(args: &Args) -> serde_json::Value {
     let typical: &'static [u8] = typical.leak();
     let large: &'static [u8] = large.leak();
     let pass: &'static [u8] = pass.leak();
+    let direct: &'static [u8] = direct.leak();
+    let structs: &'static [u8] = structs.leak();
     let groups: Vec<Vec<Option<Case<'_>>>> = vec![
         vec![hit("hit_typical", typical), Some(copy("copy_typical", typical)), Some(prost("prost_typical", typical))],
         vec![hit("hit_pass", pass), Some(copy("copy_pass", pass))],
@@ -184,6 +192,12 @@ fn micro(args: &Args) -> serde_json::Value {
             Some(copy("copy_large", large)),
             Some(prost("prost_large", large)),
             hit("hit_typical_again", typical),
+        ],
+        vec![
+            hit("hit_direct20", direct),
+            Some(copy("copy_direct20", direct)),
+            hit("hit_struct20", structs),
+            Some(copy("copy_struct20", structs)),
         ],
     ];
     for group in groups {
@@ -320,4 +334,16 @@ fn warm(args: &Args) -> serde_json::Value {
         "phase": args.get("phase"), "open_secs": open_secs, "convert_secs": convert_secs, "secs": total,
         "second_convert_secs": second, "downloads": total_gets(args.get("server")) - before,
     })
+}
+
+fn hit_loop(args: &Args) -> serde_json::Value {
+    let response = std::fs::read(args.path("response")).unwrap();
+    let cache = open_cache(&args.path("cache-dir"), json!({}));
+    black_box(cache.convert(&response).expect("converts"));
+    let iters = args.num("iters", 1000);
+    let t = Instant::now();
+    for _ in 0..iters {
+        black_box(cache.convert(black_box(&response)).unwrap());
+    }
+    json!({ "iters": iters, "per_iter_ns": t.elapsed().as_nanos() as f64 / iters as f64 })
 }
