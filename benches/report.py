@@ -30,6 +30,13 @@ def cmd(*args):
         return "?"
 
 
+def read_text(p):
+    try:
+        return " ".join(open(p).read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def machine():
     model = "?"
     with open("/proc/cpuinfo") as f:
@@ -49,6 +56,8 @@ def machine():
         "kernel": platform.release(),
         "rustc": cmd("rustc", "-V"),
         "commit": cmd("git", "rev-parse", "--short", "HEAD"),
+        "loadavg_start": read_text(os.path.join(os.path.dirname(out_path), "loadavg_start.txt")),
+        "loadavg_end": read_text(os.path.join(os.path.dirname(out_path), "loadavg_end.txt")),
     }
 
 
@@ -193,11 +202,20 @@ else:
     err_row("warm restart: 20 x 4 MiB, new process vs downloader", "<= 0.5x", (wd or [{}])[0].get("error"))
 
 # ---- C ABI ----
-ar, ac, ap = load("abi_rust.json"), load("abi_c.json"), load("abi_py.json")
+def abi(prefix):
+    runs = [r for r in reps(prefix) if "median_ns" in r]
+    if not runs:
+        return {"error": (reps(prefix) or [{"error": "missing"}])[0].get("error")}
+    meds = [r["median_ns"] for r in runs]
+    return {"median_ns": med(meds), "p10_ns": min(r["p10_ns"] for r in runs), "p90_ns": max(r["p90_ns"] for r in runs),
+            "runs": meds}
+
+
+ar, ac, ap = abi("abi_rust"), abi("abi_c"), abi("abi_py")
 if "median_ns" in ar:
     base = ar["median_ns"]
     row("ABI: Rust Cache::convert (typical hit)", us(base), "us", "-", None, 1.0, "-", None, "", spread_ns(ar))
-    for name, d, bound in (("ABI: C wasm_ecds_convert", ac, "one extra copy into a malloc'd buffer + free"),
+    for name, d, bound in (("ABI: C wasm_ecds_convert", ac, "the same call plus the C-side free"),
                            ("ABI: Python ctypes", ap, "ctypes marshalling + string_at copy into bytes")):
         if "median_ns" in d:
             r = d["median_ns"] / base
@@ -214,8 +232,9 @@ with open(out_path, "w") as f:
 
 # ---- the table ----
 m = result["machine"]
-print("\nwasm-ecds benchmarks: %s x %s, %s GiB, %s, %s, commit %s" %
-      (m["nproc"], m["cpu_model"], m["mem_total_gib"], m["kernel"], m["rustc"], m["commit"]))
+print("\nwasm-ecds benchmarks: %s x %s, %s GiB, %s, %s, commit %s, load avg %s -> %s" %
+      (m["nproc"], m["cpu_model"], m["mem_total_gib"], m["kernel"], m["rustc"], m["commit"], m["loadavg_start"],
+       m["loadavg_end"]))
 hdr = ("figure", "value", "baseline", "ratio", "target", "result")
 lines = []
 for r in rows:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # wasm-ecds benchmarks (issue 5): builds in release, runs every figure with its baseline in the same run, prints
 # one table of ratios and writes target/bench/results.json. Loopback only; the server it starts is stopped on
-# exit. Usage: bash benches/run.sh   (or make bench).   REPS=3 by default for the process-level figures.
+# exit. Usage: bash benches/run.sh   (or make bench).   REPS=5 by default for the process-level figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -9,11 +9,12 @@ OUT=$REPO/target/bench
 WORK=$OUT/work
 MODULES=$OUT/modules
 RAW=$OUT/raw
-REPS=${REPS:-3}
+REPS=${REPS:-5}
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
 # no WASM_* / ISTIO_* environment leaks into the caches' options
 for v in $(env | sed -n 's/^\(WASM_[A-Z_]*\|ISTIO_AGENT_[A-Z_]*\|BLOCKED_CIDRS_IN_WASM_FETCH\)=.*/\1/p'); do unset "$v"; done
 mkdir -p "$OUT" "$WORK" "$RAW"
+cp /proc/loadavg "$OUT/loadavg_start.txt"
 rm -f "$RAW"/*.json "$RAW"/*.err "$RAW"/*.txt
 log() { printf '== %s\n' "$*" >&2; }
 # run_json FILE CMD...: CMD's stdout (one JSON object) into FILE; a failing figure is recorded, not fatal.
@@ -60,10 +61,12 @@ COMMON=(--server "$SERVER" --dir "$MODULES" --work "$WORK")
 log "cache-hit, pass-through, large (in-process, interleaved with copy and prost baselines)"
 run_json "$RAW/micro.json" "$BENCH" micro "${COMMON[@]}"
 
-log "C ABI: Rust, C and Python ctypes, each a fresh process on the same cache and response"
-run_json "$RAW/abi_rust.json" "$BENCH" abi-rust --cache-dir "$WORK/hit-cache" --response "$WORK/typical.pb"
-run_json "$RAW/abi_c.json" "$OUT/capi_bench" "$WORK/hit-cache" "$WORK/typical.pb"
-run_json "$RAW/abi_py.json" python3 benches/py/capi_bench.py "$REPO/target/release/libwasm_ecds.so" "$WORK/hit-cache" "$WORK/typical.pb"
+log "C ABI: Rust, C and Python ctypes, each a fresh process on the same cache and response, $REPS reps interleaved"
+for r in $(seq 1 "$REPS"); do
+    run_json "$RAW/abi_rust_$r.json" "$BENCH" abi-rust --cache-dir "$WORK/hit-cache" --response "$WORK/typical.pb"
+    run_json "$RAW/abi_c_$r.json" "$OUT/capi_bench" "$WORK/hit-cache" "$WORK/typical.pb"
+    run_json "$RAW/abi_py_$r.json" python3 benches/py/capi_bench.py "$REPO/target/release/libwasm_ecds.so" "$WORK/hit-cache" "$WORK/typical.pb"
+done
 
 log "cold fetch of 64 MiB: library vs curl + sha256sum, alternating, $REPS reps"
 M64_SHA=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["m64.wasm"])' "$MODULES/manifest.json")
@@ -102,5 +105,6 @@ for r in $(seq 1 "$REPS"); do
     rm -rf "$D"
 done
 
+cp /proc/loadavg "$OUT/loadavg_end.txt"
 log "report"
 python3 benches/report.py "$RAW" "$OUT/results.json"
