@@ -474,7 +474,7 @@ fn validate_field(def: &'static FieldDef, field: &wire::Field<'_>, depth: usize)
                 _ => (4, WireType::ThirtyTwoBit),
             };
             if packed {
-                if field.payload.len() % size != 0 {
+                if !field.payload.len().is_multiple_of(size) {
                     return Err(SchemaError::new("packed fixed-size values have a partial element"));
                 }
             } else if field.wire_type != want {

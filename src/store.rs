@@ -416,8 +416,10 @@ impl Store {
         if !downloaded.is_wasm {
             return fail(Some(FetchResult::FetchFailure), format!("fetched Wasm binary from {} is invalid", req.url));
         }
+        let size = downloaded.len;
         match self.install(downloaded.file, &actual) {
             Ok(module) => {
+                log::info!("stored module {} ({size} bytes) from {}", module.sha256, req.url);
                 self.metrics.record_fetch(FetchResult::Success);
                 self.state().refresh_url(req, &module.sha256);
                 if let Err(e) = self.write_index() {

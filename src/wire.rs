@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use prost::bytes::Buf;
-use prost::encoding::{decode_varint, encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{decode_varint, encode_key, encode_varint, WireType};
 
 /// Malformed wire data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,11 +191,6 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, number: u32, value: u64) {
     encode_varint(value, out);
 }
 
-/// Encoded size of a length-delimited field with a payload of `len` bytes.
-pub(crate) fn len_field_size(number: u32, len: usize) -> usize {
-    prost::encoding::key_len(number) + encoded_len_varint(len as u64) + len
-}
-
 /// The payloads of every occurrence of the length-delimited field `number`, concatenated: how protobuf merges
 /// repeated occurrences of a singular message field. `None` when the field is absent.
 pub(crate) fn merged(buf: &[u8], number: u32) -> Result<Option<Cow<'_, [u8]>>, WireError> {
@@ -238,11 +233,14 @@ pub(crate) fn last_string(buf: &[u8], number: u32) -> Result<&str, WireError> {
     }
 }
 
+/// A oneof's set member: its field number and (merged) payload.
+pub(crate) type OneofMember<'a> = (u32, Cow<'a, [u8]>);
+
 /// The effective member of a oneof whose members are the message fields `members`: the last member seen,
 /// with the payloads of its occurrences since any other member was last seen merged (an occurrence of another
 /// member clears the earlier value).
-pub(crate) fn oneof<'a>(buf: &'a [u8], members: &[u32]) -> Result<Option<(u32, Cow<'a, [u8]>)>, WireError> {
-    let mut current: Option<(u32, Cow<'a, [u8]>)> = None;
+pub(crate) fn oneof<'a>(buf: &'a [u8], members: &[u32]) -> Result<Option<OneofMember<'a>>, WireError> {
+    let mut current: Option<OneofMember<'a>> = None;
     for field in Fields::new(buf) {
         let field = field?;
         if !members.contains(&field.number) {
@@ -325,7 +323,6 @@ mod tests {
         assert_eq!(fields[2].payload, &[1, 2, 3, 4]);
         let joined: Vec<u8> = fields.iter().flat_map(|f| f.raw.iter().copied()).collect();
         assert_eq!(joined, msg);
-        assert_eq!(len_field_size(1, 3), 5);
     }
 
     #[test]
@@ -354,7 +351,7 @@ mod tests {
     #[test]
     fn deeply_nested_groups_do_not_recurse() {
         let mut msg = vec![0x0b; 100_000];
-        msg.extend(std::iter::repeat(0x0c).take(100_000));
+        msg.extend(std::iter::repeat_n(0x0c, 100_000));
         assert!(check(&msg).is_ok());
         assert!(check(&vec![0x0b; 100_000]).is_err());
     }

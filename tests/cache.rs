@@ -404,7 +404,8 @@ fn delta_in_use_set_follows_added_and_removed_resources() {
     };
     let out = DeltaDiscoveryResponse::decode(cache.convert_delta(&add.encode_to_vec()).unwrap().as_slice()).unwrap();
     let tec = TypedExtensionConfig::decode(out.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
-    let path = PathBuf::from(Wasm::decode(tec.typed_config.unwrap().value.as_slice()).unwrap().local_filename().unwrap());
+    let path =
+        PathBuf::from(Wasm::decode(tec.typed_config.unwrap().value.as_slice()).unwrap().local_filename().unwrap());
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(cache.purge().unwrap(), 0);
     assert!(path.exists());

@@ -207,7 +207,7 @@ pub(super) fn parse_url(url: &str) -> Result<Uri, FetchError> {
     // The fragment is never sent.
     let without_fragment = url.split('#').next().unwrap_or_default();
     let uri: Uri = without_fragment.parse().map_err(|e: ureq::http::uri::InvalidUri| invalid(e.to_string()))?;
-    if uri.host().map_or(true, str::is_empty) {
+    if uri.host().is_none_or(str::is_empty) {
         return Err(invalid("missing host".to_string()));
     }
     Ok(uri)

@@ -241,10 +241,11 @@ static void test_convert_fetches_once_and_rewrites(wasm_ecds_cache *cache) {
         CHECK(contains(out.data, out.len, "nonce-7") && contains(out.data, out.len, "basic-auth"),
               "other fields kept");
         /* the local filename is an absolute path to a file holding the module */
-        const unsigned char *p = memmem(out.data, out.len, "/", 1);
+        const unsigned char *p = memmem(out.data, out.len, "/tmp/wasm-ecds-c-", 17);
         char path[512] = {0};
         size_t i = 0;
-        while (p && p + i < out.data + out.len && i < sizeof path - 1 && p[i] >= 0x20 && p[i] < 0x7f) {
+        const unsigned char *end = p ? memmem(p, out.len - (size_t)(p - out.data), ".wasm", 5) : NULL;
+        while (end && p + i < end + 5 && i < sizeof path - 1) {
             path[i] = (char)p[i];
             i++;
         }
@@ -307,8 +308,10 @@ static void sha256_hex_of_module(void) {
     buf_t resp = ecds_response(uri, "nil");
     wasm_ecds_bytes out = {NULL, 0};
     CHECK(c && wasm_ecds_convert(c, resp.data, resp.len, &out, NULL) == WASM_ECDS_OK, "nil sha converts");
-    const unsigned char *w = out.data ? memmem(out.data, out.len, ".wasm", 5) : NULL;
-    CHECK(w != NULL && w - out.data >= 64, "file named by digest");
+    /* the local filename starts with the cache directory and ends with <sha256>.wasm */
+    const unsigned char *f = out.data ? memmem(out.data, out.len, dir, strlen(dir)) : NULL;
+    const unsigned char *w = f ? memmem(f, out.len - (size_t)(f - out.data), ".wasm", 5) : NULL;
+    CHECK(w != NULL && w - f >= 64, "file named by digest");
     if (w) memcpy(module_sha, w - 64, 64);
     wasm_ecds_bytes_free(out);
     wasm_ecds_cache_free(c);
@@ -316,9 +319,9 @@ static void sha256_hex_of_module(void) {
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     CHECK(system(cmd) == 0, "cleanup");
     /* cross-check with sha256sum */
-    FILE *f = fopen("/tmp/wasm-ecds-c-module.bin", "wb");
-    fwrite(MODULE, 1, sizeof MODULE, f);
-    fclose(f);
+    FILE *mf = fopen("/tmp/wasm-ecds-c-module.bin", "wb");
+    fwrite(MODULE, 1, sizeof MODULE, mf);
+    fclose(mf);
     FILE *p = popen("sha256sum /tmp/wasm-ecds-c-module.bin", "r");
     char expect[65] = {0};
     CHECK(p && fread(expect, 1, 64, p) == 64, "sha256sum");
