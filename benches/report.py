@@ -211,19 +211,20 @@ def abi(prefix):
             "runs": meds}
 
 
-ar, ac, ap = abi("abi_rust"), abi("abi_c"), abi("abi_py")
-if "median_ns" in ar:
-    base = ar["median_ns"]
-    row("ABI: Rust Cache::convert (typical hit)", us(base), "us", "-", None, 1.0, "-", None, "", spread_ns(ar))
-    for name, d, bound in (("ABI: C wasm_ecds_convert", ac, "the same call plus the C-side free"),
-                           ("ABI: Python ctypes", ap, "ctypes marshalling + string_at copy into bytes")):
-        if "median_ns" in d:
-            r = d["median_ns"] / base
-            row(name, us(d["median_ns"]), "us", "Rust call", us(base), round(r, 3), "-", None, bound, spread_ns(d))
-        else:
-            err_row(name, "-", d.get("error"))
-else:
-    err_row("ABI: Rust / C / Python", "-", ar.get("error"))
+for input, what in (("typical", "typical hit"), ("pass", "pass-through")):
+    ar, ac, ap = abi("abi_rust_" + input), abi("abi_c_" + input), abi("abi_py_" + input)
+    if "median_ns" in ar:
+        base = ar["median_ns"]
+        row("ABI %s: Rust Cache::convert" % what, us(base), "us", "-", None, 1.0, "-", None, "", spread_ns(ar))
+        for name, d, bound in (("ABI %s: C wasm_ecds_convert" % what, ac, "the same call plus the C-side free"),
+                               ("ABI %s: Python ctypes" % what, ap, "ctypes marshalling + string_at copy into bytes")):
+            if "median_ns" in d:
+                r = d["median_ns"] / base
+                row(name, us(d["median_ns"]), "us", "Rust call", us(base), round(r, 3), "-", None, bound, spread_ns(d))
+            else:
+                err_row(name, "-", d.get("error"))
+    else:
+        err_row("ABI %s: Rust / C / Python" % what, "-", ar.get("error"))
 
 result = {"machine": machine(), "figures": rows,
           "raw": {os.path.basename(p)[:-5]: load(os.path.basename(p)) for p in sorted(glob.glob(os.path.join(raw, "*.json")))}}

@@ -63,9 +63,12 @@ run_json "$RAW/micro.json" "$BENCH" micro "${COMMON[@]}"
 
 log "C ABI: Rust, C and Python ctypes, each a fresh process on the same cache and response, $REPS reps interleaved"
 for r in $(seq 1 "$REPS"); do
-    run_json "$RAW/abi_rust_$r.json" "$BENCH" abi-rust --cache-dir "$WORK/hit-cache" --response "$WORK/typical.pb"
-    run_json "$RAW/abi_c_$r.json" "$OUT/capi_bench" "$WORK/hit-cache" "$WORK/typical.pb"
-    run_json "$RAW/abi_py_$r.json" python3 benches/py/capi_bench.py "$REPO/target/release/libwasm_ecds.so" "$WORK/hit-cache" "$WORK/typical.pb"
+    for input in typical pass; do
+        run_json "$RAW/abi_rust_${input}_$r.json" "$BENCH" abi-rust --cache-dir "$WORK/hit-cache" --response "$WORK/$input.pb"
+        run_json "$RAW/abi_c_${input}_$r.json" "$OUT/capi_bench" "$WORK/hit-cache" "$WORK/$input.pb"
+        run_json "$RAW/abi_py_${input}_$r.json" python3 benches/py/capi_bench.py "$REPO/target/release/libwasm_ecds.so" \
+            "$WORK/hit-cache" "$WORK/$input.pb"
+    done
 done
 
 log "cold fetch of 64 MiB: library vs curl + sha256sum, alternating, $REPS reps"
