@@ -8,6 +8,6 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check pytest protobuf xds-protos prometheus_client
 export WASM_ECDS_LIBRARY="${WASM_ECDS_LIB_DIR:-$repo/target/release}/libwasm_ecds.so"
-export PYTHONPATH="$repo/bindings/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$repo/bindings/python/src${PYTHONPATH:+:$PYTHONPATH}"
 cd "$repo"
 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/fidelity
