@@ -63,7 +63,8 @@ pub fn write_module(path: &Path, name: &str, size: u64) -> String {
     let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).expect("create module"));
     file.write_all(&head).unwrap();
     hasher.update(&head);
-    let mut state = name.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3)) | 1;
+    let mut state =
+        name.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3)) | 1;
     let mut buf = vec![0u8; 1 << 20];
     while remaining > 0 {
         let n = remaining.min(buf.len() as u64) as usize;
@@ -142,7 +143,9 @@ fn s(v: &str) -> Value {
 }
 
 fn obj(fields: Vec<(&str, Value)>) -> Value {
-    Value { kind: Some(Kind::StructValue(Struct { fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect() })) }
+    Value {
+        kind: Some(Kind::StructValue(Struct { fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect() })),
+    }
 }
 
 fn wasm_resource(i: usize, spec: &WasmSpec) -> Any {
@@ -175,14 +178,26 @@ fn wasm_resource(i: usize, spec: &WasmSpec) -> Any {
                         ),
                         (
                             "environment_variables",
-                            Value { kind: Some(Kind::StructValue(Struct { fields: [("key_values".to_string(), Value { kind: Some(Kind::StructValue(Struct { fields: env })) })].into_iter().collect() })) },
+                            Value {
+                                kind: Some(Kind::StructValue(Struct {
+                                    fields: [(
+                                        "key_values".to_string(),
+                                        Value { kind: Some(Kind::StructValue(Struct { fields: env })) },
+                                    )]
+                                    .into_iter()
+                                    .collect(),
+                                })),
+                            },
                         ),
                     ]),
                 ),
             ]),
         )]);
         let Some(Kind::StructValue(value)) = wasm.kind else { unreachable!() };
-        Any { type_url: TYPED_STRUCT_TYPE.into(), value: TypedStruct { type_url: HTTP_WASM_TYPE.into(), value: Some(value) }.encode_to_vec() }
+        Any {
+            type_url: TYPED_STRUCT_TYPE.into(),
+            value: TypedStruct { type_url: HTTP_WASM_TYPE.into(), value: Some(value) }.encode_to_vec(),
+        }
     } else {
         let wasm = Wasm {
             config: Some(PluginConfig {
@@ -202,7 +217,10 @@ fn wasm_resource(i: usize, spec: &WasmSpec) -> Any {
                             retry_policy: None,
                         })),
                     }),
-                    environment_variables: Some(EnvironmentVariables { host_env_keys: vec![], key_values: env_vars(i) }),
+                    environment_variables: Some(EnvironmentVariables {
+                        host_env_keys: vec![],
+                        key_values: env_vars(i),
+                    }),
                     ..Default::default()
                 }),
                 configuration: Some(Any {
@@ -282,7 +300,11 @@ pub fn pass_through(n: usize) -> Vec<u8> {
                     rules.push(entry.len() as u8);
                     rules.extend_from_slice(&entry);
                 }
-                let rbac = HttpRbac { rules: Some(rules), rules_stat_prefix: format!("rbac-{i}."), track_per_rule_stats: true };
+                let rbac = HttpRbac {
+                    rules: Some(rules),
+                    rules_stat_prefix: format!("rbac-{i}."),
+                    track_per_rule_stats: true,
+                };
                 Any { type_url: HTTP_RBAC_TYPE.into(), value: rbac.encode_to_vec() }
             } else {
                 let router = Router {
@@ -314,7 +336,10 @@ pub fn count_local(converted: &[u8]) -> usize {
             let wasm = Wasm::decode(typed.value.as_slice()).expect("Wasm");
             matches!(
                 wasm.config.and_then(|c| c.vm_config).and_then(|v| v.code).and_then(|c| c.specifier),
-                Some(async_data_source::Specifier::Local(DataSource { specifier: Some(data_source::Specifier::Filename(_)), .. }))
+                Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(_)),
+                    ..
+                }))
             )
         })
         .count()

@@ -90,7 +90,12 @@ fn main() {
             json!({ "modules": m.len() })
         }
         "serve" => {
-            server::serve(args.path("dir"), args.num("delay-ms", 200), args.num("max-secs", 900), &args.path("port-file"));
+            server::serve(
+                args.path("dir"),
+                args.num("delay-ms", 200),
+                args.num("max-secs", 900),
+                &args.path("port-file"),
+            );
             return;
         }
         "micro" => micro(&args),
@@ -169,15 +174,30 @@ fn micro(args: &Args) -> serde_json::Value {
     let mut results = serde_json::Map::new();
     let hit = |name: &'static str, input: &'static [u8]| -> Option<Case<'_>> {
         let cache = cache.as_ref()?;
-        Some(Case { name, run: Box::new(move |n| for _ in 0..n { black_box(cache.convert(black_box(input)).unwrap()); }) })
+        Some(Case {
+            name,
+            run: Box::new(move |n| {
+                for _ in 0..n {
+                    black_box(cache.convert(black_box(input)).unwrap());
+                }
+            }),
+        })
     };
     let copy = |name: &'static str, input: &'static [u8]| Case {
         name,
-        run: Box::new(move |n| for _ in 0..n { black_box(black_box(input).to_vec()); }),
+        run: Box::new(move |n| {
+            for _ in 0..n {
+                black_box(black_box(input).to_vec());
+            }
+        }),
     };
     let prost = |name: &'static str, input: &'static [u8]| Case {
         name,
-        run: Box::new(move |n| for _ in 0..n { black_box(proto::decode_reencode(black_box(input))); }),
+        run: Box::new(move |n| {
+            for _ in 0..n {
+                black_box(proto::decode_reencode(black_box(input)));
+            }
+        }),
     };
     let typical: &'static [u8] = typical.leak();
     let large: &'static [u8] = large.leak();
@@ -219,8 +239,14 @@ fn abi_rust(args: &Args) -> serde_json::Value {
     let cache = open_cache(&args.path("cache-dir"), json!({}));
     black_box(cache.convert(&response).expect("converts"));
     let first = t.elapsed().as_secs_f64();
-    let mut cases =
-        vec![Case { name: "rust", run: Box::new(|n| for _ in 0..n { black_box(cache.convert(black_box(&response)).unwrap()); }) }];
+    let mut cases = vec![Case {
+        name: "rust",
+        run: Box::new(|n| {
+            for _ in 0..n {
+                black_box(cache.convert(black_box(&response)).unwrap());
+            }
+        }),
+    }];
     let (_, s) = run_group(&mut cases, Duration::from_millis(300), Duration::from_millis(3), 41).remove(0);
     let mut v = s.json();
     v["open_and_first_convert_secs"] = json!(first);
@@ -245,7 +271,7 @@ fn one_cold(args: &Args, response: &[u8], extra: serde_json::Value) -> (f64, u64
 fn cold(args: &Args) -> serde_json::Value {
     let manifest = inputs::load_manifest(&args.path("dir"));
     let module = args.get("module").to_string();
-    let response = inputs::named(&base(args), &manifest, &[module.clone()]);
+    let response = inputs::named(&base(args), &manifest, std::slice::from_ref(&module));
     let (secs, gets, _dir) = one_cold(args, &response, json!({}));
     json!({ "secs": secs, "downloads": gets, "module_bytes": std::fs::metadata(args.path("dir").join(&module)).unwrap().len() })
 }
@@ -253,7 +279,7 @@ fn cold(args: &Args) -> serde_json::Value {
 fn mem(args: &Args) -> serde_json::Value {
     let manifest = inputs::load_manifest(&args.path("dir"));
     let module = args.get("module").to_string();
-    let response = inputs::named(&base(args), &manifest, &[module.clone()]);
+    let response = inputs::named(&base(args), &manifest, std::slice::from_ref(&module));
     let work = args.path("work");
     std::fs::create_dir_all(&work).unwrap();
     let dir = tempfile::tempdir_in(&work).unwrap();

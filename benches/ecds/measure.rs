@@ -49,7 +49,12 @@ pub fn stats_of(mut per_iter: Vec<f64>, iters: u64) -> Stats {
 
 /// Measures every case: `warmup` of running, then iterations per sample so one sample lasts about
 /// `sample`, then `rounds` rounds each taking one sample of every case in turn.
-pub fn run_group(cases: &mut [Case<'_>], warmup: Duration, sample: Duration, rounds: usize) -> Vec<(&'static str, Stats)> {
+pub fn run_group(
+    cases: &mut [Case<'_>],
+    warmup: Duration,
+    sample: Duration,
+    rounds: usize,
+) -> Vec<(&'static str, Stats)> {
     let mut iters = Vec::new();
     for case in cases.iter_mut() {
         let start = Instant::now();

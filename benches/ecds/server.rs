@@ -62,7 +62,11 @@ fn handle(stream: TcpStream, dir: &Path, delay_ms: u64, counts: &Mutex<BTreeMap<
         }
         if path == "/__count" {
             let body = serde_json::to_string(&*counts.lock().unwrap()).unwrap();
-            write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
         } else {
             let (name, slow) = match path.strip_prefix("/slow/") {
                 Some(n) => (n, true),
@@ -83,7 +87,10 @@ fn handle(stream: TcpStream, dir: &Path, delay_ms: u64, counts: &Mutex<BTreeMap<
                 None => out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?,
                 Some(mut f) => {
                     let len = f.metadata()?.len();
-                    write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n")?;
+                    write!(
+                        out,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
+                    )?;
                     if method == "GET" {
                         let copied = std::io::copy(&mut f, &mut out)?;
                         if copied != len {
