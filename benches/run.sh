@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# wasm-ecds benchmarks (issue 5): builds in release, runs every figure with its baseline in the same run, prints
+# one table of ratios and writes target/bench/results.json. Loopback only; the server it starts is stopped on
+# exit. Usage: bash benches/run.sh   (or make bench).   REPS=5 by default for the process-level figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=$REPO/target/bench
+WORK=$OUT/work
+MODULES=$OUT/modules
+RAW=$OUT/raw
+REPS=${REPS:-5}
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
+# no WASM_* / ISTIO_* environment leaks into the caches' options
+for v in $(env | sed -n 's/^\(WASM_[A-Z_]*\|ISTIO_AGENT_[A-Z_]*\|BLOCKED_CIDRS_IN_WASM_FETCH\)=.*/\1/p'); do unset "$v"; done
+mkdir -p "$OUT" "$WORK" "$RAW"
+cp /proc/loadavg "$OUT/loadavg_start.txt"
+rm -f "$RAW"/*.json "$RAW"/*.err "$RAW"/*.txt
+log() { printf '== %s\n' "$*" >&2; }
+# run_json FILE CMD...: CMD's stdout (one JSON object) into FILE; a failing figure is recorded, not fatal.
+run_json() {
+    local file=$1; shift
+    if ! "$@" >"$file" 2>"$file.err"; then
+        local why; why=$(grep -v '^note:' "$file.err" | tail -n 3 | tr '\n"\\' "  /" | cut -c1-300)
+        echo "{\"error\": \"$why\"}" >"$file"
+        printf '   failed: %s (%s)\n' "$file" "$why" >&2
+    fi
+}
+now() { date +%s.%N; }
+
+log "build (release): library and bench binary"
+cargo build --release --lib --bench ecds --message-format=json-render-diagnostics >"$OUT/build.jsonl"
+BENCH=$(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "ecds" and m.get("executable"):
+        print(m["executable"])' "$OUT/build.jsonl" | tail -1)
+[ -x "$BENCH" ] || { echo "bench binary not found" >&2; exit 1; }
+gcc -O2 -std=c11 -Wall -Wextra -Iinclude benches/c/capi_bench.c target/release/libwasm_ecds.a -lpthread -ldl -lm \
+    -o "$OUT/capi_bench"
+
+log "inputs: module files (deterministic; reused when present)"
+"$BENCH" gen --dir "$MODULES" >"$RAW/gen.json"
+
+log "loopback server"
+SERVER_PID=
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+    rm -rf "$WORK"/tmp* "$WORK"/warm-* "$WORK"/curl.wasm
+}
+trap cleanup EXIT
+rm -f "$OUT/port"
+"$BENCH" serve --dir "$MODULES" --port-file "$OUT/port" --delay-ms 200 --max-secs 900 &
+SERVER_PID=$!
+for _ in $(seq 1 100); do [ -s "$OUT/port" ] && break; sleep 0.1; done
+[ -s "$OUT/port" ] || { echo "server did not start" >&2; exit 1; }
+SERVER=127.0.0.1:$(cat "$OUT/port")
+COMMON=(--server "$SERVER" --dir "$MODULES" --work "$WORK")
+
+log "cache-hit, pass-through, large (in-process, interleaved with copy and prost baselines)"
+run_json "$RAW/micro.json" "$BENCH" micro "${COMMON[@]}"
+
+log "C ABI: Rust, C and Python ctypes, each a fresh process on the same cache and response, $REPS reps interleaved"
+for r in $(seq 1 "$REPS"); do
+    for input in typical pass; do
+        run_json "$RAW/abi_rust_${input}_$r.json" "$BENCH" abi-rust --cache-dir "$WORK/hit-cache" --response "$WORK/$input.pb"
+        run_json "$RAW/abi_c_${input}_$r.json" "$OUT/capi_bench" "$WORK/hit-cache" "$WORK/$input.pb"
+        run_json "$RAW/abi_py_${input}_$r.json" python3 benches/py/capi_bench.py "$REPO/target/release/libwasm_ecds.so" \
+            "$WORK/hit-cache" "$WORK/$input.pb"
+    done
+done
+
+log "cold fetch of 64 MiB: library vs curl + sha256sum, alternating, $REPS reps"
+M64_SHA=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["m64.wasm"])' "$MODULES/manifest.json")
+for r in $(seq 1 "$REPS"); do
+    run_json "$RAW/cold_lib_$r.json" "$BENCH" cold "${COMMON[@]}" --module m64.wasm
+    rm -f "$WORK/curl.wasm"
+    t0=$(now)
+    curl -s -o "$WORK/curl.wasm" "http://$SERVER/m64.wasm" && sum=$(sha256sum "$WORK/curl.wasm" | cut -d' ' -f1)
+    t1=$(now)
+    [ "$sum" = "$M64_SHA" ] || { echo "curl baseline: sha256 mismatch" >&2; exit 1; }
+    echo "{\"secs\": $(awk "BEGIN{print $t1 - $t0}")}" >"$RAW/cold_curl_$r.json"
+    rm -f "$WORK/curl.wasm"
+done
+
+log "memory: cold fetch of 256 MiB, peak RSS before/after (and /usr/bin/time max RSS)"
+run_json "$RAW/mem.json" /usr/bin/time -f '%M' -o "$RAW/mem_time.txt" "$BENCH" mem "${COMMON[@]}" --module m256.wasm
+
+log "fan-in: 16 threads vs 1 on one cold module served with 200 ms latency, $REPS reps"
+for r in $(seq 1 "$REPS"); do
+    run_json "$RAW/fanin16_$r.json" "$BENCH" fanin "${COMMON[@]}" --threads 16
+    run_json "$RAW/fanin1_$r.json" "$BENCH" fanin "${COMMON[@]}" --threads 1
+done
+
+log "fan-out: 8 distinct slow modules vs 1, $REPS reps"
+for r in $(seq 1 "$REPS"); do
+    run_json "$RAW/fanout8_$r.json" "$BENCH" fanout "${COMMON[@]}" --modules 8
+    run_json "$RAW/fanout1_$r.json" "$BENCH" fanout "${COMMON[@]}" --modules 1
+done
+
+log "warm restart: 20 x 4 MiB, downloading process vs a new process, $REPS reps"
+for r in $(seq 1 "$REPS"); do
+    D=$WORK/warm-$r
+    rm -rf "$D"
+    run_json "$RAW/warm_download_$r.json" "$BENCH" warm --server "$SERVER" --dir "$MODULES" --cache-dir "$D" --phase download
+    run_json "$RAW/warm_restart_$r.json" "$BENCH" warm --server "$SERVER" --dir "$MODULES" --cache-dir "$D" --phase restart
+    rm -rf "$D"
+done
+
+cp /proc/loadavg "$OUT/loadavg_end.txt"
+log "report"
+python3 benches/report.py "$RAW" "$OUT/results.json"
