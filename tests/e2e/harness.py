@@ -514,7 +514,7 @@ def tcp_roundtrip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
         while time.monotonic() < deadline:
             try:
                 chunk = s.recv(65536)
-            except socket.timeout:
+            except (socket.timeout, ConnectionResetError):
                 break
             if not chunk:
                 break
