@@ -22,6 +22,10 @@ def _sigterm(signum, frame):
 
 signal.signal(signal.SIGTERM, _sigterm)
 
+# Every server is on 127.0.0.1: never send those requests (the library's fetches, admin calls) to a proxy.
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = ",".join(x for x in ("127.0.0.1", "localhost", os.environ.get(_var)) if x)
+
 
 def modules_dir() -> Path:
     return Path(os.environ.get("E2E_MODULES_DIR", h.REPO / "tests/fixtures/basic-auth/target/e2e"))

@@ -186,6 +186,8 @@ def test_rejected_response_keeps_previous_config_then_update_applies(stack, wasm
         with pytest.raises(wasm_ecds.Rejected) as rejected:
             cache.convert(http_bad)
         reason = rejected.value.reason
+        # The library did download the module and rejected it on its digest.
+        assert any(" /basic-auth-v2.wasm " in l for l in stack.module_requests()), stack.module_requests()
         assert h.HTTP_FILTER_NAME in reason and "basic-auth-v2.wasm" in reason, reason
         assert "checksum" in reason.lower() or "sha256" in reason.lower(), reason
         # Nothing reached Envoy: the watched file is untouched and Envoy keeps serving v1.
