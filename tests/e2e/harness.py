@@ -468,6 +468,22 @@ def decoded_wasm(data: bytes):
     raise AssertionError(f"unexpected typed_config {url}")
 
 
+def decoded_rbac(data: bytes):
+    """The (single) resource of a response that must be an RBAC fallback: (TypedExtensionConfig, RBAC message)."""
+    from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
+    from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
+
+    resp = decode_response(data)
+    assert resp.type_url == ECDS_TYPE_URL and len(resp.resources) == 1, resp
+    tec = extension_pb2.TypedExtensionConfig()
+    assert resp.resources[0].Unpack(tec)
+    classes = {HTTP_RBAC_TYPE_URL: http_rbac_pb2.RBAC, NET_RBAC_TYPE_URL: net_rbac_pb2.RBAC}
+    assert tec.typed_config.type_url in classes, tec
+    msg = classes[tec.typed_config.type_url]()
+    assert tec.typed_config.Unpack(msg)
+    return tec, msg
+
+
 def write_ecds(path: Path, data: bytes) -> None:
     """Replace the watched .pb file by rename, as Envoy's file subscription requires."""
     tmp = path.with_name(path.name + ".tmp")

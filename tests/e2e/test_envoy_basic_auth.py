@@ -71,12 +71,14 @@ def assert_module_not_running(envoy: h.Envoy) -> None:
 
 
 def remote_responses(stack, module: bytes, form: str, *, version: str, name: str = "basic-auth.wasm",
-                     sha256: str | None = None):
+                     sha256: str | None = None, failure_policy: int = 0):
     """Serve module and build the (HTTP, network) ECDS responses naming it remotely, in the given form."""
     url = stack.publish(name, module)
     sha = sha256 if sha256 is not None else h.sha256_hex(module)
     http_wasm = h.http_wasm(h.remote_code(url, sha))
     net_wasm = h.net_wasm(h.remote_code(url, sha))
+    http_wasm.config.failure_policy = failure_policy
+    net_wasm.config.failure_policy = failure_policy
     return (
         (h.discovery_response(h.HTTP_FILTER_NAME, h.typed_config(http_wasm, form), version), http_wasm),
         (h.discovery_response(h.NET_FILTER_NAME, h.typed_config(net_wasm, form), version), net_wasm),
@@ -210,3 +212,39 @@ def test_rejected_response_keeps_previous_config_then_update_applies(stack, wasm
         assert_basic_auth(envoy, "v2")
         assert envoy.pid() == pid and envoy.proc.alive(), "Envoy must not have restarted"
         assert envoy.ecds_stat(h.HTTP_FILTER_NAME, "update_rejected") == 0
+
+
+@pytest.mark.parametrize("case", ["fail_open", "on_fetch_failure_deny"])
+def test_fetch_failure_rbac_fallback_is_served_by_envoy(stack, wasm_modules, wasm_ecds, case):
+    """A module that cannot be had (wrong sha256) and a filter failing open → allow-all RBAC; failing closed with
+    on_fetch_failure "deny" → deny-all RBAC. Envoy accepts both (the RBAC type URLs are listed) and enforces them."""
+    from envoy.extensions.wasm.v3 import wasm_pb2 as wasm_config_pb2
+
+    policy = wasm_config_pb2.FAIL_OPEN if case == "fail_open" else wasm_config_pb2.FAIL_CLOSED
+    options = {} if case == "fail_open" else {"on_fetch_failure": "deny"}
+    prefix = "wasm-default-allow" if case == "fail_open" else "wasm-default-deny"
+    (http_resp, _), (net_resp, _) = remote_responses(
+        stack, wasm_modules["v1"], "direct", version="1", sha256=h.sha256_hex(b"not the module"),
+        failure_policy=policy)
+    with wasm_ecds.Cache(cache_dir=str(stack.cache_dir), **options) as cache:
+        http_out = convert(cache, http_resp)
+        net_out = convert(cache, net_resp)
+    tec, rbac = h.decoded_rbac(http_out)
+    assert tec.name == h.HTTP_FILTER_NAME and tec.typed_config.type_url == h.HTTP_RBAC_TYPE_URL
+    assert rbac.rules_stat_prefix == prefix and rbac.HasField("rules") == (case != "fail_open"), rbac
+    tec, rbac = h.decoded_rbac(net_out)
+    assert tec.name == h.NET_FILTER_NAME and tec.typed_config.type_url == h.NET_RBAC_TYPE_URL
+    assert rbac.stat_prefix == prefix and rbac.HasField("rules") == (case != "fail_open"), rbac
+
+    envoy = stack.start_envoy(http_out, net_out)
+    if case == "fail_open":
+        for method, path in [("GET", "/productpage"), ("DELETE", "/productpage"), ("GET", "/other")]:
+            r = h.http_request(envoy.ports.http, method, path)
+            assert r.status == 200 and r.body == b"upstream ok\n", (method, path, r.status, r.body)
+            assert h.PROOF_HEADER not in r.headers and "www-authenticate" not in r.headers, r.headers
+        assert h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n") == b"hello wasm\n"
+    else:
+        for method, path in [("GET", "/productpage"), ("GET", "/other")]:
+            r = h.http_request(envoy.ports.http, method, path, auth=("ok", "test"))
+            assert r.status == 403 and h.PROOF_HEADER not in r.headers, (method, path, r.status, r.headers)
+        assert h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n") == b""
