@@ -48,7 +48,7 @@ mkdir -p "$MODULES"
 for variant in v1 v2; do
     log "building basic-auth module $variant"
     BASIC_AUTH_VARIANT=$variant cargo build --quiet --locked --release --target wasm32-unknown-unknown \
-        --manifest-path "$FIXTURE/Cargo.toml"
+        --manifest-path "$FIXTURE/Cargo.toml" --target-dir "$FIXTURE/target"
     cp "$FIXTURE/target/wasm32-unknown-unknown/release/basic_auth.wasm" "$MODULES/basic-auth-$variant.wasm"
 done
 export E2E_MODULES_DIR="$MODULES"
