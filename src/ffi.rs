@@ -229,6 +229,20 @@ pub unsafe extern "C" fn wasm_ecds_convert_delta(
     convert_with(Cache::convert_delta, cache, response, response_len, out, reason)
 }
 
+/// Runs `build` under the panic guard and stores its bytes in `*out` (which must not be NULL).
+///
+/// # Safety
+/// `out` is NULL or valid for a write.
+unsafe fn build_into(out: *mut wasm_ecds_bytes, build: impl FnOnce() -> Result<Vec<u8>, (i32, String)>) -> i32 {
+    guarded(ptr::null_mut(), || {
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        *out = into_bytes(build()?);
+        Ok(WASM_ECDS_OK)
+    })
+}
+
 /// Builds the serialized `DiscoveryRequest` that NACKs a rejected `DiscoveryResponse`: the response's
 /// `type_url`, `response_nonce` = its nonce, `version_info` = `last_acked_version`, and
 /// `error_detail { code: 13, message: reason }`. Needs no cache.
@@ -247,16 +261,11 @@ pub unsafe extern "C" fn wasm_ecds_nack(
     reason: *const c_char,
     out: *mut wasm_ecds_bytes,
 ) -> i32 {
-    guarded(ptr::null_mut(), || {
-        if out.is_null() {
-            return Err(invalid("out is NULL"));
-        }
+    build_into(out, || {
         let response = input(response, response_len, "response")?;
         let version = input_str(last_acked_version, "last_acked_version")?;
         let reason = input_str(reason, "reason")?;
-        let bytes = crate::nack(response, version, reason).map_err(|e| invalid(&e.to_string()))?;
-        *out = into_bytes(bytes);
-        Ok(WASM_ECDS_OK)
+        crate::nack(response, version, reason).map_err(|e| invalid(&e.to_string()))
     })
 }
 
@@ -272,15 +281,10 @@ pub unsafe extern "C" fn wasm_ecds_nack_delta(
     reason: *const c_char,
     out: *mut wasm_ecds_bytes,
 ) -> i32 {
-    guarded(ptr::null_mut(), || {
-        if out.is_null() {
-            return Err(invalid("out is NULL"));
-        }
+    build_into(out, || {
         let response = input(response, response_len, "response")?;
         let reason = input_str(reason, "reason")?;
-        let bytes = crate::nack_delta(response, reason).map_err(|e| invalid(&e.to_string()))?;
-        *out = into_bytes(bytes);
-        Ok(WASM_ECDS_OK)
+        crate::nack_delta(response, reason).map_err(|e| invalid(&e.to_string()))
     })
 }
 

@@ -14,6 +14,7 @@ pub mod metrics;
 mod module;
 mod nack;
 pub mod options;
+mod schema;
 mod store;
 mod typed_struct;
 mod wire;
@@ -92,31 +93,40 @@ impl Cache {
     /// Converts a serialized state-of-the-world `DiscoveryResponse`. On success the bytes to forward to
     /// Envoy; on rejection the reason for the NACK (forward nothing).
     pub fn convert(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
-        if !self.options.enable_conversion {
-            return Ok(response.to_vec());
-        }
-        self.store.purge_if_due();
-        let start = Instant::now();
-        let result = ecds::convert_sotw(response, &self.store, &self.policy, &self.metrics).map(|converted| {
+        self.timed(response, |r| {
+            let converted = ecds::convert_sotw(r, &self.store, &self.policy, &self.metrics)?;
             self.store.set_sotw_in_use(converted.modules);
-            converted.bytes
-        });
-        self.metrics.observe_conversion_duration(start.elapsed());
-        result
+            Ok(converted.bytes)
+        })
     }
 
     /// Converts a serialized `DeltaDiscoveryResponse`; removed resource names pass through.
     pub fn convert_delta(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
+        self.timed(response, |r| {
+            let converted = ecds::convert_delta(r, &self.store, &self.policy, &self.metrics)?;
+            self.store.update_delta_in_use(converted.resources, &converted.removed);
+            Ok(converted.bytes)
+        })
+    }
+
+    /// What every convert call shares: the pass-through switch, the lazy purge, one duration observation
+    /// per call (rejected or not) and the log line.
+    fn timed(
+        &self,
+        response: &[u8],
+        convert: impl FnOnce(&[u8]) -> Result<Vec<u8>, Rejection>,
+    ) -> Result<Vec<u8>, Rejection> {
         if !self.options.enable_conversion {
             return Ok(response.to_vec());
         }
         self.store.purge_if_due();
         let start = Instant::now();
-        let result = ecds::convert_delta(response, &self.store, &self.policy, &self.metrics).map(|converted| {
-            self.store.update_delta_in_use(converted.resources, &converted.removed);
-            converted.bytes
-        });
+        let result = convert(response);
         self.metrics.observe_conversion_duration(start.elapsed());
+        match &result {
+            Ok(_) => log::debug!("converted ECDS response in {:?}", start.elapsed()),
+            Err(rejection) => log::warn!("rejecting ECDS response: {}", rejection.reason),
+        }
         result
     }
 

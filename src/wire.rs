@@ -2,10 +2,11 @@
 //! field by field; each field keeps the exact bytes it came with (`Field::raw`), so a rewriter copies what
 //! it does not change and re-encodes only what it does.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use prost::bytes::Buf;
-use prost::encoding::{decode_varint, encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{decode_varint, encode_key, encode_varint, WireType};
 
 /// Malformed wire data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,20 +130,29 @@ impl<'a> Fields<'a> {
                 self.take(len, number)
             }
             WireType::StartGroup => {
+                // Iterative, so that deeply nested groups cannot exhaust the stack.
                 let start = self.pos;
+                let mut open = vec![number];
                 loop {
                     if self.pos >= self.buf.len() {
                         return Err(WireError(format!("group {number} is not closed")));
                     }
                     let before = self.pos;
                     let (inner, inner_type) = self.read_key()?;
-                    if inner_type == WireType::EndGroup {
-                        if inner != number {
-                            return Err(WireError(format!("group {number} closed by end of group {inner}")));
+                    match inner_type {
+                        WireType::EndGroup => {
+                            if open.pop() != Some(inner) {
+                                return Err(WireError(format!("group {number} closed by end of group {inner}")));
+                            }
+                            if open.is_empty() {
+                                return Ok(&self.buf[start..before]);
+                            }
                         }
-                        return Ok(&self.buf[start..before]);
+                        WireType::StartGroup => open.push(inner),
+                        other => {
+                            self.read_value(inner, other)?;
+                        }
                     }
-                    self.read_value(inner, inner_type)?;
                 }
             }
             WireType::EndGroup => Err(WireError(format!("unexpected end of group {number}"))),
@@ -181,9 +191,119 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, number: u32, value: u64) {
     encode_varint(value, out);
 }
 
-/// Encoded size of a length-delimited field with a payload of `len` bytes.
-pub(crate) fn len_field_size(number: u32, len: usize) -> usize {
-    prost::encoding::key_len(number) + encoded_len_varint(len as u64) + len
+/// The payloads of every occurrence of the length-delimited field `number`, concatenated: how protobuf merges
+/// repeated occurrences of a singular message field. `None` when the field is absent.
+pub(crate) fn merged(buf: &[u8], number: u32) -> Result<Option<Cow<'_, [u8]>>, WireError> {
+    let mut found: Option<Cow<'_, [u8]>> = None;
+    for field in Fields::new(buf) {
+        let field = field?;
+        if field.number != number {
+            continue;
+        }
+        let payload = field.bytes()?;
+        found = Some(match found {
+            None => Cow::Borrowed(payload),
+            Some(prev) => {
+                let mut joined = prev.into_owned();
+                joined.extend_from_slice(payload);
+                Cow::Owned(joined)
+            }
+        });
+    }
+    Ok(found)
+}
+
+/// The last occurrence of field `number` (for scalars, strings and bytes the last one wins).
+pub(crate) fn last(buf: &[u8], number: u32) -> Result<Option<Field<'_>>, WireError> {
+    let mut found = None;
+    for field in Fields::new(buf) {
+        let field = field?;
+        if field.number == number {
+            found = Some(field);
+        }
+    }
+    Ok(found)
+}
+
+/// The last string value of field `number`, or "" when absent.
+pub(crate) fn last_string(buf: &[u8], number: u32) -> Result<&str, WireError> {
+    match last(buf, number)? {
+        Some(f) => f.string(),
+        None => Ok(""),
+    }
+}
+
+/// A oneof's set member: its field number and (merged) payload.
+pub(crate) type OneofMember<'a> = (u32, Cow<'a, [u8]>);
+
+/// The effective member of a oneof whose members are the message fields `members`: the last member seen,
+/// with the payloads of its occurrences since any other member was last seen merged (an occurrence of another
+/// member clears the earlier value).
+pub(crate) fn oneof<'a>(buf: &'a [u8], members: &[u32]) -> Result<Option<OneofMember<'a>>, WireError> {
+    let mut current: Option<OneofMember<'a>> = None;
+    for field in Fields::new(buf) {
+        let field = field?;
+        if !members.contains(&field.number) {
+            continue;
+        }
+        current = Some(match current {
+            Some((number, prev)) if number == field.number && field.wire_type == WireType::LengthDelimited => {
+                let mut joined = prev.into_owned();
+                joined.extend_from_slice(field.payload);
+                (number, Cow::Owned(joined))
+            }
+            _ => (field.number, Cow::Borrowed(field.payload)),
+        });
+    }
+    Ok(current)
+}
+
+/// Rebuilds `buf` without any occurrence of field `number` and, when `payload` is given, with one
+/// length-delimited field `number` where its last occurrence was (appended when it was absent). Every other
+/// field keeps its bytes; a single occurrence whose payload does not change keeps its bytes too.
+pub(crate) fn replace_merged(buf: &[u8], number: u32, payload: Option<&[u8]>) -> Result<Vec<u8>, WireError> {
+    let fields: Vec<Field<'_>> = Fields::new(buf).collect::<Result<_, _>>()?;
+    let count = fields.iter().filter(|f| f.number == number).count();
+    let last_index = fields.iter().rposition(|f| f.number == number);
+    let mut out = Vec::with_capacity(buf.len() + payload.map_or(0, |p| p.len() + 10));
+    for (i, field) in fields.iter().enumerate() {
+        if field.number != number {
+            out.extend_from_slice(field.raw);
+        } else if Some(i) == last_index {
+            if let Some(p) = payload {
+                if count == 1 && field.wire_type == WireType::LengthDelimited && field.payload == p {
+                    out.extend_from_slice(field.raw);
+                } else {
+                    put_len(&mut out, number, p);
+                }
+            }
+        }
+    }
+    if last_index.is_none() {
+        if let Some(p) = payload {
+            put_len(&mut out, number, p);
+        }
+    }
+    Ok(out)
+}
+
+/// Rebuilds `buf` with the last occurrence of field `number` replaced by a length-delimited `payload`
+/// (appended when absent). Earlier occurrences are overridden values and keep their bytes.
+pub(crate) fn replace_last(buf: &[u8], number: u32, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+    let fields: Vec<Field<'_>> = Fields::new(buf).collect::<Result<_, _>>()?;
+    let last_index = fields.iter().rposition(|f| f.number == number);
+    let mut out = Vec::with_capacity(buf.len() + payload.len() + 10);
+    for (i, field) in fields.iter().enumerate() {
+        if Some(i) == last_index {
+            put_len(&mut out, number, payload);
+        } else {
+            out.extend_from_slice(field.raw);
+        }
+    }
+    if last_index.is_none() {
+        put_len(&mut out, number, payload);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -203,7 +323,6 @@ mod tests {
         assert_eq!(fields[2].payload, &[1, 2, 3, 4]);
         let joined: Vec<u8> = fields.iter().flat_map(|f| f.raw.iter().copied()).collect();
         assert_eq!(joined, msg);
-        assert_eq!(len_field_size(1, 3), 5);
     }
 
     #[test]
@@ -227,5 +346,41 @@ mod tests {
         let mut msg = Vec::new();
         put_len(&mut msg, 1, &[0xff, 0xfe]);
         assert!(Fields::new(&msg).next().unwrap().unwrap().string().is_err());
+    }
+
+    #[test]
+    fn deeply_nested_groups_do_not_recurse() {
+        let mut msg = vec![0x0b; 100_000];
+        msg.extend(std::iter::repeat_n(0x0c, 100_000));
+        assert!(check(&msg).is_ok());
+        assert!(check(&vec![0x0b; 100_000]).is_err());
+    }
+
+    #[test]
+    fn merge_oneof_and_replace() {
+        let mut msg = Vec::new();
+        put_len(&mut msg, 1, b"ab");
+        put_varint(&mut msg, 2, 1);
+        put_len(&mut msg, 1, b"cd");
+        assert_eq!(merged(&msg, 1).unwrap().unwrap().as_ref(), b"abcd");
+        assert!(merged(&msg, 3).unwrap().is_none());
+        assert_eq!(last(&msg, 1).unwrap().unwrap().payload, b"cd");
+        let out = replace_merged(&msg, 1, Some(b"x")).unwrap();
+        assert_eq!(out, vec![0x10, 1, 0x0a, 1, b'x']);
+        let out = replace_merged(&msg, 1, None).unwrap();
+        assert_eq!(out, vec![0x10, 1]);
+        let out = replace_last(&msg, 1, b"x").unwrap();
+        assert_eq!(out, vec![0x0a, 2, b'a', b'b', 0x10, 1, 0x0a, 1, b'x']);
+        // oneof: 1, 2, 1, 1 -> member 1 with the last two merged
+        let mut o = Vec::new();
+        put_len(&mut o, 1, b"a");
+        put_len(&mut o, 2, b"b");
+        put_len(&mut o, 1, b"c");
+        put_len(&mut o, 1, b"d");
+        let (n, p) = oneof(&o, &[1, 2]).unwrap().unwrap();
+        assert_eq!((n, p.as_ref()), (1, &b"cd"[..]));
+        // unchanged single occurrence keeps non-minimal length bytes
+        let odd = vec![0x0a, 0x81, 0x00, b'z'];
+        assert_eq!(replace_merged(&odd, 1, Some(b"z")).unwrap(), odd);
     }
 }

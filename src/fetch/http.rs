@@ -1,1 +1,307 @@
 //! HTTP/HTTPS fetch with retries, bounded by a deadline.
+//!
+//! Mirrors Istio's `HTTPFetcher` (`pkg/wasm/httpfetcher.go`): a secure and an insecure client, `GET` with up to
+//! 10 redirects, up to `max_attempts` attempts; transport errors and 5xx other than 501/505/511 are retried
+//! with exponential backoff (×1.5, ±50 % jitter, capped); any other non-200 status stops at once. Unlike
+//! Istio, the backoff sleeps end at the deadline, a body cut short is retried, and the body streams to disk.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ureq::http::Uri;
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+use ureq::unversioned::transport::DefaultConnector;
+use ureq::{Agent, Proxy};
+
+use super::{copy_hashed, new_temp_file, CopyError, FetchError, FetchErrorKind, FetchSettings, Staged};
+use crate::guard::{AddressPolicy, GuardedResolver};
+
+/// Redirects followed per request, as Go's default client.
+const MAX_REDIRECTS: u32 = 10;
+/// Per-attempt timeout when the settings say zero (Istio's `NewHTTPFetcher` does the same).
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) struct HttpFetcher {
+    secure: Agent,
+    insecure: Agent,
+    insecure_hosts: Arc<Vec<String>>,
+    request_timeout: Duration,
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    max_module_bytes: u64,
+}
+
+/// How one attempt ended, when it did not produce the module.
+enum AttemptError {
+    /// Worth another attempt (transport error, retryable status, body cut short).
+    Retry(String),
+    /// A status that is not retried: stop, reporting it as the last error.
+    Stop(String),
+    /// Not a download failure to retry or report as such (too large, disk error).
+    Fatal(FetchError),
+}
+
+impl HttpFetcher {
+    /// Clients that use the proxy named by `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (first set wins, as
+    /// ureq reads them) except for hosts in `NO_PROXY`.
+    pub fn new(settings: &FetchSettings) -> Result<HttpFetcher, FetchError> {
+        HttpFetcher::with_proxy(settings, Proxy::try_from_env())
+    }
+
+    pub fn with_proxy(settings: &FetchSettings, proxy: Option<Proxy>) -> Result<HttpFetcher, FetchError> {
+        let roots = root_certs(settings.ca_file.as_deref())?;
+        let policy = AddressPolicy::new(settings.blocked_cidrs.clone());
+        let agent = |tls: TlsConfig| {
+            let config = Agent::config_builder()
+                .http_status_as_error(false)
+                .max_redirects(MAX_REDIRECTS)
+                .max_redirects_will_error(true)
+                .proxy(proxy.clone())
+                .tls_config(tls)
+                .user_agent(concat!("wasm-ecds/", env!("CARGO_PKG_VERSION")))
+                .build();
+            Agent::with_parts(config, DefaultConnector::new(), GuardedResolver::new(policy.clone()))
+        };
+        let secure = agent(TlsConfig::builder().root_certs(roots.clone()).build());
+        let insecure = agent(TlsConfig::builder().root_certs(roots).disable_verification(true).build());
+        let request_timeout = if settings.http_request_timeout.is_zero() {
+            DEFAULT_REQUEST_TIMEOUT
+        } else {
+            settings.http_request_timeout
+        };
+        Ok(HttpFetcher {
+            secure,
+            insecure,
+            insecure_hosts: Arc::new(settings.insecure_hosts.clone()),
+            request_timeout,
+            max_attempts: settings.max_attempts.max(1),
+            initial_backoff: settings.retry_initial_backoff,
+            max_backoff: settings.retry_max_backoff,
+            max_module_bytes: settings.max_module_bytes,
+        })
+    }
+
+    /// Whether TLS verification is skipped for this URL: its `host[:port]` exactly as written in the URL is in
+    /// `insecure_hosts`, or `insecure_hosts` holds `*`.
+    fn is_insecure(&self, uri: &Uri) -> bool {
+        let Some(authority) = uri.authority() else { return false };
+        let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+        self.insecure_hosts.iter().any(|h| h == "*" || h.eq_ignore_ascii_case(host_port))
+    }
+
+    /// Downloads `uri` into a temp file in `temp_dir`, retrying as Istio does, within `deadline`.
+    pub fn fetch(&self, uri: &Uri, deadline: Instant, temp_dir: &Path, buf: &mut [u8]) -> Result<Staged, FetchError> {
+        let agent = if self.is_insecure(uri) { &self.insecure } else { &self.secure };
+        let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
+        let mut attempts = 0u32;
+        let last_error = loop {
+            attempts += 1;
+            let result = match deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+                None => Err(AttemptError::Retry("deadline exceeded".to_string())),
+                Some(remaining) => self.attempt(agent, uri, remaining.min(self.request_timeout), temp_dir, buf),
+            };
+            let message = match result {
+                Ok(staged) => return Ok(staged),
+                Err(AttemptError::Fatal(e)) => return Err(e),
+                Err(AttemptError::Stop(message)) => break message,
+                Err(AttemptError::Retry(message)) => message,
+            };
+            log::debug!("wasm module download attempt {attempts} failed: {message}");
+            if attempts >= self.max_attempts {
+                break message;
+            }
+            // Sleep the backoff unless it ends at or past the deadline: then no attempt could follow, so stop
+            // now rather than sleep until the deadline.
+            let Some(remaining) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                break message;
+            };
+            let pause = backoff.next();
+            if pause >= remaining {
+                break message;
+            }
+            std::thread::sleep(pause);
+        };
+        Err(FetchError::new(
+            FetchErrorKind::Download,
+            format!("wasm module download failed after {attempts} attempts, last error: {last_error}"),
+        ))
+    }
+
+    /// One `GET` (following redirects) with `timeout` for the whole exchange, body included.
+    fn attempt(
+        &self,
+        agent: &Agent,
+        uri: &Uri,
+        timeout: Duration,
+        temp_dir: &Path,
+        buf: &mut [u8],
+    ) -> Result<Staged, AttemptError> {
+        let request = agent.get(uri.clone()).config().timeout_global(Some(timeout)).build();
+        let mut response = request.call().map_err(|e| AttemptError::Retry(describe(&e, timeout)))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            let message = format!("wasm module download request failed: status code {status}");
+            return Err(if retryable(status) { AttemptError::Retry(message) } else { AttemptError::Stop(message) });
+        }
+        // The header is only left in place when ureq does not decompress the body, so then it is the real size.
+        let announced = response
+            .headers()
+            .get(ureq::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if announced.is_some_and(|n| n > self.max_module_bytes) {
+            return Err(AttemptError::Fatal(FetchError::too_large(self.max_module_bytes)));
+        }
+        let mut file = new_temp_file(temp_dir)
+            .map_err(|e| AttemptError::Fatal(FetchError::io("cannot create a temp file", temp_dir, &e)))?;
+        let mut reader = response.body_mut().as_reader();
+        // On any error `file` is dropped here, which deletes it.
+        match copy_hashed(&mut reader, file.as_file_mut(), buf, self.max_module_bytes) {
+            Ok((sha256, len)) => Ok(Staged { file, sha256, len }),
+            Err(CopyError::Read(e)) => {
+                let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    "connection closed before the full body was received".to_string()
+                } else {
+                    describe(&ureq::Error::from(e), timeout)
+                };
+                Err(AttemptError::Retry(format!("reading the response body: {why}")))
+            }
+            Err(CopyError::Write(e)) => {
+                Err(AttemptError::Fatal(FetchError::io("cannot write the module", temp_dir, &e)))
+            }
+            Err(CopyError::TooLarge) => Err(AttemptError::Fatal(FetchError::too_large(self.max_module_bytes))),
+        }
+    }
+}
+
+/// Istio's `retryable`: 5xx except 501 Not Implemented, 505 HTTP Version Not Supported and 511 Network
+/// Authentication Required.
+fn retryable(status: u16) -> bool {
+    status >= 500 && !matches!(status, 501 | 505 | 511)
+}
+
+/// An error as an operator reads it: without ureq's variant prefixes where they add nothing.
+fn describe(e: &ureq::Error, timeout: Duration) -> String {
+    match e {
+        ureq::Error::Timeout(_) => format!("request timed out after {timeout:?}"),
+        ureq::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::TimedOut => format!("request timed out after {timeout:?}"),
+            std::io::ErrorKind::UnexpectedEof => {
+                "connection closed by the server before a complete response".to_string()
+            }
+            _ => io.to_string(),
+        },
+        ureq::Error::Other(other) => other.to_string(),
+        ureq::Error::TooManyRedirects => format!("stopped after {MAX_REDIRECTS} redirects"),
+        other => other.to_string(),
+    }
+}
+
+/// Parses an http(s) URL; Istio's wording on failure.
+pub(super) fn parse_url(url: &str) -> Result<Uri, FetchError> {
+    let invalid = |why: String| {
+        FetchError::new(FetchErrorKind::InvalidUrl, format!("fail to parse Wasm module fetch url: {url}, error: {why}"))
+    };
+    // The fragment is never sent.
+    let without_fragment = url.split('#').next().unwrap_or_default();
+    let uri: Uri = without_fragment.parse().map_err(|e: ureq::http::uri::InvalidUri| invalid(e.to_string()))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid("missing host".to_string()));
+    }
+    Ok(uri)
+}
+
+/// The trust roots: the system's, plus the certificates in `ca_file`. With neither (no system store found and
+/// no `ca_file`), the Mozilla roots bundled with ureq.
+fn root_certs(ca_file: Option<&Path>) -> Result<RootCerts, FetchError> {
+    let mut certs: Vec<Certificate<'static>> = Vec::new();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        log::debug!("loading the system trust store: {e}");
+    }
+    certs.extend(native.certs.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()));
+    if let Some(path) = ca_file {
+        let tls_error =
+            |why: String| FetchError::new(FetchErrorKind::Io, format!("cannot load ca_file {}: {why}", path.display()));
+        let pem = std::fs::read(path).map_err(|e| tls_error(e.to_string()))?;
+        let mut found = 0;
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(PemItem::Certificate(cert)) => {
+                    if !is_der_sequence(cert.der()) {
+                        return Err(tls_error("a certificate is not valid DER".to_string()));
+                    }
+                    certs.push(cert);
+                    found += 1;
+                }
+                Ok(_) => {}
+                Err(e) => return Err(tls_error(e.to_string())),
+            }
+        }
+        if found == 0 {
+            return Err(tls_error("no PEM certificate found".to_string()));
+        }
+    }
+    if certs.is_empty() {
+        log::debug!("no system trust store found; using the bundled Mozilla roots");
+        return Ok(RootCerts::WebPki);
+    }
+    Ok(RootCerts::new_with_certs(&certs))
+}
+
+/// A cheap sanity check of a certificate: one DER SEQUENCE spanning exactly the bytes.
+fn is_der_sequence(der: &[u8]) -> bool {
+    if der.len() < 2 || der[0] != 0x30 {
+        return false;
+    }
+    let (len, header) = match der[1] {
+        n if n < 0x80 => (n as usize, 2),
+        n => {
+            let count = (n & 0x7f) as usize;
+            if count == 0 || count > 4 || der.len() < 2 + count {
+                return false;
+            }
+            (der[2..2 + count].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize), 2 + count)
+        }
+    };
+    header + len == der.len()
+}
+
+/// Exponential backoff as Istio's (cenkalti/backoff): start at `initial`, ×1.5 per step, each pause drawn
+/// uniformly within ±50 % of the current interval, intervals and pauses capped at `max`.
+struct Backoff {
+    current: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff { current: initial.min(max), max }
+    }
+
+    fn next(&mut self) -> Duration {
+        let base = self.current.as_secs_f64();
+        let pause = base * (0.5 + fastrand::f64()); // [0.5, 1.5) × current
+        self.current = Duration::from_secs_f64((base * 1.5).min(self.max.as_secs_f64()));
+        Duration::from_secs_f64(pause).min(self.max)
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests_support {
+    use super::*;
+
+    pub(crate) struct TestBackoff(Backoff);
+
+    impl TestBackoff {
+        pub(crate) fn next(&mut self) -> Duration {
+            self.0.next()
+        }
+    }
+
+    pub(crate) fn backoff(initial: Duration, max: Duration) -> TestBackoff {
+        TestBackoff(Backoff::new(initial, max))
+    }
+}

@@ -1,0 +1,59 @@
+# wasm-ecds: one entry point for building, testing and benchmarking.
+#   make demo    converts Istio's basic-auth walkthrough example end to end against a local server
+#   make test    every test: Rust, C, C++, Go, Python, protobuf fidelity, real Envoy end to end
+#   make bench   benchmarks with baselines side by side (BENCHMARKS.md)
+#   make header  regenerates include/wasm_ecds.h (commit it)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+REPO := $(abspath .)
+export WASM_ECDS_LIB_DIR ?= $(REPO)/target/release
+CFLAGS_TEST := -std=c11 -Wall -Wextra -Werror -pedantic -g -fsanitize=address,undefined -fno-omit-frame-pointer
+
+.PHONY: all build demo header test test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e bench clean-tests
+
+all: build
+
+build:
+	cargo build --release --lib
+
+demo:
+	cargo run --release --example quickstart
+
+header:
+	env -u CI cargo build --lib
+	@git diff --stat -- include/ || true
+
+test: build test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e
+	@echo "make test: all suites passed"
+
+test-rust:
+	cargo test --release
+
+test-c: build
+	mkdir -p target/c
+	gcc $(CFLAGS_TEST) -Iinclude tests/c/test_capi.c $(WASM_ECDS_LIB_DIR)/libwasm_ecds.a -lpthread -ldl -lm -o target/c/test_capi
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ./target/c/test_capi
+
+# The header alone compiles as C and as C++.
+test-header-cpp:
+	echo '#include "wasm_ecds.h"' | gcc -std=c99 -Wall -Wextra -Werror -pedantic -Iinclude -x c -fsyntax-only -
+	echo '#include "wasm_ecds.h"' | g++ -std=c++17 -Wall -Wextra -Werror -pedantic -Iinclude -x c++ -fsyntax-only -
+
+test-python: build
+	bash bindings/python/test.sh
+
+test-go: build
+	bash bindings/go/test.sh
+
+test-cpp: build
+	bash bindings/cpp/test.sh
+
+test-fidelity: build
+	bash tests/fidelity/run.sh
+
+test-e2e: build
+	bash tests/e2e/run.sh
+
+bench:
+	bash benches/run.sh

@@ -1,0 +1,388 @@
+"""Python binding of libwasm_ecds (pure ctypes).
+
+Converts Envoy ECDS ``DiscoveryResponse`` bytes the way the Istio agent does: every Wasm filter whose module is
+remote is fetched, verified and cached on disk, and the response comes back pointing at the local file — or a
+:class:`Rejected` exception whose reason belongs in the NACK (see :func:`nack`).
+
+Example::
+
+    import wasm_ecds
+
+    with wasm_ecds.Cache(cache_dir="/var/cache/wasm") as cache:
+        try:
+            forward = cache.convert(response_bytes)
+        except wasm_ecds.Rejected as rejected:
+            upstream_request = wasm_ecds.nack(response_bytes, last_acked_version, rejected.reason)
+        print(cache.metrics())
+
+The library's log records go to the :mod:`logging` logger ``wasm_ecds``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import logging
+import os
+import threading
+from typing import Any, Callable, Optional, Union
+
+from . import _native
+
+__all__ = [
+    "Cache",
+    "WasmEcdsError",
+    "Rejected",
+    "InvalidArgumentError",
+    "InternalError",
+    "ClosedError",
+    "LibraryNotFound",
+    "nack",
+    "nack_delta",
+    "version",
+    "sync_log_level",
+    "TRACE",
+]
+
+__version__ = "0.1.0"
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+#: The :mod:`logging` level used for the library's ``trace`` records (below ``DEBUG``).
+TRACE = 5
+
+logger = logging.getLogger("wasm_ecds")
+
+
+class WasmEcdsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class Rejected(WasmEcdsError):
+    """The response must not reach Envoy. :attr:`reason` is the message for the NACK's ``error_detail``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class InvalidArgumentError(WasmEcdsError, ValueError):
+    """The library refused an argument (bad option, unparsable NACK input, ...); the message says which."""
+
+
+class InternalError(WasmEcdsError):
+    """A bug inside the library (a caught panic). The cache stays usable."""
+
+
+class ClosedError(WasmEcdsError, ValueError):
+    """The cache was used after :meth:`Cache.close`."""
+
+
+class LibraryNotFound(WasmEcdsError, _native.LibraryNotFound):
+    """libwasm_ecds could not be loaded; the message lists the paths tried."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Library loading and logging
+
+
+_LOG_LEVELS = {
+    _native.LOG_ERROR: logging.ERROR,
+    _native.LOG_WARN: logging.WARNING,
+    _native.LOG_INFO: logging.INFO,
+    _native.LOG_DEBUG: logging.DEBUG,
+    _native.LOG_TRACE: TRACE,
+}
+
+
+def _on_log(_user_data: Optional[int], level: int, target: Optional[bytes], message: Optional[bytes]) -> None:
+    # Runs on whichever thread the library logs from; must never raise into C.
+    try:
+        py_level = _LOG_LEVELS.get(level, logging.INFO)
+        if not logger.isEnabledFor(py_level):
+            return
+        text = (message or b"").decode("utf-8", errors="replace")
+        source = (target or b"").decode("utf-8", errors="replace")
+        logger.log(py_level, "%s", text, extra={"wasm_ecds_target": source})
+    except Exception:  # noqa: BLE001 - nothing may propagate into the C caller
+        pass
+
+
+# The ctypes callback object must stay alive as long as the library may call it: module lifetime.
+_LOG_CALLBACK = _native.LOG_CALLBACK(_on_log)
+_log_state_lock = threading.Lock()
+_log_installed_level: Optional[int] = None
+
+
+def _library_level_for(py_level: int) -> int:
+    if py_level <= TRACE:
+        return _native.LOG_TRACE
+    if py_level <= logging.DEBUG:
+        return _native.LOG_DEBUG
+    if py_level <= logging.INFO:
+        return _native.LOG_INFO
+    if py_level <= logging.WARNING:
+        return _native.LOG_WARN
+    if py_level <= logging.ERROR:
+        return _native.LOG_ERROR
+    return _native.LOG_OFF
+
+
+def sync_log_level() -> None:
+    """Makes the library filter its records at the ``wasm_ecds`` logger's current effective level.
+
+    The library drops records below its threshold before they reach Python (cheap when logging is quiet). The
+    threshold is taken from the logger when the library is loaded and whenever a :class:`Cache` is opened; call
+    this after changing the logger's level to apply it at once.
+    """
+    _apply_log_level(_lib())
+
+
+def _apply_log_level(lib: ctypes.CDLL) -> None:
+    global _log_installed_level
+    level = _library_level_for(logger.getEffectiveLevel())
+    with _log_state_lock:
+        if level == _log_installed_level:
+            return
+        lib.wasm_ecds_set_log_callback(_LOG_CALLBACK, level, None)
+        _log_installed_level = level
+
+
+def _unset_log_callback() -> None:
+    lib = _native._lib
+    if lib is not None:
+        with _log_state_lock:
+            lib.wasm_ecds_set_log_callback(_native.LOG_CALLBACK(), _native.LOG_OFF, None)
+
+
+atexit.register(_unset_log_callback)
+
+
+def _lib() -> ctypes.CDLL:
+    first = _native._lib is None
+    try:
+        lib = _native.load()
+    except _native.LibraryNotFound as e:
+        raise LibraryNotFound(str(e)) from None
+    if first:
+        _apply_log_level(lib)
+    return lib
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument helpers
+
+
+def _as_bytes(value: Any, name: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{name} must be bytes-like (bytes, bytearray, memoryview), not {type(value).__name__}")
+
+
+def _as_c_string(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str, not {type(value).__name__}")
+    if "\0" in value:
+        raise ValueError(f"{name} must not contain NUL characters")
+    return value.encode("utf-8", errors="strict")
+
+
+def _raise_for(status: int, reason: Optional[str], what: str) -> None:
+    message = reason or f"{what} failed with status {status}"
+    if status == _native.REJECTED:
+        raise Rejected(message)
+    if status == _native.INVALID_ARGUMENT:
+        raise InvalidArgumentError(message)
+    if status == _native.INTERNAL_ERROR:
+        raise InternalError(message)
+    raise WasmEcdsError(f"{what}: unexpected status {status}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def version() -> str:
+    """The version of the loaded libwasm_ecds, e.g. ``"0.1.0"``."""
+    raw = _lib().wasm_ecds_version()
+    return raw.decode("utf-8") if raw else ""
+
+
+class Cache:
+    """A module cache with its counters. Thread-safe: share one per process and call it from any thread.
+
+    ``Cache(cache_dir=..., **options)`` takes the JSON options of the C API as keyword arguments
+    (``enable_conversion``, ``module_expiry_secs``, ``purge_interval_secs``, ``default_fetch_timeout_ms``,
+    ``http_request_timeout_ms``, ``max_attempts``, ``retry_initial_backoff_ms``, ``retry_max_backoff_ms``,
+    ``max_module_bytes``, ``insecure_hosts``, ``ca_file``, ``blocked_cidrs``, ``on_fetch_failure``). ``None``
+    means "the default" (environment fallback included). An unknown key or a bad value raises
+    :class:`InvalidArgumentError` (a ``ValueError``) naming it.
+
+    Use it as a context manager, or call :meth:`close`. Calls after :meth:`close` raise :class:`ClosedError`.
+    """
+
+    def __init__(self, cache_dir: Union[str, "os.PathLike[str]", None] = None, **options: Any) -> None:
+        self._handle: Optional[int] = None
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        lib = _lib()
+        _apply_log_level(lib)
+        settings = {k: v for k, v in options.items() if v is not None}
+        if cache_dir is not None:
+            if not isinstance(cache_dir, (str, os.PathLike)):
+                raise TypeError(f"cache_dir must be str or os.PathLike, not {type(cache_dir).__name__}")
+            settings["cache_dir"] = os.fspath(cache_dir)
+        try:
+            options_json = json.dumps(settings, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"options must be JSON-serializable: {e}") from None
+        if "\0" in options_json:
+            raise ValueError("options must not contain NUL characters")
+        error = ctypes.c_void_p()
+        handle = lib.wasm_ecds_cache_new(options_json.encode("utf-8"), ctypes.byref(error))
+        message = _native.take_string(lib, error.value)
+        if not handle:
+            # wasm_ecds_cache_new has no status: a caught panic is told apart by its "internal error" prefix.
+            if message and message.startswith("internal error"):
+                raise InternalError(message)
+            raise InvalidArgumentError(message or "wasm_ecds_cache_new failed")
+        self._handle = handle
+        self._lib = lib
+
+    # -- lifetime ---------------------------------------------------------------------------------------------
+
+    def _enter(self) -> int:
+        with self._cond:
+            if self._handle is None:
+                raise ClosedError("the cache is closed")
+            self._active += 1
+            return self._handle
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Frees the cache (modules stay on disk). Waits for calls in flight on other threads; idempotent."""
+        with self._cond:
+            handle = self._handle
+            if handle is None:
+                return
+            self._handle = None
+            while self._active:
+                self._cond.wait()
+        self._lib.wasm_ecds_cache_free(handle)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._handle is None
+
+    def __enter__(self) -> "Cache":
+        if self._handle is None:
+            raise ClosedError("the cache is closed")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_handle", None) is not None:
+                self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+
+    def __repr__(self) -> str:
+        return f"<wasm_ecds.Cache {'closed' if self.closed else 'open'}>"
+
+    # -- conversion -------------------------------------------------------------------------------------------
+
+    def _convert_with(self, fn: Callable[..., int], data: Any, what: str) -> bytes:
+        payload = _as_bytes(data, "data")
+        handle = self._enter()
+        try:
+            out = _native.Bytes()
+            reason = ctypes.c_void_p()
+            status = fn(handle, payload, len(payload), ctypes.byref(out), ctypes.byref(reason))
+            message = _native.take_string(self._lib, reason.value)
+            if status == _native.OK:
+                return _native.take_bytes(self._lib, out)
+        finally:
+            self._leave()
+        _raise_for(status, message, what)
+        raise AssertionError("unreachable")
+
+    def convert(self, data: BytesLike) -> bytes:
+        """Converts a serialized ``envoy.service.discovery.v3.DiscoveryResponse``.
+
+        Returns the bytes to forward to Envoy. Raises :class:`Rejected` when the response must not reach Envoy
+        (send :func:`nack` upstream instead). Blocks while modules are fetched; the GIL is released meanwhile.
+        """
+        return self._convert_with(self._lib.wasm_ecds_convert, data, "convert")
+
+    def convert_delta(self, data: BytesLike) -> bytes:
+        """As :meth:`convert`, for a serialized ``DeltaDiscoveryResponse`` (removed names pass through)."""
+        return self._convert_with(self._lib.wasm_ecds_convert_delta, data, "convert_delta")
+
+    # -- observability and maintenance -----------------------------------------------------------------------
+
+    def metrics(self) -> str:
+        """The cache's counters in Prometheus text exposition format."""
+        handle = self._enter()
+        try:
+            text = _native.take_string(self._lib, self._lib.wasm_ecds_metrics(handle))
+        finally:
+            self._leave()
+        if text is None:
+            raise InternalError("wasm_ecds_metrics returned NULL")
+        return text
+
+    def purge(self) -> int:
+        """Deletes modules unused for longer than the expiry and no longer referenced; returns how many."""
+        handle = self._enter()
+        try:
+            removed = int(self._lib.wasm_ecds_purge(handle))
+        finally:
+            self._leave()
+        if removed < 0:
+            _raise_for(removed, None, "purge")
+        return removed
+
+
+def nack(response: BytesLike, last_acked_version: str, reason: str) -> bytes:
+    """The serialized ``DiscoveryRequest`` that NACKs a rejected ``DiscoveryResponse``.
+
+    It carries the response's ``type_url``, ``response_nonce`` = its nonce, ``version_info`` =
+    ``last_acked_version`` and ``error_detail {code: 13, message: reason}``. Raises
+    :class:`InvalidArgumentError` when ``response`` does not parse.
+    """
+    payload = _as_bytes(response, "response")
+    version_c = _as_c_string(last_acked_version, "last_acked_version")
+    reason_c = _as_c_string(reason, "reason")
+    lib = _lib()
+    out = _native.Bytes()
+    status = lib.wasm_ecds_nack(payload, len(payload), version_c, reason_c, ctypes.byref(out))
+    if status != _native.OK:
+        _raise_for(status, "wasm_ecds_nack: the response is not a valid DiscoveryResponse", "nack")
+    return _native.take_bytes(lib, out)
+
+
+def nack_delta(response: BytesLike, reason: str) -> bytes:
+    """The serialized ``DeltaDiscoveryRequest`` that NACKs a rejected ``DeltaDiscoveryResponse``."""
+    payload = _as_bytes(response, "response")
+    reason_c = _as_c_string(reason, "reason")
+    lib = _lib()
+    out = _native.Bytes()
+    status = lib.wasm_ecds_nack_delta(payload, len(payload), reason_c, ctypes.byref(out))
+    if status != _native.OK:
+        _raise_for(status, "wasm_ecds_nack_delta: the response is not a valid DeltaDiscoveryResponse", "nack_delta")
+    return _native.take_bytes(lib, out)
