@@ -54,13 +54,15 @@ def wasm_ecds():
         os.environ["WASM_ECDS_LIBRARY"] = str(lib_dir / "libwasm_ecds.so")
     if not Path(os.environ["WASM_ECDS_LIBRARY"]).is_file():
         pytest.fail(f"{os.environ['WASM_ECDS_LIBRARY']} missing: cargo build --release first")
-    binding = h.REPO / "bindings/python"
+    binding = h.REPO / "bindings/python/src"
     if str(binding) not in sys.path:
         sys.path.insert(0, str(binding))
     try:
         import wasm_ecds
     except ImportError as e:
         pytest.fail(f"cannot import the wasm_ecds Python binding from {binding}: {e}")
+    assert Path(wasm_ecds.__file__).resolve().is_relative_to(binding.resolve()), wasm_ecds.__file__
+    print(f"wasm_ecds {wasm_ecds.version()} from {wasm_ecds.__file__}, library {os.environ['WASM_ECDS_LIBRARY']}")
     return wasm_ecds
 
 
