@@ -11,7 +11,8 @@
  *  - Memory returned by the library is freed only with wasm_ecds_bytes_free / wasm_ecds_string_free.
  *  - Thread safety: a wasm_ecds_cache may be used from many threads at once by every function except
  *    wasm_ecds_cache_free. No function keeps a thread running after it returns.
- *  - No panic crosses this boundary: a bug inside the library returns WASM_ECDS_INTERNAL_ERROR.
+ *  - No panic crosses this boundary: a bug inside the library returns WASM_ECDS_INTERNAL_ERROR, and its
+ *    message goes to the log callback (see wasm_ecds_set_log_callback), never to stdout or stderr.
  *  - ABI stability: within a major version, functions and status numbers are only ever added.
  */
 

@@ -59,6 +59,7 @@ static VERSION_CSTR: &CStr = match CStr::from_bytes_with_nul(concat!(env!("CARGO
 
 /// Runs `body`, turning a panic into `WASM_ECDS_INTERNAL_ERROR` with the panic's message as reason.
 fn guarded(reason: *mut *mut c_char, body: impl FnOnce() -> Result<i32, (i32, String)>) -> i32 {
+    log_bridge::quiet_panics();
     let outcome = catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()

@@ -74,7 +74,7 @@ impl Cache {
         let fetcher = fetch::Fetcher::new(&fetch::FetchSettings::from_options(&options))
             .map_err(|e| OpenError::Tls(e.to_string()))?;
         let store = store::Store::open(store::StoreSettings::from_options(&options), fetcher, metrics.clone())
-            .map_err(|e| OpenError::CacheDir(e.to_string()))?;
+            .map_err(|e| OpenError::CacheDir(format!("cache directory {}: {e}", options.cache_dir.display())))?;
         let policy = ecds::ConversionPolicy {
             default_timeout: options.default_fetch_timeout,
             on_fetch_failure: options.on_fetch_failure,

@@ -4,7 +4,7 @@
 use std::ffi::{c_char, c_void, CString};
 use std::sync::RwLock;
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
 use crate::ffi::wasm_ecds_log_callback;
 
@@ -25,8 +25,12 @@ struct Bridge;
 static BRIDGE: Bridge = Bridge;
 
 impl Log for Bridge {
+    /// The library's own records at the host's level; its dependencies' (ureq, rustls) only at WARN and
+    /// above: their debug and trace output dumps raw HTTP traffic, headers included, which must not reach
+    /// the host's logs.
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         metadata.level() <= log::max_level()
+            && (metadata.target().starts_with(env!("CARGO_CRATE_NAME")) || metadata.level() <= Level::Warn)
     }
 
     /// `record.level() as i32` is the C level: log::Level is Error = 1 ... Trace = 5, as WASM_ECDS_LOG_*.
@@ -63,4 +67,28 @@ pub(crate) fn set_callback(callback: wasm_ecds_log_callback, max_level: i32, use
     };
     *SINK.write().unwrap_or_else(|e| e.into_inner()) = callback.map(|callback| Sink { callback, user_data });
     log::set_max_level(filter);
+}
+
+/// Routes panic messages to the log callback instead of stderr. Installed on the first call through the
+/// C ABI: its hosts (Go, Python, C++) have no Rust panic hook of their own, and the library must never
+/// write to their stderr; the panic itself is caught and returned as `WASM_ECDS_INTERNAL_ERROR`.
+pub(crate) fn quiet_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| std::panic::set_hook(Box::new(|info| log::error!("internal error: {info}"))));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependency_records_below_warn_are_withheld() {
+        log::set_max_level(LevelFilter::Trace);
+        let ours = Metadata::builder().level(Level::Trace).target("wasm_ecds::store").build();
+        let ureq_debug = Metadata::builder().level(Level::Debug).target("ureq::unversioned::transport").build();
+        let ureq_warn = Metadata::builder().level(Level::Warn).target("ureq::pool").build();
+        assert!(BRIDGE.enabled(&ours));
+        assert!(!BRIDGE.enabled(&ureq_debug));
+        assert!(BRIDGE.enabled(&ureq_warn));
+    }
 }

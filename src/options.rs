@@ -98,7 +98,15 @@ impl Options {
         let raw: RawOptions = if trimmed.is_empty() || trimmed == "null" {
             RawOptions::default()
         } else {
-            serde_json::from_str(trimmed).map_err(|e| OptionsError(format!("invalid options: {e}")))?
+            let mut de = serde_json::Deserializer::from_str(trimmed);
+            serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                let key = e.path().to_string();
+                if key == "." {
+                    OptionsError(format!("invalid options: {}", e.inner()))
+                } else {
+                    OptionsError(format!("invalid options: {key}: {}", e.inner()))
+                }
+            })?
         };
         Self::resolve(raw, env)
     }
@@ -385,7 +393,11 @@ mod tests {
     #[test]
     fn bad_value_is_named() {
         let e = with_env(r#"{"cache_dir":"/c","max_attempts":-1}"#, &[]).unwrap_err();
-        assert!(e.0.contains("max_attempts") || e.0.contains("invalid value"), "{e}");
+        assert!(e.0.contains("max_attempts"), "{e}");
+        let e = with_env(r#"{"cache_dir":"/c","enable_conversion":"yes"}"#, &[]).unwrap_err();
+        assert!(e.0.starts_with("invalid options: enable_conversion: invalid type"), "{e}");
+        let e = with_env(r#"{"insecure_hosts":["a", 3]}"#, &[]).unwrap_err();
+        assert!(e.0.contains("insecure_hosts[1]"), "{e}");
         let e = with_env(r#"{"cache_dir":"/c","on_fetch_failure":"explode"}"#, &[]).unwrap_err();
         assert!(e.0.contains("explode"), "{e}");
         let e = with_env(r#"{"cache_dir":"/c","blocked_cidrs":["nope"]}"#, &[]).unwrap_err();
