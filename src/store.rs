@@ -182,6 +182,8 @@ pub(crate) struct Store {
     state: Mutex<State>,
     /// Serialises index writes (the state lock is held only to snapshot).
     index_lock: Mutex<()>,
+    /// Fetch threads `get_all` has started (for tests and diagnostics).
+    threads_spawned: AtomicU64,
 }
 
 impl Store {
@@ -222,6 +224,7 @@ impl Store {
             metrics,
             state: Mutex::new(state),
             index_lock: Mutex::new(()),
+            threads_spawned: AtomicU64::new(0),
         })
     }
 
@@ -233,49 +236,67 @@ impl Store {
         self.modules_dir.join(format!("{sha}.wasm"))
     }
 
+    /// How many fetch threads `get_all` has started so far.
+    #[cfg(test)]
+    fn threads_spawned(&self) -> u64 {
+        self.threads_spawned.load(Ordering::Relaxed)
+    }
+
     /// Answers one request from memory, disk or the network (reference §2.3).
     pub fn get(&self, req: &ModuleRequest) -> Result<Module, ModuleError> {
+        match self.lookup(req) {
+            Lookup::Hit(module) => Ok(module),
+            Lookup::Miss(pending) => self.finish(req, pending),
+        }
+    }
+
+    /// The in-memory part of [`Store::get`]: a hit is answered (touched, counted) at once; otherwise the
+    /// request joins or leads a flight, to be completed by [`Store::finish`]. Never blocks beyond the
+    /// state lock.
+    fn lookup<'a>(&'a self, req: &'a ModuleRequest) -> Lookup<'a> {
         let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
-        let expected: Option<Cow<'_, str>> = match req.sha256.as_deref() {
+        let expected: Option<Cow<'a, str>> = match req.sha256.as_deref() {
             None | Some("") | Some("nil") => None,
             Some(s) if s.bytes().any(|b| b.is_ascii_uppercase()) => Some(Cow::Owned(s.to_ascii_lowercase())),
             Some(s) => Some(Cow::Borrowed(s)),
         };
         let ignore_rv = ignore_resource_version(req.pull_policy, &req.url);
-
-        let (flight, leader, candidate) = {
-            let mut guard = self.state();
-            let st = &mut *guard;
-            let candidate = match expected {
-                Some(_) => None,
-                None => st.lookup_url(req, ignore_rv),
-            };
-            let key = expected.as_deref().or(candidate.as_deref());
-            if let Some(entry) = key.and_then(|k| st.modules.get(k)) {
-                entry.touch();
-                let module = entry.module.clone();
-                st.refresh_url(req, &module.sha256);
-                drop(guard);
-                self.metrics.record_lookup(true);
-                return Ok(module);
-            }
-            let fkey = match &expected {
-                Some(e) => FlightKey::Sha(e.to_string()),
-                None => FlightKey::Url(req.url.clone()),
-            };
-            match st.flights.get(&fkey) {
-                Some(f) => (f.clone(), None, candidate),
-                None => {
-                    let f = Arc::new(Flight { done: Mutex::new(None), cv: Condvar::new() });
-                    st.flights.insert(fkey.clone(), f.clone());
-                    (f, Some(fkey), candidate)
-                }
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let candidate = match expected {
+            Some(_) => None,
+            None => st.lookup_url(req, ignore_rv),
+        };
+        let key = expected.as_deref().or(candidate.as_deref());
+        if let Some(entry) = key.and_then(|k| st.modules.get(k)) {
+            entry.touch();
+            let module = entry.module.clone();
+            st.refresh_url(req, &module.sha256);
+            drop(guard);
+            self.metrics.record_lookup(true);
+            return Lookup::Hit(module);
+        }
+        let fkey = match &expected {
+            Some(e) => FlightKey::Sha(e.to_string()),
+            None => FlightKey::Url(req.url.clone()),
+        };
+        let (flight, leader) = match st.flights.get(&fkey) {
+            Some(f) => (f.clone(), None),
+            None => {
+                let f = Arc::new(Flight { done: Mutex::new(None), cv: Condvar::new() });
+                st.flights.insert(fkey.clone(), f.clone());
+                let guard = FlightGuard { store: self, key: fkey, flight: f.clone(), published: false };
+                (f, Some(guard))
             }
         };
+        Lookup::Miss(Pending { flight, leader, expected, candidate, deadline })
+    }
 
+    /// The rest of a [`Store::get`] that missed: lead the flight (reuse from disk or download) or follow it.
+    fn finish(&self, req: &ModuleRequest, pending: Pending<'_>) -> Result<Module, ModuleError> {
+        let Pending { flight, leader, expected, candidate, deadline } = pending;
         match leader {
-            Some(key) => {
-                let mut guard = FlightGuard { store: self, key, flight: flight.clone(), published: false };
+            Some(mut guard) => {
                 let outcome = self.resolve(req, expected.as_deref(), candidate, deadline);
                 guard.publish(outcome.clone());
                 outcome.result
@@ -623,62 +644,110 @@ impl Drop for Store {
     }
 }
 
+/// At most this many threads (the caller's included) resolve the misses of one `get_all` call.
+const MAX_FETCH_WORKERS: usize = 8;
+
+/// The misses of one group of identical requests: the first one's pending lookup, then the rest of the group.
+struct Job<'a> {
+    group: &'a [usize],
+    pending: Pending<'a>,
+}
+
 impl ModuleSource for Store {
-    /// Identical modules (same sha256, or same URL without one) are answered by one thread, in request
-    /// order; distinct ones concurrently on scoped threads that end before this returns.
+    /// Every request is first answered from the in-memory index on the caller's thread (hits cost no thread).
+    /// Identical modules (same sha256, or same URL without one) are answered in request order by one worker;
+    /// the misses of distinct modules are resolved concurrently: on the caller's thread when there is one,
+    /// else by up to [`MAX_FETCH_WORKERS`] workers (the caller and scoped threads that end before this
+    /// returns) each taking the next miss.
     fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>> {
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
-        for (i, req) in requests.iter().enumerate() {
-            let key = match req.sha256.as_deref() {
-                None | Some("") | Some("nil") => (false, req.url.as_str()),
-                Some(s) => (true, s),
-            };
-            let g = *by_key.entry(key).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(i);
-        }
-        let run_group = |group: &[usize]| -> Vec<(usize, Result<Module, ModuleError>)> {
-            group.iter().map(|&i| (i, self.get(&requests[i]))).collect()
-        };
         let mut results: Vec<Option<Result<Module, ModuleError>>> = vec![None; requests.len()];
-        std::thread::scope(|scope| {
-            let mut handles = Vec::new();
-            let mut inline = Vec::new();
-            for (n, group) in groups.iter().enumerate() {
-                if n == 0 {
-                    inline.push(group);
-                    continue;
-                }
-                match std::thread::Builder::new()
-                    .name("wasm-ecds-fetch".into())
-                    .spawn_scoped(scope, || run_group(group))
-                {
-                    Ok(h) => handles.push(h),
-                    Err(e) => {
-                        log::warn!("cannot start a fetch thread ({e}); fetching in the caller's thread");
-                        inline.push(group);
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut jobs: Vec<Mutex<Option<Job<'_>>>> = Vec::new();
+        if requests.len() == 1 {
+            results[0] = Some(self.get(&requests[0]));
+        } else {
+            let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
+            for (i, req) in requests.iter().enumerate() {
+                let key = match req.sha256.as_deref() {
+                    None | Some("") | Some("nil") => (false, req.url.as_str()),
+                    Some(s) => (true, s),
+                };
+                let g = *by_key.entry(key).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push(i);
+            }
+            let groups = &groups;
+            for group in groups {
+                for (n, &i) in group.iter().enumerate() {
+                    match self.lookup(&requests[i]) {
+                        Lookup::Hit(module) => results[i] = Some(Ok(module)),
+                        Lookup::Miss(pending) => {
+                            jobs.push(Mutex::new(Some(Job { group: &group[n..], pending })));
+                            break;
+                        }
                     }
                 }
             }
-            for group in inline {
-                for (i, r) in run_group(group) {
+        }
+        let run = |job: Job<'_>| -> Vec<(usize, Result<Module, ModuleError>)> {
+            let Job { group, pending } = job;
+            let mut done = Vec::with_capacity(group.len());
+            done.push((group[0], self.finish(&requests[group[0]], pending)));
+            for &i in &group[1..] {
+                done.push((i, self.get(&requests[i])));
+            }
+            done
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || -> Vec<(usize, Result<Module, ModuleError>)> {
+            let mut done = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(slot) = jobs.get(n) else { break };
+                if let Some(job) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    done.extend(run(job));
+                }
+            }
+            done
+        };
+        match jobs.len() {
+            0 => {}
+            1 => {
+                for (i, r) in work() {
                     results[i] = Some(r);
                 }
             }
-            for h in handles {
-                match h.join() {
-                    Ok(done) => {
-                        for (i, r) in done {
-                            results[i] = Some(r);
+            n => std::thread::scope(|scope| {
+                let mut handles = Vec::new();
+                for _ in 1..n.min(MAX_FETCH_WORKERS) {
+                    match std::thread::Builder::new().name("wasm-ecds-fetch".into()).spawn_scoped(scope, work) {
+                        Ok(h) => {
+                            self.threads_spawned.fetch_add(1, Ordering::Relaxed);
+                            handles.push(h);
+                        }
+                        Err(e) => {
+                            log::warn!("cannot start a fetch thread ({e}); fetching in the caller's thread");
+                            break;
                         }
                     }
-                    Err(panic) => std::panic::resume_unwind(panic),
                 }
-            }
-        });
+                for (i, r) in work() {
+                    results[i] = Some(r);
+                }
+                for h in handles {
+                    match h.join() {
+                        Ok(done) => {
+                            for (i, r) in done {
+                                results[i] = Some(r);
+                            }
+                        }
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+            }),
+        }
         results
             .into_iter()
             .map(|r| {
@@ -686,6 +755,22 @@ impl ModuleSource for Store {
             })
             .collect()
     }
+}
+
+/// What [`Store::lookup`] found.
+enum Lookup<'a> {
+    Hit(Module),
+    Miss(Pending<'a>),
+}
+
+/// A request that missed the in-memory index: the flight it leads (with the guard that completes it even if
+/// the work is never done) or follows.
+struct Pending<'a> {
+    flight: Arc<Flight>,
+    leader: Option<FlightGuard<'a>>,
+    expected: Option<Cow<'a, str>>,
+    candidate: Option<Arc<str>>,
+    deadline: Instant,
 }
 
 /// Makes sure a flight always completes, even if its leader panics: waiters get an error instead of hanging
@@ -1624,6 +1709,48 @@ mod tests {
         assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
         assert_eq!(f.metrics.cache_entries(), 8);
         assert!(f.store().get_all(&[]).is_empty());
+    }
+
+    #[test]
+    fn get_all_answers_hits_without_threads_and_caps_the_workers() {
+        let f = fixture();
+        let mut requests = Vec::new();
+        for i in 0..20 {
+            let url = format!("http://x/{i}.wasm");
+            f.fetcher.serve(&url, &wasm(&i.to_string()));
+            requests.push(req(&url));
+        }
+        // cold: 20 distinct misses, at most 8 workers (7 threads besides the caller)
+        f.fetcher.set_delay(Duration::from_millis(50));
+        let results = f.store().get_all(&requests);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 20);
+        assert_eq!(f.store().threads_spawned(), 7);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) <= 8);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
+        // all hits: answered on the caller's thread, counted as hits, no thread started
+        let before = lookups(&f.metrics);
+        let again = f.store().get_all(&requests);
+        assert_eq!(again, results);
+        assert_eq!(f.store().threads_spawned(), 7);
+        assert_eq!(lookups(&f.metrics), (before.0 + 20, before.1));
+        // one miss among hits: resolved inline, still no thread
+        let url = "http://x/new.wasm";
+        f.fetcher.serve(url, &wasm("new"));
+        requests.push(req(url));
+        let results = f.store().get_all(&requests);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 21);
+        assert_eq!(f.store().threads_spawned(), 7);
+        // two misses: one thread besides the caller
+        for name in ["a", "b"] {
+            let url = format!("http://x/{name}.wasm");
+            f.fetcher.serve(&url, &wasm(name));
+            requests.push(req(&url));
+        }
+        assert!(f.store().get_all(&requests).iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 23);
+        assert_eq!(f.store().threads_spawned(), 8);
     }
 
     #[test]
