@@ -69,7 +69,11 @@ struct Entry {
 
 impl Entry {
     fn touch(&self) {
-        self.last_used.fetch_max(now_ms(), Ordering::Relaxed);
+        self.touch_at(now_ms());
+    }
+
+    fn touch_at(&self, now: u64) {
+        self.last_used.fetch_max(now, Ordering::Relaxed);
     }
 }
 
@@ -110,9 +114,17 @@ struct State {
     sotw_in_use: HashSet<Arc<str>>,
     delta_in_use: HashMap<String, Arc<str>>,
     flights: HashMap<FlightKey, Arc<Flight>>,
+    /// Changes whenever something a hit depends on changes: a module leaves `modules`, or the URL map
+    /// (checksum a URL resolved to, resource version per consumer) changes. While it stands still, a request
+    /// answered as a hit at this generation is answered the same way again, with no change to the state.
+    generation: u64,
 }
 
 impl State {
+    fn bump(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+    }
+
     fn entry_count(&self) -> usize {
         self.modules.len() + self.pending.len()
     }
@@ -125,6 +137,7 @@ impl State {
             }
             let restored = self.restored_urls.remove(&sha256_hex(req.url.as_bytes()))?;
             self.urls.insert(req.url.clone(), restored);
+            self.bump();
         }
         let entry = self.urls.get_mut(req.url.as_str())?;
         let stored_rv = entry.rv_by_resource.get(req.resource_name.as_str());
@@ -135,6 +148,7 @@ impl State {
         };
         if stored_rv.map(String::as_str) != Some(req.resource_version.as_str()) {
             entry.rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
+            self.bump();
         }
         found
     }
@@ -147,17 +161,24 @@ impl State {
         }
         match self.urls.get_mut(req.url.as_str()) {
             Some(entry) => {
+                let mut changed = false;
                 if entry.checksum != *sha {
                     entry.checksum = sha.clone();
+                    changed = true;
                 }
                 if entry.rv_by_resource.get(req.resource_name.as_str()) != Some(&req.resource_version) {
                     entry.rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
+                    changed = true;
+                }
+                if changed {
+                    self.bump();
                 }
             }
             None => {
                 let mut rv_by_resource = HashMap::new();
                 rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
                 self.urls.insert(req.url.clone(), UrlEntry { checksum: sha.clone(), rv_by_resource });
+                self.bump();
             }
         }
     }
@@ -166,6 +187,7 @@ impl State {
     fn forget_urls_of(&mut self, sha: &str) {
         self.urls.retain(|_, u| &*u.checksum != sha);
         self.restored_urls.retain(|_, u| &*u.checksum != sha);
+        self.bump();
     }
 }
 
@@ -234,6 +256,35 @@ impl Store {
 
     fn module_path(&self, sha: &str) -> PathBuf {
         self.modules_dir.join(format!("{sha}.wasm"))
+    }
+
+    /// The state's generation (see `State::generation`).
+    pub fn generation(&self) -> u64 {
+        self.state().generation
+    }
+
+    /// Records hits on `modules` exactly as [`Store::get`] would for requests it answers from memory (one
+    /// lookup hit each, last use touched) — provided the generation is still `generation` and every module
+    /// is in memory; otherwise records nothing and returns false.
+    pub fn reuse(&self, modules: &[&str], generation: u64) -> bool {
+        let st = self.state();
+        if st.generation != generation {
+            return false;
+        }
+        // While the generation stands no module has left, so all are there (checked all the same; touching
+        // one before finding another missing is harmless: a real lookup of it would have touched it too).
+        let now = now_ms();
+        for m in modules {
+            match st.modules.get(*m) {
+                Some(entry) => entry.touch_at(now),
+                None => return false,
+            }
+        }
+        drop(st);
+        for _ in modules {
+            self.metrics.record_lookup(true);
+        }
+        true
     }
 
     /// How many fetch threads `get_all` has started so far.
@@ -582,6 +633,9 @@ impl Store {
             for (sha, _) in &victims {
                 st.forget_urls_of(sha);
             }
+            if !victims.is_empty() {
+                st.bump();
+            }
             self.metrics.set_cache_entries(st.entry_count());
         }
         let mut deleted = 0;
@@ -654,6 +708,14 @@ struct Job<'a> {
 }
 
 impl ModuleSource for Store {
+    fn generation(&self) -> u64 {
+        Store::generation(self)
+    }
+
+    fn reuse(&self, modules: &[&str], generation: u64) -> bool {
+        Store::reuse(self, modules, generation)
+    }
+
     /// Every request is first answered from the in-memory index on the caller's thread (hits cost no thread).
     /// Identical modules (same sha256, or same URL without one) are answered in request order by one worker;
     /// the misses of distinct modules are resolved concurrently: on the caller's thread when there is one,
@@ -1751,6 +1813,31 @@ mod tests {
         assert!(f.store().get_all(&requests).iter().all(Result::is_ok));
         assert_eq!(f.fetcher.calls(), 23);
         assert_eq!(f.store().threads_spawned(), 8);
+    }
+
+    #[test]
+    fn reuse_counts_and_touches_like_a_hit_while_the_generation_stands() {
+        let f = fixture_with(Duration::from_millis(1), Duration::from_secs(3600));
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        let g = f.store().generation();
+        f.store().state().modules[&m.sha256].last_used.store(0, Ordering::Relaxed);
+        let before = lookups(&f.metrics);
+        assert!(f.store().reuse(&[&m.sha256], g));
+        assert_eq!(lookups(&f.metrics), (before.0 + 1, before.1));
+        assert!(f.store().state().modules[&m.sha256].last_used.load(Ordering::Relaxed) > 0, "touched");
+        assert!(!f.store().reuse(&[&m.sha256], g + 1));
+        assert!(!f.store().reuse(&["0".repeat(64).as_str()], g));
+        assert_eq!(lookups(&f.metrics), (before.0 + 1, before.1), "a refused reuse records nothing");
+        // a hit changes nothing; a new resource version of a checksum-less URL does; a purge does
+        f.store().get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(f.store().generation(), g);
+        f.store().get(&ModuleRequest { resource_version: "2".into(), ..req("http://x/a.wasm") }).unwrap();
+        let g2 = f.store().generation();
+        assert_ne!(g2, g);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert_ne!(f.store().generation(), g2);
     }
 
     #[test]
