@@ -322,6 +322,74 @@ impl Form {
 }
 
 fn analyze(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis {
+    if not_wasm(any) {
+        return Analysis::Keep;
+    }
+    analyze_fully(any, ordinal, hint, default_timeout)
+}
+
+/// The cheap first look: true when the resource is a well-formed `TypedExtensionConfig` (checked as
+/// `schema::validate` checks it: wire structure, wire types, UTF-8 of its strings and of its typed_config's)
+/// whose typed_config is neither a Wasm filter nor a TypedStruct — what `analyze_fully` would `Keep` —
+/// decided without allocating. Anything else (Wasm, TypedStruct, anything malformed) is left to
+/// `analyze_fully`, which also words the errors.
+fn not_wasm(any: &[u8]) -> bool {
+    fn scan<'a>(buf: &'a [u8], mut on: impl FnMut(&wire::Field<'a>) -> bool) -> bool {
+        for field in Fields::new(buf) {
+            match field {
+                Ok(f) if on(&f) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+    let is_string = |f: &wire::Field<'_>| {
+        f.wire_type == prost::encoding::WireType::LengthDelimited && std::str::from_utf8(f.payload).is_ok()
+    };
+    let is_len = |f: &wire::Field<'_>| f.wire_type == prost::encoding::WireType::LengthDelimited;
+    let (mut type_url, mut tec): (&[u8], &[u8]) = (b"", b"");
+    let ok = scan(any, |f| match f.number {
+        1 if is_string(f) => {
+            type_url = f.payload;
+            true
+        }
+        2 if is_len(f) => {
+            tec = f.payload;
+            true
+        }
+        1 | 2 => false,
+        _ => true,
+    });
+    // (type URLs were checked as UTF-8 above; a non-UTF-8 one goes the slow way)
+    if !ok || short_name(std::str::from_utf8(type_url).unwrap_or("")) != TEC {
+        return false;
+    }
+    let (mut occurrences, mut inner_url): (usize, &[u8]) = (0, b"");
+    let ok = scan(tec, |f| match f.number {
+        1 => is_string(f),
+        2 if is_len(f) => {
+            occurrences += 1;
+            scan(f.payload, |g| match g.number {
+                1 if is_string(g) => {
+                    inner_url = g.payload;
+                    true
+                }
+                2 => is_len(g),
+                1 => false,
+                _ => true,
+            })
+        }
+        2 => false,
+        _ => true,
+    });
+    if !ok || occurrences == 0 {
+        return false;
+    }
+    let inner = std::str::from_utf8(inner_url).unwrap_or("");
+    WasmKind::of(inner).is_none() && !matches!(short_name(inner), UDPA_TYPED_STRUCT | XDS_TYPED_STRUCT)
+}
+
+fn analyze_fully(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis {
     let no_name = label(ordinal, "", hint);
     // The resource Any (already validated as part of the response).
     let (type_url, tec) = match (wire::last_string(any, 1), wire::last(any, 2)) {
@@ -2288,5 +2356,44 @@ mod tests {
         let only_b = delta(vec![res("b", "http://h/b.wasm")], vec![]);
         convert_delta_memo(&only_b, &source, &policy(), m, Some(&memo)).ok().unwrap();
         assert_eq!(source.asked.load(Ordering::SeqCst), 5);
+    }
+
+    /// The cheap pass-through decision never disagrees with the full analysis (on valid and mutated input).
+    #[test]
+    fn not_wasm_agrees_with_the_full_analysis() {
+        let value: serde_json::Value = serde_json::from_str(CAMEL).unwrap();
+        let mut twice = PTec { name: "t".into(), typed_config: Some(any(HTTP_RBAC_URL, vec![])) }.encode_to_vec();
+        twice.extend(PTec { name: String::new(), typed_config: Some(any(HTTP, vec![])) }.encode_to_vec());
+        let samples = vec![
+            resource("rbac", any(HTTP_RBAC_URL, vec![0x0a, 0x00])),
+            resource("", any("", vec![])),
+            any(ECDS, PTec { name: "none".into(), typed_config: None }.encode_to_vec()),
+            any(ECDS, twice),
+            wasm_resource("a", &remote_wasm("http://h/m.wasm")),
+            typed_struct_resource("type.googleapis.com/udpa.type.v1.TypedStruct", HTTP, value),
+            any("type.googleapis.com/google.protobuf.Empty", vec![]),
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut kept = 0;
+        for sample in &samples {
+            let bytes = sample.encode_to_vec();
+            let mut inputs = vec![bytes.clone(), sample.value.clone()];
+            for _ in 0..2000 {
+                let mut x = bytes.clone();
+                let i = rng.usize(..x.len());
+                x[i] = if rng.bool() { x[i] ^ (1 << rng.u8(0..8)) } else { rng.u8(..) };
+                inputs.push(x);
+            }
+            for input in &inputs {
+                if not_wasm(input) {
+                    kept += 1;
+                    assert!(
+                        matches!(analyze_fully(input, 1, None, Duration::from_secs(1)), Analysis::Keep),
+                        "{input:?}"
+                    );
+                }
+            }
+        }
+        assert!(kept > 100);
     }
 }

@@ -111,7 +111,8 @@ struct State {
     urls: HashMap<String, UrlEntry>,
     /// URL entries from the index, keyed by hex sha256 of the URL, moved into `urls` on first use.
     restored_urls: HashMap<String, UrlEntry>,
-    sotw_in_use: HashSet<Arc<str>>,
+    /// Distinct modules the latest SotW conversion references.
+    sotw_in_use: Vec<Arc<str>>,
     delta_in_use: HashMap<String, Arc<str>>,
     flights: HashMap<FlightKey, Arc<Flight>>,
     /// Changes whenever something a hit depends on changes: a module leaves `modules`, or the URL map
@@ -557,7 +558,13 @@ impl Store {
 
     /// The latest converted state-of-the-world response references exactly these modules.
     pub fn set_sotw_in_use(&self, modules: Vec<Arc<str>>) {
-        self.state().sotw_in_use = modules.into_iter().collect();
+        let mut st = self.state();
+        // A repeated push references the very same modules (the same Arcs): nothing to rebuild.
+        let same = st.sotw_in_use.len() == modules.len()
+            && st.sotw_in_use.iter().zip(&modules).all(|(a, b)| Arc::ptr_eq(a, b) || a == b);
+        if !same {
+            st.sotw_in_use = modules;
+        }
     }
 
     /// A converted delta response: `resources` were added or updated (with their module, if any), `removed`
