@@ -87,6 +87,9 @@ pub(crate) fn convert_sotw_memo(
     metrics: &Metrics,
     memo: Option<&Memo>,
 ) -> Result<Converted, Rejection> {
+    if let Some(repeated) = memo.and_then(|m| m.repeat(input, source, metrics)) {
+        return Ok(repeated);
+    }
     schema::validate(&schema::DISCOVERY_RESPONSE, input)
         .map_err(|e| Rejection { reason: format!("malformed DiscoveryResponse: {e}") })?;
     if !is_ecds(input)? {
@@ -103,11 +106,18 @@ pub(crate) fn convert_sotw_memo(
     let analyze_at = |i: usize| analyze(keys[i], i + 1, None, policy.default_timeout);
     let (mut done, stable) = run(&keys, &analyze_at, &name_at, source, policy, metrics, memo)?;
     let modules = distinct_modules(done.iter().filter_map(|d| d.module.clone()));
-    if let Some(memo) = memo {
+    let memo = memo.map(|memo| {
         let entries = memoize(&mut done, &keys, &name_at, stable);
+        // Every resource memoised: the whole response can be answered again from the memo.
+        let whole = entries.len() == keys.len() && done.iter().all(|d| matches!(d.out, Out::Memo(_)));
+        let repeatable = whole.then(|| entries.clone());
         memo.replace(entries);
-    }
+        (memo, repeatable)
+    });
     if done.iter().all(|d| d.unchanged()) {
+        if let Some((memo, Some(entries))) = memo {
+            memo.remember(input, input, entries, &modules);
+        }
         return Ok(Converted { bytes: input.to_vec(), modules });
     }
     let extra: usize = done.iter().map(|d| d.output().map_or(0, |o| o.len() + 5)).sum();
@@ -123,6 +133,9 @@ pub(crate) fn convert_sotw_memo(
             Some(any) => wire::put_len(&mut out, 2, any),
             None => out.extend_from_slice(field.raw),
         }
+    }
+    if let Some((memo, Some(entries))) = memo {
+        memo.remember(input, &out, entries, &modules);
     }
     Ok(Converted { bytes: out, modules })
 }
@@ -224,13 +237,11 @@ fn is_ecds(response: &[u8]) -> Result<bool, Rejection> {
     Ok(type_url.is_empty() || short_name(type_url) == TEC)
 }
 
+/// The distinct modules, sorted (a set; sorting keeps large responses O(n log n)).
 fn distinct_modules(all: impl Iterator<Item = Arc<str>>) -> Vec<Arc<str>> {
-    let mut out: Vec<Arc<str>> = Vec::new();
-    for m in all {
-        if !out.contains(&m) {
-            out.push(m);
-        }
-    }
+    let mut out: Vec<Arc<str>> = all.collect();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
@@ -641,10 +652,21 @@ pub(crate) struct Memo {
 
 #[derive(Default)]
 struct MemoTable {
+    /// SotW: the latest response when every one of its resources was memoised, answered whole when it comes
+    /// again byte for byte.
+    last: Option<Arc<LastCall>>,
     /// The entries of the latest call in response order: a resource at the same position is compared first.
     order: Vec<Arc<MemoEntry>>,
     by_name: HashMap<Box<str>, Arc<MemoEntry>>,
     calls: u64,
+}
+
+struct LastCall {
+    input: Box<[u8]>,
+    output: Box<[u8]>,
+    /// The entry of each resource, in order.
+    entries: Vec<Arc<MemoEntry>>,
+    modules: Vec<Arc<str>>,
 }
 
 pub(crate) struct MemoEntry {
@@ -690,6 +712,45 @@ impl Memo {
             found.push(entry.filter(|e| e.module.is_none() || e.generation == generation).cloned());
         }
         found
+    }
+
+    /// SotW: the latest response again, byte for byte, when all its resources were memoised and their
+    /// conversions still hold: its output, with what converting each resource from the memo records. Its
+    /// bytes were validated when it was converted, so they are not validated again.
+    fn repeat(&self, input: &[u8], source: &dyn ModuleSource, metrics: &Metrics) -> Option<Converted> {
+        let last = self.lock().last.clone()?;
+        if *last.input != *input {
+            return None;
+        }
+        let mut generation = None;
+        let mut shas: Vec<&str> = Vec::with_capacity(last.modules.len());
+        for e in &last.entries {
+            if let Some(m) = &e.module {
+                if *generation.get_or_insert(e.generation) != e.generation {
+                    return None;
+                }
+                shas.push(m);
+            }
+        }
+        if let Some(g) = generation {
+            if !source.reuse(&shas, g) {
+                return None;
+            }
+        }
+        for e in &last.entries {
+            metrics.record_conversion(if e.module.is_some() {
+                ConversionResult::Success
+            } else {
+                ConversionResult::NoRemoteLoad
+            });
+        }
+        Some(Converted { bytes: last.output.to_vec(), modules: last.modules.clone() })
+    }
+
+    /// Keeps a response whose resources were all memoised, for [`Memo::repeat`].
+    fn remember(&self, input: &[u8], output: &[u8], entries: Vec<Arc<MemoEntry>>, modules: &[Arc<str>]) {
+        let last = LastCall { input: input.into(), output: output.into(), entries, modules: modules.to_vec() };
+        self.lock().last = Some(Arc::new(last));
     }
 
     /// SotW: the entries of the latest response become the table (older ones linger a few calls, so that
@@ -2395,5 +2456,36 @@ mod tests {
             }
         }
         assert!(kept > 100);
+    }
+
+    #[test]
+    fn repeated_response_is_answered_whole_with_the_counters_of_a_real_conversion() {
+        let rs = real_store(Duration::ZERO);
+        let memo = Memo::default();
+        let source = Counting { store: &rs.store, asked: AtomicUsize::new(0) };
+        let mut r = PResponse::decode(memo_response().as_slice()).unwrap();
+        r.resources.pop(); // no fallback: every resource can be memoised
+        let input = r.encode_to_vec();
+        let m = &rs.metrics;
+        convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert!(memo.lock().last.is_some());
+        let before = all_counts(m);
+        let real = convert_sotw_memo(&input, &source, &policy(), m, None).ok().unwrap();
+        let real_counts = minus(all_counts(m), before);
+        let (asked, before) = (source.asked.load(Ordering::SeqCst), all_counts(m));
+        let again = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(source.asked.load(Ordering::SeqCst), asked, "nothing reaches the store");
+        assert_eq!(minus(all_counts(m), before), real_counts);
+        assert_eq!(real_counts, ([3, 2, 0, 0, 0, 0], 3, 0));
+        assert_eq!(again.bytes, real.bytes);
+        assert_eq!(again.modules, real.modules);
+        // a purge invalidates it: converted for real (and fetched again)
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(rs.store.purge().unwrap(), 3);
+        let fetched = rs.served.calls.load(Ordering::SeqCst);
+        let out = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), fetched + 3);
+        assert_eq!(out.bytes, real.bytes, "same content-addressed paths");
     }
 }
