@@ -652,9 +652,9 @@ pub(crate) struct Memo {
 
 #[derive(Default)]
 struct MemoTable {
-    /// SotW: the latest response when every one of its resources was memoised, answered whole when it comes
-    /// again byte for byte.
-    last: Option<Arc<LastCall>>,
+    /// SotW: the latest few responses whose resources were all memoised (most recent first), answered whole
+    /// when one comes again byte for byte (a cache shared by a few streams alternates between responses).
+    last: Vec<Arc<LastCall>>,
     /// The entries of the latest call in response order: a resource at the same position is compared first.
     order: Vec<Arc<MemoEntry>>,
     by_name: HashMap<Box<str>, Arc<MemoEntry>>,
@@ -682,6 +682,8 @@ pub(crate) struct MemoEntry {
     seen: AtomicU64,
 }
 
+/// SotW: how many whole responses are kept for `Memo::repeat` (one per length).
+const MEMO_LAST_CALLS: usize = 4;
 /// SotW: entries not seen for this many calls are dropped (checked every this many calls).
 const MEMO_KEEP_CALLS: u64 = 8;
 /// Delta: a table that grows past this is cleared (names are only dropped by removals otherwise).
@@ -718,7 +720,10 @@ impl Memo {
     /// conversions still hold: its output, with what converting each resource from the memo records. Its
     /// bytes were validated when it was converted, so they are not validated again.
     fn repeat(&self, input: &[u8], source: &dyn ModuleSource, metrics: &Metrics) -> Option<Converted> {
-        let last = self.lock().last.clone()?;
+        let last = {
+            let t = self.lock();
+            t.last.iter().find(|l| l.input.len() == input.len()).cloned()?
+        };
         if *last.input != *input {
             return None;
         }
@@ -750,7 +755,10 @@ impl Memo {
     /// Keeps a response whose resources were all memoised, for [`Memo::repeat`].
     fn remember(&self, input: &[u8], output: &[u8], entries: Vec<Arc<MemoEntry>>, modules: &[Arc<str>]) {
         let last = LastCall { input: input.into(), output: output.into(), entries, modules: modules.to_vec() };
-        self.lock().last = Some(Arc::new(last));
+        let mut t = self.lock();
+        t.last.retain(|l| l.input.len() != input.len());
+        t.last.insert(0, Arc::new(last));
+        t.last.truncate(MEMO_LAST_CALLS);
     }
 
     /// SotW: the entries of the latest response become the table (older ones linger a few calls, so that
@@ -2469,7 +2477,7 @@ mod tests {
         let m = &rs.metrics;
         convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
         convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
-        assert!(memo.lock().last.is_some());
+        assert_eq!(memo.lock().last.len(), 1);
         let before = all_counts(m);
         let real = convert_sotw_memo(&input, &source, &policy(), m, None).ok().unwrap();
         let real_counts = minus(all_counts(m), before);
