@@ -285,18 +285,18 @@ impl WasmKind {
 }
 
 /// What one resource needs (Istio's `tryUnmarshal` plus the reading of the remote code).
-enum Analysis {
+enum Analysis<'a> {
     /// Leaves unchanged (`no_remote_load`).
     Keep,
     /// Malformed (`unmarshal_failure`): the full reason text.
     Malformed(String),
-    Remote(Box<Remote>),
+    Remote(Box<Remote<'a>>),
     /// Unchanged since a memoised conversion that still holds.
     Memo(Arc<MemoEntry>),
 }
 
 /// A Wasm filter with remote code.
-struct Remote {
+struct Remote<'a> {
     label: String,
     plugin_name: String,
     tec_name: String,
@@ -305,34 +305,35 @@ struct Remote {
     url: String,
     /// What to ask the store, or why the fetch fails without asking (status and cause).
     want: Result<ModuleRequest, (ConversionResult, String)>,
-    /// The resource's `Any` and its pieces, for the rewrite.
-    any: Vec<u8>,
-    tec: Vec<u8>,
-    typed_config: Vec<u8>,
-    form: Form,
+    /// The resource's `Any` and its pieces (borrowed from the response unless merged), for the rewrite.
+    any: &'a [u8],
+    tec: &'a [u8],
+    typed_config: Cow<'a, [u8]>,
+    form: Form<'a>,
 }
 
-enum Form {
+enum Form<'a> {
     /// `typed_config` holds the Wasm message itself.
-    Direct { wasm: Vec<u8> },
+    Direct { wasm: Cow<'a, [u8]> },
     /// `typed_config` holds a TypedStruct; `wasm` is its Struct encoded as the Wasm message.
     Struct {
         wasm: Vec<u8>,
         encodable: bool,
-        typed_struct: Vec<u8>,
+        typed_struct: Cow<'a, [u8]>,
         value: std::collections::BTreeMap<String, schema::JVal>,
     },
 }
 
-impl Form {
+impl Form<'_> {
     fn wasm(&self) -> &[u8] {
         match self {
-            Form::Direct { wasm } | Form::Struct { wasm, .. } => wasm,
+            Form::Direct { wasm } => wasm,
+            Form::Struct { wasm, .. } => wasm,
         }
     }
 }
 
-fn analyze(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis {
+fn analyze<'a>(any: &'a [u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis<'a> {
     if not_wasm(any) {
         return Analysis::Keep;
     }
@@ -400,7 +401,7 @@ fn not_wasm(any: &[u8]) -> bool {
     WasmKind::of(inner).is_none() && !matches!(short_name(inner), UDPA_TYPED_STRUCT | XDS_TYPED_STRUCT)
 }
 
-fn analyze_fully(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis {
+fn analyze_fully<'a>(any: &'a [u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis<'a> {
     let no_name = label(ordinal, "", hint);
     // The resource Any (already validated as part of the response).
     let (type_url, tec) = match (wire::last_string(any, 1), wire::last(any, 2)) {
@@ -416,14 +417,21 @@ fn analyze_fully(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout
     let tec_name = wire::last_string(tec, 1).unwrap_or_default().to_owned();
     let label = label(ordinal, &tec_name, hint);
     let typed_config = match wire::merged(tec, 2) {
-        Ok(Some(tc)) => tc.into_owned(),
+        Ok(Some(tc)) => tc,
         Ok(None) => return Analysis::Malformed(format!("{label}: does not contain any typed config")),
         Err(e) => return Analysis::Malformed(format!("{label}: {e}")),
     };
     let inner_url = wire::last_string(&typed_config, 1).unwrap_or_default().to_owned();
-    let inner_value = match wire::last(&typed_config, 2) {
-        Ok(v) => v.map_or(&[][..], |f| f.payload).to_vec(),
-        Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
+    // The last `value` of the (merged) typed_config: borrowed from the response unless the merge copied.
+    let inner_value: Cow<'a, [u8]> = match &typed_config {
+        Cow::Borrowed(tc) => match wire::last(tc, 2) {
+            Ok(v) => Cow::Borrowed(v.map_or(&[][..], |f| f.payload)),
+            Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
+        },
+        Cow::Owned(tc) => match wire::last(tc, 2) {
+            Ok(v) => Cow::Owned(v.map_or(&[][..], |f| f.payload).to_vec()),
+            Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
+        },
     };
     let (kind, form) = if let Some(kind) = WasmKind::of(&inner_url) {
         if let Err(e) = schema::validate(kind.message(), &inner_value) {
@@ -472,8 +480,8 @@ fn analyze_fully(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout
         fail_open: info.fail_open,
         url,
         want,
-        any: any.to_vec(),
-        tec: tec.to_vec(),
+        any,
+        tec,
         typed_config,
         form,
     }))
@@ -807,7 +815,7 @@ impl Memo {
 #[allow(clippy::too_many_arguments)]
 fn run<'k>(
     keys: &[&'k [u8]],
-    analyze_at: &dyn Fn(usize) -> Analysis,
+    analyze_at: &dyn Fn(usize) -> Analysis<'k>,
     name_at: &dyn Fn(usize) -> Option<&'k str>,
     source: &dyn ModuleSource,
     policy: &ConversionPolicy,
@@ -820,7 +828,7 @@ fn run<'k>(
     };
     let generation = source.generation();
     let mut found = memo.find(keys, name_at, generation);
-    let mut items: Vec<Option<Analysis>> =
+    let mut items: Vec<Option<Analysis<'k>>> =
         found.iter().enumerate().map(|(i, f)| if f.is_some() { None } else { Some(analyze_at(i)) }).collect();
     // A checksum-less request's answer depends on its URL's entry, which another request of this call for the
     // same URL may change: such resources are converted for real, in order with the others.
@@ -903,7 +911,7 @@ fn memoize<'k>(
 }
 
 fn process(
-    items: Vec<Analysis>,
+    items: Vec<Analysis<'_>>,
     source: &dyn ModuleSource,
     policy: &ConversionPolicy,
     metrics: &Metrics,
@@ -1002,7 +1010,7 @@ fn process(
                                     rbac.word()
                                 );
                                 let tec = rbac_extension_config(&remote.tec_name, remote.kind, rbac);
-                                match wire::replace_last(&remote.any, 2, &tec) {
+                                match wire::replace_last(remote.any, 2, &tec) {
                                     Ok(any) => done.push(Done { out: Out::New(any), module: None, memoable: None }),
                                     Err(e) => {
                                         reasons.push(format!(
@@ -1072,48 +1080,149 @@ fn rbac_extension_config(name: &str, kind: WasmKind, rbac: Rbac) -> Vec<u8> {
     tec
 }
 
-/// The new bytes of the resource's `Any` with the module at `path`.
-fn rewrite(remote: &Remote, path: &str) -> Result<Vec<u8>, String> {
+/// The new bytes of the resource's `Any` with the module at `path`: the new `vm_config` is built, then
+/// spliced through every enclosing message in one pass that writes the result once.
+fn rewrite(remote: &Remote<'_>, path: &str) -> Result<Vec<u8>, String> {
     let e = |e: wire::WireError| e.to_string();
-    let typed_config = match &remote.form {
+    // Any.value (last) -> TypedExtensionConfig.typed_config (merged)
+    let outer = [Level::last(remote.any, 2), Level::merged(remote.tec, 2)];
+    match &remote.form {
         Form::Direct { wasm } => {
-            let wasm = rewrite_wasm(wasm, path).map_err(e)?;
-            wire::replace_last(&remote.typed_config, 2, &wasm).map_err(e)?
+            let config = wire::merged(wasm, 1).map_err(e)?.unwrap_or(Cow::Borrowed(&[]));
+            let vm = new_vm_config(&config, path).map_err(e)?;
+            // ... -> typed_config.value (last) -> Wasm.config (merged) -> PluginConfig.vm_config (merged)
+            let levels = [
+                outer[0],
+                outer[1],
+                Level::last(&remote.typed_config, 2),
+                Level::merged(wasm, 1),
+                Level::merged(&config, 3),
+            ];
+            splice(&levels, &vm).map_err(e)
         }
         Form::Struct { wasm, encodable: true, .. } => {
-            let wasm = rewrite_wasm(wasm, path).map_err(e)?;
-            let mut any = Vec::new();
+            let config = wire::merged(wasm, 1).map_err(e)?.unwrap_or(Cow::Borrowed(&[]));
+            let vm = new_vm_config(&config, path).map_err(e)?;
+            let wasm = splice(&[Level::merged(wasm, 1), Level::merged(&config, 3)], &vm).map_err(e)?;
+            let mut any = Vec::with_capacity(wasm.len() + 80);
             wire::put_len(&mut any, 1, format!("{TYPE_PREFIX}{}", remote.kind.type_name()).as_bytes());
             wire::put_len(&mut any, 2, &wasm);
-            any
+            splice(&outer, &any).map_err(e)
         }
         Form::Struct { encodable: false, typed_struct, value, .. } => {
             let mut value = value.clone();
             typed_struct::rewrite_struct(&mut value, path).map_err(|e| e.to_string())?;
             let encoded = typed_struct::encode_struct(&value).map_err(|e| e.to_string())?;
             let ts = wire::replace_merged(typed_struct, 2, Some(&encoded)).map_err(e)?;
-            wire::replace_last(&remote.typed_config, 2, &ts).map_err(e)?
+            let typed_config = wire::replace_last(&remote.typed_config, 2, &ts).map_err(e)?;
+            splice(&outer, &typed_config).map_err(e)
         }
-    };
-    let tec = wire::replace_merged(&remote.tec, 2, Some(&typed_config)).map_err(e)?;
-    wire::replace_last(&remote.any, 2, &tec).map_err(e)
+    }
 }
 
-/// Splices `config.vm_config` of a Wasm message: `code` becomes `local{filename: path}`, internal env vars go.
-fn rewrite_wasm(wasm: &[u8], path: &str) -> Result<Vec<u8>, wire::WireError> {
-    let config = wire::merged(wasm, 1)?.unwrap_or(Cow::Borrowed(&[]));
-    let vm = wire::merged(&config, 3)?.unwrap_or(Cow::Borrowed(&[]));
-    let mut data_source = Vec::new();
+/// `config.vm_config` (of the merged `PluginConfig` bytes) with `code` = `local{filename: path}` and the
+/// internal env vars stripped.
+fn new_vm_config(config: &[u8], path: &str) -> Result<Vec<u8>, wire::WireError> {
+    let vm = wire::merged(config, 3)?.unwrap_or(Cow::Borrowed(&[]));
+    let mut data_source = Vec::with_capacity(path.len() + 4);
     wire::put_len(&mut data_source, 1, path.as_bytes());
-    let mut code = Vec::new();
+    let mut code = Vec::with_capacity(data_source.len() + 4);
     wire::put_len(&mut code, 1, &data_source);
     let mut new_vm = wire::replace_merged(&vm, 3, Some(&code))?;
     if let Some(env) = wire::merged(&new_vm, 7)? {
         let stripped = strip_env(&env)?;
         new_vm = wire::replace_merged(&new_vm, 7, stripped.as_deref())?;
     }
-    let new_config = wire::replace_merged(&config, 3, Some(&new_vm))?;
-    wire::replace_merged(wasm, 1, Some(&new_config))
+    Ok(new_vm)
+}
+
+/// One enclosing message of a nested splice: in `buf`, field `number` is replaced by the next level's new
+/// bytes (the innermost level's: the leaf), at its last occurrence (appended when absent). `merged`: every
+/// occurrence is dropped (they were merged into the one replaced, as `wire::replace_merged`); otherwise only
+/// the last occurrence is replaced and earlier ones keep their bytes (as `wire::replace_last`).
+#[derive(Clone, Copy)]
+struct Level<'b> {
+    buf: &'b [u8],
+    number: u32,
+    merged: bool,
+}
+
+impl<'b> Level<'b> {
+    fn merged(buf: &'b [u8], number: u32) -> Level<'b> {
+        Level { buf, number, merged: true }
+    }
+
+    fn last(buf: &'b [u8], number: u32) -> Level<'b> {
+        Level { buf, number, merged: false }
+    }
+
+    /// Index of the last occurrence of the field among the message's fields.
+    fn last_index(&self) -> Result<Option<usize>, wire::WireError> {
+        let mut last = None;
+        for (i, field) in Fields::new(self.buf).enumerate() {
+            if field?.number == self.number {
+                last = Some(i);
+            }
+        }
+        Ok(last)
+    }
+
+    /// The size of this level's new bytes when the replaced field's payload is `child` bytes long.
+    fn size(&self, child: usize) -> Result<usize, wire::WireError> {
+        let last = self.last_index()?;
+        let replaced =
+            prost::encoding::key_len(self.number) + prost::encoding::encoded_len_varint(child as u64) + child;
+        let mut size = if last.is_none() { replaced } else { 0 };
+        for (i, field) in Fields::new(self.buf).enumerate() {
+            let field = field?;
+            if field.number != self.number || (!self.merged && Some(i) != last) {
+                size += field.raw.len();
+            } else if Some(i) == last {
+                size += replaced;
+            }
+        }
+        Ok(size)
+    }
+}
+
+/// Splices `leaf` through `levels` (outermost first) in one pass: each level's bytes are written once,
+/// straight into the result.
+fn splice(levels: &[Level<'_>], leaf: &[u8]) -> Result<Vec<u8>, wire::WireError> {
+    let mut sizes = vec![0; levels.len() + 1];
+    sizes[levels.len()] = leaf.len();
+    for i in (0..levels.len()).rev() {
+        sizes[i] = levels[i].size(sizes[i + 1])?;
+    }
+    let mut out = Vec::with_capacity(sizes[0]);
+    write_levels(&mut out, levels, &sizes[1..], leaf)?;
+    debug_assert_eq!(out.len(), sizes[0]);
+    Ok(out)
+}
+
+/// Writes `levels[0]` with its field replaced by the rest; `sizes[0]` is the size of that replacement.
+fn write_levels(out: &mut Vec<u8>, levels: &[Level<'_>], sizes: &[usize], leaf: &[u8]) -> Result<(), wire::WireError> {
+    let Some((level, inner)) = levels.split_first() else {
+        out.extend_from_slice(leaf);
+        return Ok(());
+    };
+    let last = level.last_index()?;
+    let replace = |out: &mut Vec<u8>| {
+        prost::encoding::encode_key(level.number, prost::encoding::WireType::LengthDelimited, out);
+        prost::encoding::encode_varint(sizes[0] as u64, out);
+        write_levels(out, inner, &sizes[1..], leaf)
+    };
+    for (i, field) in Fields::new(level.buf).enumerate() {
+        let field = field?;
+        if Some(i) == last {
+            replace(out)?;
+        } else if field.number != level.number || !level.merged {
+            out.extend_from_slice(field.raw);
+        }
+    }
+    if last.is_none() {
+        replace(out)?;
+    }
+    Ok(())
 }
 
 /// `EnvironmentVariables` without `ISTIO_META_*` entries; `None` when neither key/values nor host keys remain.
@@ -2495,5 +2604,45 @@ mod tests {
         let out = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
         assert_eq!(rs.served.calls.load(Ordering::SeqCst), fetched + 3);
         assert_eq!(out.bytes, real.bytes, "same content-addressed paths");
+    }
+
+    /// The one-pass splice writes what the chain of `replace_last` / `replace_merged` copies wrote.
+    #[test]
+    fn splice_equals_the_chain_of_replacements() {
+        let mut inner = Vec::new();
+        wire::put_len(&mut inner, 3, b"first");
+        wire::put_varint(&mut inner, 9, 7);
+        wire::put_len(&mut inner, 3, b"second");
+        let mut mid = Vec::new();
+        wire::put_len(&mut mid, 2, b"x");
+        wire::put_len(&mut mid, 1, &inner);
+        wire::put_len(&mut mid, 5, b"unknown");
+        wire::put_len(&mut mid, 1, b"");
+        let mut outer = Vec::new();
+        wire::put_len(&mut outer, 2, &mid);
+        wire::put_len(&mut outer, 1, b"type");
+        wire::put_len(&mut outer, 2, &mid);
+        let no_field = b"\x08\x01".to_vec();
+        for leaf in [&b"new"[..], b""] {
+            for merged_outer in [false, true] {
+                for inner_buf in [&inner[..], &no_field[..]] {
+                    let level = |buf, n, merged| if merged { Level::merged(buf, n) } else { Level::last(buf, n) };
+                    let chain = |buf: &[u8], n, merged, p: &[u8]| {
+                        if merged {
+                            wire::replace_merged(buf, n, Some(p)).unwrap()
+                        } else {
+                            wire::replace_last(buf, n, p).unwrap()
+                        }
+                    };
+                    let want = chain(&outer, 2, merged_outer, &chain(&mid, 1, true, &chain(inner_buf, 3, true, leaf)));
+                    let got = splice(
+                        &[level(&outer, 2, merged_outer), Level::merged(&mid, 1), Level::merged(inner_buf, 3)],
+                        leaf,
+                    )
+                    .unwrap();
+                    assert_eq!(got, want);
+                }
+            }
+        }
     }
 }
