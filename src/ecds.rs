@@ -671,9 +671,13 @@ struct MemoTable {
 
 struct LastCall {
     input: Box<[u8]>,
-    output: Box<[u8]>,
-    /// The entry of each resource, in order.
-    entries: Vec<Arc<MemoEntry>>,
+    /// None: the output is the input (nothing changed).
+    output: Option<Box<[u8]>>,
+    /// The module of every converted resource, in order (one store hit each), all memoised at `generation`.
+    hits: Vec<Arc<str>>,
+    generation: u64,
+    /// How many resources passed through.
+    kept: usize,
     modules: Vec<Arc<str>>,
 }
 
@@ -732,37 +736,56 @@ impl Memo {
             let t = self.lock();
             t.last.iter().find(|l| l.input.len() == input.len()).cloned()?
         };
-        if *last.input != *input {
-            return None;
-        }
-        let mut generation = None;
-        let mut shas: Vec<&str> = Vec::with_capacity(last.modules.len());
-        for e in &last.entries {
-            if let Some(m) = &e.module {
-                if *generation.get_or_insert(e.generation) != e.generation {
+        // Unchanged output: compare and copy in one pass over the input (chunks stay in L1 between the two).
+        let copied = match &last.output {
+            Some(_) => {
+                if *last.input != *input {
                     return None;
                 }
-                shas.push(m);
+                None
             }
-        }
-        if let Some(g) = generation {
-            if !source.reuse(&shas, g) {
+            None => {
+                const CHUNK: usize = 4096;
+                let mut out = Vec::with_capacity(input.len());
+                for (a, b) in input.chunks(CHUNK).zip(last.input.chunks(CHUNK)) {
+                    if a != b {
+                        return None;
+                    }
+                    out.extend_from_slice(a);
+                }
+                Some(out)
+            }
+        };
+        if !last.hits.is_empty() {
+            let shas: Vec<&str> = last.hits.iter().map(|m| &**m).collect();
+            if !source.reuse(&shas, last.generation) {
                 return None;
             }
         }
-        for e in &last.entries {
-            metrics.record_conversion(if e.module.is_some() {
-                ConversionResult::Success
-            } else {
-                ConversionResult::NoRemoteLoad
-            });
+        for _ in 0..last.hits.len() {
+            metrics.record_conversion(ConversionResult::Success);
         }
-        Some(Converted { bytes: last.output.to_vec(), modules: last.modules.clone() })
+        for _ in 0..last.kept {
+            metrics.record_conversion(ConversionResult::NoRemoteLoad);
+        }
+        let bytes = match (copied, &last.output) {
+            (Some(copy), _) => copy,
+            (None, Some(output)) => output.to_vec(),
+            (None, None) => input.to_vec(),
+        };
+        Some(Converted { bytes, modules: last.modules.clone() })
     }
 
     /// Keeps a response whose resources were all memoised, for [`Memo::repeat`].
     fn remember(&self, input: &[u8], output: &[u8], entries: Vec<Arc<MemoEntry>>, modules: &[Arc<str>]) {
-        let last = LastCall { input: input.into(), output: output.into(), entries, modules: modules.to_vec() };
+        let hits: Vec<Arc<str>> = entries.iter().filter_map(|e| e.module.clone()).collect();
+        let generation = entries.iter().find(|e| e.module.is_some()).map_or(0, |e| e.generation);
+        if entries.iter().any(|e| e.module.is_some() && e.generation != generation) {
+            return; // made at different generations: they cannot all hold at once
+        }
+        let output = (output != input).then(|| output.into());
+        let kept = entries.len() - hits.len();
+        let last = LastCall { input: input.into(), output, hits, generation, kept, modules: modules.to_vec() };
         let mut t = self.lock();
         t.last.retain(|l| l.input.len() != input.len());
         t.last.insert(0, Arc::new(last));

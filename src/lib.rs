@@ -133,8 +133,9 @@ impl Cache {
         if !self.options.enable_conversion {
             return Ok(response.to_vec());
         }
-        self.store.purge_if_due();
-        let start = Instant::now();
+        let now = Instant::now();
+        // The duration excludes a purge, as before: read the clock again only when one ran.
+        let start = if self.store.purge_if_due_at(now) { Instant::now() } else { now };
         let result = convert(response);
         self.metrics.observe_conversion_duration(start.elapsed());
         match &result {

@@ -197,7 +197,7 @@ pub(crate) struct Store {
     modules_dir: PathBuf,
     module_expiry: Duration,
     purge_interval_ms: u64,
-    /// `purge_if_due` compares `opened.elapsed()` with this (milliseconds since open).
+    /// `purge_if_due_at` compares the time since open with this (milliseconds since open).
     next_purge_ms: AtomicU64,
     opened: Instant,
     fetcher: Box<dyn ModuleFetcher>,
@@ -587,18 +587,27 @@ impl Store {
     }
 
     /// Purges when `purge_interval` has passed since the last purge; cheap otherwise.
+    #[cfg(test)]
     pub fn purge_if_due(&self) {
+        self.purge_if_due_at(Instant::now());
+    }
+
+    /// [`Store::purge_if_due`] with the caller's clock reading (one per convert call is enough). Returns
+    /// whether it purged.
+    pub fn purge_if_due_at(&self, now: Instant) -> bool {
         let due = self.next_purge_ms.load(Ordering::Relaxed);
-        let elapsed = duration_ms(self.opened.elapsed());
+        let elapsed = duration_ms(now.saturating_duration_since(self.opened));
         if elapsed < due {
-            return;
+            return false;
         }
         let next = elapsed.saturating_add(self.purge_interval_ms);
         if self.next_purge_ms.compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             if let Err(e) = self.purge() {
                 log::warn!("purging the module cache in {} failed: {e}", self.dir.display());
             }
+            return true;
         }
+        false
     }
 
     /// Deletes modules unused for longer than the expiry that the latest ECDS state does not reference.
