@@ -2,8 +2,10 @@
 //! reject). Reads and splices the wire format through `wire`; never decodes into partial structs.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::metrics::{ConversionResult, Metrics};
@@ -66,70 +68,111 @@ const INTERNAL_ENV_PREFIX: &str = "ISTIO_META_";
 /// `envoy.extensions.wasm.v3.FailurePolicy.FAIL_OPEN`.
 const FAIL_OPEN: u64 = 3;
 
+/// Without a memo (the decision table alone; tests).
+#[cfg(test)]
 pub(crate) fn convert_sotw(
     input: &[u8],
     source: &dyn ModuleSource,
     policy: &ConversionPolicy,
     metrics: &Metrics,
 ) -> Result<Converted, Rejection> {
+    convert_sotw_memo(input, source, policy, metrics, None)
+}
+
+/// [`convert_sotw`] reusing (and refreshing) the results of earlier calls kept in `memo`.
+pub(crate) fn convert_sotw_memo(
+    input: &[u8],
+    source: &dyn ModuleSource,
+    policy: &ConversionPolicy,
+    metrics: &Metrics,
+    memo: Option<&Memo>,
+) -> Result<Converted, Rejection> {
+    if let Some(repeated) = memo.and_then(|m| m.repeat(input, source, metrics)) {
+        return Ok(repeated);
+    }
     schema::validate(&schema::DISCOVERY_RESPONSE, input)
         .map_err(|e| Rejection { reason: format!("malformed DiscoveryResponse: {e}") })?;
     if !is_ecds(input)? {
         return Ok(Converted { bytes: input.to_vec(), modules: Vec::new() });
     }
-    let mut items = Vec::new();
+    let mut keys: Vec<&[u8]> = Vec::new();
     for field in Fields::new(input) {
         let field = field.map_err(malformed_response)?;
         if field.number == 2 {
-            let ordinal = items.len() + 1;
-            items.push(analyze(field.payload, ordinal, None, policy.default_timeout));
+            keys.push(field.payload);
         }
     }
-    let done = process(items, source, policy, metrics)?;
+    let name_at = |i: usize| tec_name_of(keys[i]);
+    let analyze_at = |i: usize| analyze(keys[i], i + 1, None, policy.default_timeout);
+    let (mut done, stable) = run(&keys, &analyze_at, &name_at, source, policy, metrics, memo)?;
     let modules = distinct_modules(done.iter().filter_map(|d| d.module.clone()));
-    if done.iter().all(|d| d.replacement.is_none()) {
+    let memo = memo.map(|memo| {
+        let entries = memoize(&mut done, &keys, &name_at, stable);
+        // Every resource memoised: the whole response can be answered again from the memo.
+        let whole = entries.len() == keys.len() && done.iter().all(|d| matches!(d.out, Out::Memo(_)));
+        let repeatable = whole.then(|| entries.clone());
+        memo.replace(entries);
+        (memo, repeatable)
+    });
+    if done.iter().all(|d| d.unchanged()) {
+        if let Some((memo, Some(entries))) = memo {
+            memo.remember(input, input, entries, &modules);
+        }
         return Ok(Converted { bytes: input.to_vec(), modules });
     }
-    let mut out = Vec::with_capacity(input.len() + 256);
-    let mut next = done.into_iter();
+    let extra: usize = done.iter().map(|d| d.output().map_or(0, |o| o.len() + 5)).sum();
+    let mut out = Vec::with_capacity(input.len() + extra);
+    let mut next = done.iter();
     for field in Fields::new(input) {
         let field = field.map_err(malformed_response)?;
         if field.number != 2 {
             out.extend_from_slice(field.raw);
             continue;
         }
-        match next.next().and_then(|d| d.replacement) {
-            Some(any) => wire::put_len(&mut out, 2, &any),
+        match next.next().and_then(Done::output) {
+            Some(any) => wire::put_len(&mut out, 2, any),
             None => out.extend_from_slice(field.raw),
         }
+    }
+    if let Some((memo, Some(entries))) = memo {
+        memo.remember(input, &out, entries, &modules);
     }
     Ok(Converted { bytes: out, modules })
 }
 
+/// Without a memo (the decision table alone; tests).
+#[cfg(test)]
 pub(crate) fn convert_delta(
     input: &[u8],
     source: &dyn ModuleSource,
     policy: &ConversionPolicy,
     metrics: &Metrics,
 ) -> Result<DeltaConverted, Rejection> {
+    convert_delta_memo(input, source, policy, metrics, None)
+}
+
+/// [`convert_delta`] reusing (and refreshing) the results of earlier calls kept in `memo`, by resource name.
+pub(crate) fn convert_delta_memo(
+    input: &[u8],
+    source: &dyn ModuleSource,
+    policy: &ConversionPolicy,
+    metrics: &Metrics,
+    memo: Option<&Memo>,
+) -> Result<DeltaConverted, Rejection> {
     let malformed = |e: &dyn fmt::Display| Rejection { reason: format!("malformed DeltaDiscoveryResponse: {e}") };
     schema::validate(&schema::DELTA_DISCOVERY_RESPONSE, input).map_err(|e| malformed(&e))?;
     let mut removed = Vec::new();
     let mut names = Vec::new();
-    let mut items = Vec::new();
+    let mut keys: Vec<&[u8]> = Vec::new();
+    let mut bodies: Vec<Option<Cow<'_, [u8]>>> = Vec::new();
     for field in Fields::new(input) {
         let field = field.map_err(|e| malformed(&e))?;
         match field.number {
             2 => {
                 let resource = field.payload;
-                let name = wire::last_string(resource, 3).map_err(|e| malformed(&e))?.to_owned();
-                let ordinal = items.len() + 1;
-                let item = match wire::merged(resource, 2).map_err(|e| malformed(&e))? {
-                    Some(any) => analyze(&any, ordinal, Some(&name), policy.default_timeout),
-                    None => Analysis::Malformed(format!("{}: has no resource body", label(ordinal, "", Some(&name)))),
-                };
-                names.push(name);
-                items.push(item);
+                names.push(wire::last_string(resource, 3).map_err(|e| malformed(&e))?.to_owned());
+                bodies.push(wire::merged(resource, 2).map_err(|e| malformed(&e))?);
+                keys.push(resource);
             }
             6 => removed.push(field.string().map_err(|e| malformed(&e))?.to_owned()),
             8 => removed.push(wire::last_string(field.payload, 1).map_err(|e| malformed(&e))?.to_owned()),
@@ -140,29 +183,48 @@ pub(crate) fn convert_delta(
         let resources = names.into_iter().map(|n| (n, None)).collect();
         return Ok(DeltaConverted { bytes: input.to_vec(), resources, removed });
     }
-    let done = process(items, source, policy, metrics)?;
+    let name_at = |i: usize| Some(names[i].as_str());
+    let analyze_at = |i: usize| match &bodies[i] {
+        Some(any) => analyze(any, i + 1, Some(&names[i]), policy.default_timeout),
+        None => Analysis::Malformed(format!("{}: has no resource body", label(i + 1, "", Some(&names[i])))),
+    };
+    let (mut done, stable) = run(&keys, &analyze_at, &name_at, source, policy, metrics, memo)?;
+    // The delta memo holds whole `Resource`s: splice the new Any into each converted one.
+    for (d, resource) in done.iter_mut().zip(&keys) {
+        if let Out::New(any) = &d.out {
+            d.out = Out::New(wire::replace_merged(resource, 2, Some(any)).map_err(|e| malformed(&e))?);
+        }
+    }
+    if let Some(memo) = memo {
+        let entries = memoize(&mut done, &keys, &name_at, stable);
+        memo.merge(entries, &removed);
+    }
     let resources: Vec<(String, Option<Arc<str>>)> =
         names.into_iter().zip(done.iter()).map(|(n, d)| (n, d.module.clone())).collect();
-    if done.iter().all(|d| d.replacement.is_none()) {
+    if done.iter().all(|d| d.unchanged()) {
         return Ok(DeltaConverted { bytes: input.to_vec(), resources, removed });
     }
-    let mut out = Vec::with_capacity(input.len() + 256);
-    let mut next = done.into_iter();
+    let extra: usize = done.iter().map(|d| d.output().map_or(0, |o| o.len() + 5)).sum();
+    let mut out = Vec::with_capacity(input.len() + extra);
+    let mut next = done.iter();
     for field in Fields::new(input) {
         let field = field.map_err(|e| malformed(&e))?;
         if field.number != 2 {
             out.extend_from_slice(field.raw);
             continue;
         }
-        match next.next().and_then(|d| d.replacement) {
-            Some(any) => {
-                let resource = wire::replace_merged(field.payload, 2, Some(&any)).map_err(|e| malformed(&e))?;
-                wire::put_len(&mut out, 2, &resource);
-            }
+        match next.next().and_then(Done::output) {
+            Some(resource) => wire::put_len(&mut out, 2, resource),
             None => out.extend_from_slice(field.raw),
         }
     }
     Ok(DeltaConverted { bytes: out, resources, removed })
+}
+
+/// The `TypedExtensionConfig.name` of a resource `Any`, if it reads cleanly (only used to find memo entries).
+fn tec_name_of(any: &[u8]) -> Option<&str> {
+    let tec = wire::last(any, 2).ok()??.payload;
+    wire::last_string(tec, 1).ok()
 }
 
 fn malformed_response(e: wire::WireError) -> Rejection {
@@ -175,13 +237,11 @@ fn is_ecds(response: &[u8]) -> Result<bool, Rejection> {
     Ok(type_url.is_empty() || short_name(type_url) == TEC)
 }
 
+/// The distinct modules, sorted (a set; sorting keeps large responses O(n log n)).
 fn distinct_modules(all: impl Iterator<Item = Arc<str>>) -> Vec<Arc<str>> {
-    let mut out: Vec<Arc<str>> = Vec::new();
-    for m in all {
-        if !out.contains(&m) {
-            out.push(m);
-        }
-    }
+    let mut out: Vec<Arc<str>> = all.collect();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
@@ -225,16 +285,18 @@ impl WasmKind {
 }
 
 /// What one resource needs (Istio's `tryUnmarshal` plus the reading of the remote code).
-enum Analysis {
+enum Analysis<'a> {
     /// Leaves unchanged (`no_remote_load`).
     Keep,
     /// Malformed (`unmarshal_failure`): the full reason text.
     Malformed(String),
-    Remote(Box<Remote>),
+    Remote(Box<Remote<'a>>),
+    /// Unchanged since a memoised conversion that still holds.
+    Memo(Arc<MemoEntry>),
 }
 
 /// A Wasm filter with remote code.
-struct Remote {
+struct Remote<'a> {
     label: String,
     plugin_name: String,
     tec_name: String,
@@ -243,34 +305,103 @@ struct Remote {
     url: String,
     /// What to ask the store, or why the fetch fails without asking (status and cause).
     want: Result<ModuleRequest, (ConversionResult, String)>,
-    /// The resource's `Any` and its pieces, for the rewrite.
-    any: Vec<u8>,
-    tec: Vec<u8>,
-    typed_config: Vec<u8>,
-    form: Form,
+    /// The resource's `Any` and its pieces (borrowed from the response unless merged), for the rewrite.
+    any: &'a [u8],
+    tec: &'a [u8],
+    typed_config: Cow<'a, [u8]>,
+    form: Form<'a>,
 }
 
-enum Form {
+enum Form<'a> {
     /// `typed_config` holds the Wasm message itself.
-    Direct { wasm: Vec<u8> },
+    Direct { wasm: Cow<'a, [u8]> },
     /// `typed_config` holds a TypedStruct; `wasm` is its Struct encoded as the Wasm message.
     Struct {
         wasm: Vec<u8>,
         encodable: bool,
-        typed_struct: Vec<u8>,
+        typed_struct: Cow<'a, [u8]>,
         value: std::collections::BTreeMap<String, schema::JVal>,
     },
 }
 
-impl Form {
+impl Form<'_> {
     fn wasm(&self) -> &[u8] {
         match self {
-            Form::Direct { wasm } | Form::Struct { wasm, .. } => wasm,
+            Form::Direct { wasm } => wasm,
+            Form::Struct { wasm, .. } => wasm,
         }
     }
 }
 
-fn analyze(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis {
+fn analyze<'a>(any: &'a [u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis<'a> {
+    if not_wasm(any) {
+        return Analysis::Keep;
+    }
+    analyze_fully(any, ordinal, hint, default_timeout)
+}
+
+/// The cheap first look: true when the resource is a well-formed `TypedExtensionConfig` (checked as
+/// `schema::validate` checks it: wire structure, wire types, UTF-8 of its strings and of its typed_config's)
+/// whose typed_config is neither a Wasm filter nor a TypedStruct — what `analyze_fully` would `Keep` —
+/// decided without allocating. Anything else (Wasm, TypedStruct, anything malformed) is left to
+/// `analyze_fully`, which also words the errors.
+fn not_wasm(any: &[u8]) -> bool {
+    fn scan<'a>(buf: &'a [u8], mut on: impl FnMut(&wire::Field<'a>) -> bool) -> bool {
+        for field in Fields::new(buf) {
+            match field {
+                Ok(f) if on(&f) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+    let is_string = |f: &wire::Field<'_>| {
+        f.wire_type == prost::encoding::WireType::LengthDelimited && std::str::from_utf8(f.payload).is_ok()
+    };
+    let is_len = |f: &wire::Field<'_>| f.wire_type == prost::encoding::WireType::LengthDelimited;
+    let (mut type_url, mut tec): (&[u8], &[u8]) = (b"", b"");
+    let ok = scan(any, |f| match f.number {
+        1 if is_string(f) => {
+            type_url = f.payload;
+            true
+        }
+        2 if is_len(f) => {
+            tec = f.payload;
+            true
+        }
+        1 | 2 => false,
+        _ => true,
+    });
+    // (type URLs were checked as UTF-8 above; a non-UTF-8 one goes the slow way)
+    if !ok || short_name(std::str::from_utf8(type_url).unwrap_or("")) != TEC {
+        return false;
+    }
+    let (mut occurrences, mut inner_url): (usize, &[u8]) = (0, b"");
+    let ok = scan(tec, |f| match f.number {
+        1 => is_string(f),
+        2 if is_len(f) => {
+            occurrences += 1;
+            scan(f.payload, |g| match g.number {
+                1 if is_string(g) => {
+                    inner_url = g.payload;
+                    true
+                }
+                2 => is_len(g),
+                1 => false,
+                _ => true,
+            })
+        }
+        2 => false,
+        _ => true,
+    });
+    if !ok || occurrences == 0 {
+        return false;
+    }
+    let inner = std::str::from_utf8(inner_url).unwrap_or("");
+    WasmKind::of(inner).is_none() && !matches!(short_name(inner), UDPA_TYPED_STRUCT | XDS_TYPED_STRUCT)
+}
+
+fn analyze_fully<'a>(any: &'a [u8], ordinal: usize, hint: Option<&str>, default_timeout: Duration) -> Analysis<'a> {
     let no_name = label(ordinal, "", hint);
     // The resource Any (already validated as part of the response).
     let (type_url, tec) = match (wire::last_string(any, 1), wire::last(any, 2)) {
@@ -286,14 +417,21 @@ fn analyze(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout: Dura
     let tec_name = wire::last_string(tec, 1).unwrap_or_default().to_owned();
     let label = label(ordinal, &tec_name, hint);
     let typed_config = match wire::merged(tec, 2) {
-        Ok(Some(tc)) => tc.into_owned(),
+        Ok(Some(tc)) => tc,
         Ok(None) => return Analysis::Malformed(format!("{label}: does not contain any typed config")),
         Err(e) => return Analysis::Malformed(format!("{label}: {e}")),
     };
     let inner_url = wire::last_string(&typed_config, 1).unwrap_or_default().to_owned();
-    let inner_value = match wire::last(&typed_config, 2) {
-        Ok(v) => v.map_or(&[][..], |f| f.payload).to_vec(),
-        Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
+    // The last `value` of the (merged) typed_config: borrowed from the response unless the merge copied.
+    let inner_value: Cow<'a, [u8]> = match &typed_config {
+        Cow::Borrowed(tc) => match wire::last(tc, 2) {
+            Ok(v) => Cow::Borrowed(v.map_or(&[][..], |f| f.payload)),
+            Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
+        },
+        Cow::Owned(tc) => match wire::last(tc, 2) {
+            Ok(v) => Cow::Owned(v.map_or(&[][..], |f| f.payload).to_vec()),
+            Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
+        },
     };
     let (kind, form) = if let Some(kind) = WasmKind::of(&inner_url) {
         if let Err(e) = schema::validate(kind.message(), &inner_value) {
@@ -342,8 +480,8 @@ fn analyze(any: &[u8], ordinal: usize, hint: Option<&str>, default_timeout: Dura
         fail_open: info.fail_open,
         url,
         want,
-        any: any.to_vec(),
-        tec: tec.to_vec(),
+        any,
+        tec,
         typed_config,
         form,
     }))
@@ -475,14 +613,328 @@ fn duration(seconds: i64, nanos: i32) -> Duration {
 
 /// What became of one resource.
 struct Done {
-    /// The new bytes of the resource's `Any`, if it changed.
-    replacement: Option<Vec<u8>>,
+    out: Out,
     /// The module the resource now references.
     module: Option<Arc<str>>,
+    /// A fresh result that may be memoised: `Some(url)` with the URL of a checksum-less module request
+    /// (`Some(None)` for a pass-through or a request by sha256). Never set for fallbacks and failures.
+    memoable: Option<Option<String>>,
+}
+
+/// The bytes a resource leaves with.
+enum Out {
+    /// Unchanged.
+    Same,
+    /// New bytes (SotW: the `Any`; delta: first the `Any`, then the whole `Resource`).
+    New(Vec<u8>),
+    /// As memoised (`output` None: unchanged).
+    Memo(Arc<MemoEntry>),
+}
+
+impl Done {
+    fn output(&self) -> Option<&[u8]> {
+        match &self.out {
+            Out::Same => None,
+            Out::New(bytes) => Some(bytes),
+            Out::Memo(e) => e.output.as_deref(),
+        }
+    }
+
+    fn unchanged(&self) -> bool {
+        self.output().is_none()
+    }
+}
+
+// ---- memo ----
+
+/// Earlier conversions of unchanged resources, so that a push that repeats them costs a comparison of bytes
+/// instead of a conversion. An entry is the exact bytes of a resource and what they converted to; it is used
+/// only while the module store's generation is the one it was made at (a module leaving the store, or a
+/// change of what a URL resolves to, invalidates every entry that depends on the store), and a hit records
+/// the counters a real conversion would (lookup hit with the module's last use, conversion result). Only
+/// conversions and pass-throughs are kept: never fallbacks or failures, which are decided again each time.
+#[derive(Default)]
+pub(crate) struct Memo {
+    table: Mutex<MemoTable>,
+}
+
+#[derive(Default)]
+struct MemoTable {
+    /// SotW: the latest few responses whose resources were all memoised (most recent first), answered whole
+    /// when one comes again byte for byte (a cache shared by a few streams alternates between responses).
+    last: Vec<Arc<LastCall>>,
+    /// The entries of the latest call in response order: a resource at the same position is compared first.
+    order: Vec<Arc<MemoEntry>>,
+    by_name: HashMap<Box<str>, Arc<MemoEntry>>,
+    calls: u64,
+}
+
+struct LastCall {
+    input: Box<[u8]>,
+    /// None: the output is the input (nothing changed).
+    output: Option<Box<[u8]>>,
+    /// The module of every converted resource, in order (one store hit each), all memoised at `generation`.
+    hits: Vec<Arc<str>>,
+    generation: u64,
+    /// How many resources passed through.
+    kept: usize,
+    modules: Vec<Arc<str>>,
+}
+
+pub(crate) struct MemoEntry {
+    name: Box<str>,
+    input: Box<[u8]>,
+    output: Option<Box<[u8]>>,
+    module: Option<Arc<str>>,
+    /// The URL of a checksum-less module request (its answer depends on the URL map).
+    url: Option<Box<str>>,
+    /// The store generation the answer holds at (irrelevant without a module).
+    generation: u64,
+    /// The memo call that last saw it (SotW eviction).
+    seen: AtomicU64,
+}
+
+/// SotW: how many whole responses are kept for `Memo::repeat` (one per length).
+const MEMO_LAST_CALLS: usize = 4;
+/// SotW: entries not seen for this many calls are dropped (checked every this many calls).
+const MEMO_KEEP_CALLS: u64 = 8;
+/// Delta: a table that grows past this is cleared (names are only dropped by removals otherwise).
+const MEMO_MAX_DELTA: usize = 100_000;
+
+impl Memo {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoTable> {
+        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// For each resource, the entry holding exactly its bytes that is still valid at `generation`.
+    fn find<'k>(
+        &self,
+        keys: &[&'k [u8]],
+        name_at: &dyn Fn(usize) -> Option<&'k str>,
+        generation: u64,
+    ) -> Vec<Option<Arc<MemoEntry>>> {
+        let t = self.lock();
+        if t.order.is_empty() && t.by_name.is_empty() {
+            return vec![None; keys.len()];
+        }
+        let mut found = Vec::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let entry = match t.order.get(i) {
+                Some(e) if *e.input == **key => Some(e),
+                _ => name_at(i).and_then(|n| t.by_name.get(n)).filter(|e| *e.input == **key),
+            };
+            found.push(entry.filter(|e| e.module.is_none() || e.generation == generation).cloned());
+        }
+        found
+    }
+
+    /// SotW: the latest response again, byte for byte, when all its resources were memoised and their
+    /// conversions still hold: its output, with what converting each resource from the memo records. Its
+    /// bytes were validated when it was converted, so they are not validated again.
+    fn repeat(&self, input: &[u8], source: &dyn ModuleSource, metrics: &Metrics) -> Option<Converted> {
+        let last = {
+            let t = self.lock();
+            t.last.iter().find(|l| l.input.len() == input.len()).cloned()?
+        };
+        // Unchanged output: compare and copy in one pass over the input (chunks stay in L1 between the two).
+        let copied = match &last.output {
+            Some(_) => {
+                if *last.input != *input {
+                    return None;
+                }
+                None
+            }
+            None => {
+                const CHUNK: usize = 4096;
+                let mut out = Vec::with_capacity(input.len());
+                for (a, b) in input.chunks(CHUNK).zip(last.input.chunks(CHUNK)) {
+                    if a != b {
+                        return None;
+                    }
+                    out.extend_from_slice(a);
+                }
+                Some(out)
+            }
+        };
+        if !last.hits.is_empty() {
+            let shas: Vec<&str> = last.hits.iter().map(|m| &**m).collect();
+            if !source.reuse(&shas, last.generation) {
+                return None;
+            }
+        }
+        for _ in 0..last.hits.len() {
+            metrics.record_conversion(ConversionResult::Success);
+        }
+        for _ in 0..last.kept {
+            metrics.record_conversion(ConversionResult::NoRemoteLoad);
+        }
+        let bytes = match (copied, &last.output) {
+            (Some(copy), _) => copy,
+            (None, Some(output)) => output.to_vec(),
+            (None, None) => input.to_vec(),
+        };
+        Some(Converted { bytes, modules: last.modules.clone() })
+    }
+
+    /// Keeps a response whose resources were all memoised, for [`Memo::repeat`].
+    fn remember(&self, input: &[u8], output: &[u8], entries: Vec<Arc<MemoEntry>>, modules: &[Arc<str>]) {
+        let hits: Vec<Arc<str>> = entries.iter().filter_map(|e| e.module.clone()).collect();
+        let generation = entries.iter().find(|e| e.module.is_some()).map_or(0, |e| e.generation);
+        if entries.iter().any(|e| e.module.is_some() && e.generation != generation) {
+            return; // made at different generations: they cannot all hold at once
+        }
+        let output = (output != input).then(|| output.into());
+        let kept = entries.len() - hits.len();
+        let last = LastCall { input: input.into(), output, hits, generation, kept, modules: modules.to_vec() };
+        let mut t = self.lock();
+        t.last.retain(|l| l.input.len() != input.len());
+        t.last.insert(0, Arc::new(last));
+        t.last.truncate(MEMO_LAST_CALLS);
+    }
+
+    /// SotW: the entries of the latest response become the table (older ones linger a few calls, so that
+    /// responses alternating on one cache still find theirs).
+    fn replace(&self, entries: Vec<Arc<MemoEntry>>) {
+        let mut t = self.lock();
+        t.calls += 1;
+        let calls = t.calls;
+        let same_order = t.order.len() == entries.len() && t.order.iter().zip(&entries).all(|(a, b)| Arc::ptr_eq(a, b));
+        for e in &entries {
+            e.seen.store(calls, Ordering::Relaxed);
+        }
+        if !same_order {
+            for e in &entries {
+                if !t.by_name.get(&*e.name).is_some_and(|old| Arc::ptr_eq(old, e)) {
+                    t.by_name.insert(e.name.clone(), e.clone());
+                }
+            }
+            t.order = entries;
+        }
+        if calls.is_multiple_of(MEMO_KEEP_CALLS) && t.by_name.len() > t.order.len() {
+            t.by_name.retain(|_, e| e.seen.load(Ordering::Relaxed) + MEMO_KEEP_CALLS >= calls);
+        }
+    }
+
+    /// Delta: the resources of the response replace their names' entries; removed names are dropped.
+    fn merge(&self, entries: Vec<Arc<MemoEntry>>, removed: &[String]) {
+        let mut t = self.lock();
+        for name in removed {
+            t.by_name.remove(name.as_str());
+        }
+        if t.by_name.len() + entries.len() > MEMO_MAX_DELTA {
+            t.by_name.clear();
+        }
+        for e in &entries {
+            t.by_name.insert(e.name.clone(), e.clone());
+        }
+        t.order = entries;
+    }
+}
+
+/// Decides every resource of a response: reuses valid memo entries (when no other resource of the call
+/// could change their answer), analyses the others, asks the store, applies the decision table. Returns
+/// what became of each resource and, with a memo, the store generation when it did not move during the call
+/// (the generation fresh results may be memoised at).
+#[allow(clippy::too_many_arguments)]
+fn run<'k>(
+    keys: &[&'k [u8]],
+    analyze_at: &dyn Fn(usize) -> Analysis<'k>,
+    name_at: &dyn Fn(usize) -> Option<&'k str>,
+    source: &dyn ModuleSource,
+    policy: &ConversionPolicy,
+    metrics: &Metrics,
+    memo: Option<&Memo>,
+) -> Result<(Vec<Done>, Option<u64>), Rejection> {
+    let Some(memo) = memo else {
+        let items = (0..keys.len()).map(analyze_at).collect();
+        return Ok((process(items, source, policy, metrics)?, None));
+    };
+    let generation = source.generation();
+    let mut found = memo.find(keys, name_at, generation);
+    let mut items: Vec<Option<Analysis<'k>>> =
+        found.iter().enumerate().map(|(i, f)| if f.is_some() { None } else { Some(analyze_at(i)) }).collect();
+    // A checksum-less request's answer depends on its URL's entry, which another request of this call for the
+    // same URL may change: such resources are converted for real, in order with the others.
+    if found.iter().any(|f| f.as_ref().is_some_and(|e| e.url.is_some())) {
+        let asked: Vec<String> = items
+            .iter()
+            .flatten()
+            .filter_map(|a| match a {
+                Analysis::Remote(r) => r.want.as_ref().ok().map(|q| q.url.clone()),
+                _ => None,
+            })
+            .collect();
+        for (i, f) in found.iter_mut().enumerate() {
+            if f.as_ref().and_then(|e| e.url.as_deref()).is_some_and(|u| asked.iter().any(|a| a == u)) {
+                *f = None;
+                items[i] = Some(analyze_at(i));
+            }
+        }
+    }
+    let reused: Vec<&str> = found.iter().flatten().filter_map(|e| e.module.as_deref()).collect();
+    if !reused.is_empty() && !source.reuse(&reused, generation) {
+        for (i, f) in found.iter_mut().enumerate() {
+            if f.as_ref().is_some_and(|e| e.module.is_some()) {
+                *f = None;
+                items[i] = Some(analyze_at(i));
+            }
+        }
+    }
+    let items = items
+        .into_iter()
+        .zip(found)
+        .map(|(item, f)| match (item, f) {
+            (Some(item), _) => item,
+            (None, Some(entry)) => Analysis::Memo(entry),
+            (None, None) => Analysis::Malformed("internal error: resource not analysed".to_owned()),
+        })
+        .collect();
+    let done = process(items, source, policy, metrics)?;
+    let stable = (source.generation() == generation).then_some(generation);
+    Ok((done, stable))
+}
+
+/// Turns the memoable fresh results of a call into memo entries (results depending on the store only when
+/// the generation stood still: `stable`), and returns every entry of the call in order.
+fn memoize<'k>(
+    done: &mut [Done],
+    keys: &[&'k [u8]],
+    name_at: &dyn Fn(usize) -> Option<&'k str>,
+    stable: Option<u64>,
+) -> Vec<Arc<MemoEntry>> {
+    let mut entries = Vec::with_capacity(done.len());
+    for (i, d) in done.iter_mut().enumerate() {
+        if let Out::Memo(e) = &d.out {
+            entries.push(e.clone());
+            continue;
+        }
+        let Some(url) = d.memoable.take() else { continue };
+        let generation = match (&d.module, stable) {
+            (None, _) => 0,
+            (Some(_), Some(g)) => g,
+            (Some(_), None) => continue,
+        };
+        let output = match std::mem::replace(&mut d.out, Out::Same) {
+            Out::New(bytes) => Some(bytes.into_boxed_slice()),
+            _ => None,
+        };
+        let entry = Arc::new(MemoEntry {
+            name: name_at(i).unwrap_or_default().into(),
+            input: keys[i].into(),
+            output,
+            module: d.module.clone(),
+            url: url.map(String::into_boxed_str),
+            generation,
+            seen: AtomicU64::new(0),
+        });
+        d.out = Out::Memo(entry.clone());
+        entries.push(entry);
+    }
+    entries
 }
 
 fn process(
-    items: Vec<Analysis>,
+    items: Vec<Analysis<'_>>,
     source: &dyn ModuleSource,
     policy: &ConversionPolicy,
     metrics: &Metrics,
@@ -512,18 +964,27 @@ fn process(
     }
     let mut answers: Vec<Option<Result<Module, ModuleError>>> = answers.into_iter().map(Some).collect();
 
+    let unchanged = || Done { out: Out::Same, module: None, memoable: None };
     let mut reasons = Vec::new();
     let mut done = Vec::with_capacity(items.len());
     for (item, slot) in items.into_iter().zip(slots) {
         match item {
             Analysis::Keep => {
                 metrics.record_conversion(ConversionResult::NoRemoteLoad);
-                done.push(Done { replacement: None, module: None });
+                done.push(Done { out: Out::Same, module: None, memoable: Some(None) });
+            }
+            Analysis::Memo(entry) => {
+                metrics.record_conversion(if entry.module.is_some() {
+                    ConversionResult::Success
+                } else {
+                    ConversionResult::NoRemoteLoad
+                });
+                done.push(Done { module: entry.module.clone(), out: Out::Memo(entry), memoable: None });
             }
             Analysis::Malformed(reason) => {
                 metrics.record_conversion(ConversionResult::UnmarshalFailure);
                 reasons.push(reason);
-                done.push(Done { replacement: None, module: None });
+                done.push(unchanged());
             }
             Analysis::Remote(remote) => {
                 let answer = match (&remote.want, slot.and_then(|i| answers.get_mut(i)).and_then(Option::take)) {
@@ -536,12 +997,20 @@ fn process(
                     Ok(module) => match rewrite(&remote, &module.path) {
                         Ok(any) => {
                             metrics.record_conversion(ConversionResult::Success);
-                            done.push(Done { replacement: Some(any), module: Some(module.sha256.clone()) });
+                            let url = match &remote.want {
+                                Ok(req) if req.sha256.is_none() => Some(req.url.clone()),
+                                _ => None,
+                            };
+                            done.push(Done {
+                                out: Out::New(any),
+                                module: Some(module.sha256.clone()),
+                                memoable: Some(url),
+                            });
                         }
                         Err(e) => {
                             metrics.record_conversion(ConversionResult::MarshalFailure);
                             reasons.push(format!("{}: rewriting the config failed: {e}", remote.label));
-                            done.push(Done { replacement: None, module: None });
+                            done.push(unchanged());
                         }
                     },
                     Err((status, cause)) => {
@@ -564,20 +1033,20 @@ fn process(
                                     rbac.word()
                                 );
                                 let tec = rbac_extension_config(&remote.tec_name, remote.kind, rbac);
-                                match wire::replace_last(&remote.any, 2, &tec) {
-                                    Ok(any) => done.push(Done { replacement: Some(any), module: None }),
+                                match wire::replace_last(remote.any, 2, &tec) {
+                                    Ok(any) => done.push(Done { out: Out::New(any), module: None, memoable: None }),
                                     Err(e) => {
                                         reasons.push(format!(
                                             "{}: {what}; building the fallback failed: {e}",
                                             remote.label
                                         ));
-                                        done.push(Done { replacement: None, module: None });
+                                        done.push(unchanged());
                                     }
                                 }
                             }
                             None => {
                                 reasons.push(format!("{}: {what}", remote.label));
-                                done.push(Done { replacement: None, module: None });
+                                done.push(unchanged());
                             }
                         }
                     }
@@ -634,48 +1103,149 @@ fn rbac_extension_config(name: &str, kind: WasmKind, rbac: Rbac) -> Vec<u8> {
     tec
 }
 
-/// The new bytes of the resource's `Any` with the module at `path`.
-fn rewrite(remote: &Remote, path: &str) -> Result<Vec<u8>, String> {
+/// The new bytes of the resource's `Any` with the module at `path`: the new `vm_config` is built, then
+/// spliced through every enclosing message in one pass that writes the result once.
+fn rewrite(remote: &Remote<'_>, path: &str) -> Result<Vec<u8>, String> {
     let e = |e: wire::WireError| e.to_string();
-    let typed_config = match &remote.form {
+    // Any.value (last) -> TypedExtensionConfig.typed_config (merged)
+    let outer = [Level::last(remote.any, 2), Level::merged(remote.tec, 2)];
+    match &remote.form {
         Form::Direct { wasm } => {
-            let wasm = rewrite_wasm(wasm, path).map_err(e)?;
-            wire::replace_last(&remote.typed_config, 2, &wasm).map_err(e)?
+            let config = wire::merged(wasm, 1).map_err(e)?.unwrap_or(Cow::Borrowed(&[]));
+            let vm = new_vm_config(&config, path).map_err(e)?;
+            // ... -> typed_config.value (last) -> Wasm.config (merged) -> PluginConfig.vm_config (merged)
+            let levels = [
+                outer[0],
+                outer[1],
+                Level::last(&remote.typed_config, 2),
+                Level::merged(wasm, 1),
+                Level::merged(&config, 3),
+            ];
+            splice(&levels, &vm).map_err(e)
         }
         Form::Struct { wasm, encodable: true, .. } => {
-            let wasm = rewrite_wasm(wasm, path).map_err(e)?;
-            let mut any = Vec::new();
+            let config = wire::merged(wasm, 1).map_err(e)?.unwrap_or(Cow::Borrowed(&[]));
+            let vm = new_vm_config(&config, path).map_err(e)?;
+            let wasm = splice(&[Level::merged(wasm, 1), Level::merged(&config, 3)], &vm).map_err(e)?;
+            let mut any = Vec::with_capacity(wasm.len() + 80);
             wire::put_len(&mut any, 1, format!("{TYPE_PREFIX}{}", remote.kind.type_name()).as_bytes());
             wire::put_len(&mut any, 2, &wasm);
-            any
+            splice(&outer, &any).map_err(e)
         }
         Form::Struct { encodable: false, typed_struct, value, .. } => {
             let mut value = value.clone();
             typed_struct::rewrite_struct(&mut value, path).map_err(|e| e.to_string())?;
             let encoded = typed_struct::encode_struct(&value).map_err(|e| e.to_string())?;
             let ts = wire::replace_merged(typed_struct, 2, Some(&encoded)).map_err(e)?;
-            wire::replace_last(&remote.typed_config, 2, &ts).map_err(e)?
+            let typed_config = wire::replace_last(&remote.typed_config, 2, &ts).map_err(e)?;
+            splice(&outer, &typed_config).map_err(e)
         }
-    };
-    let tec = wire::replace_merged(&remote.tec, 2, Some(&typed_config)).map_err(e)?;
-    wire::replace_last(&remote.any, 2, &tec).map_err(e)
+    }
 }
 
-/// Splices `config.vm_config` of a Wasm message: `code` becomes `local{filename: path}`, internal env vars go.
-fn rewrite_wasm(wasm: &[u8], path: &str) -> Result<Vec<u8>, wire::WireError> {
-    let config = wire::merged(wasm, 1)?.unwrap_or(Cow::Borrowed(&[]));
-    let vm = wire::merged(&config, 3)?.unwrap_or(Cow::Borrowed(&[]));
-    let mut data_source = Vec::new();
+/// `config.vm_config` (of the merged `PluginConfig` bytes) with `code` = `local{filename: path}` and the
+/// internal env vars stripped.
+fn new_vm_config(config: &[u8], path: &str) -> Result<Vec<u8>, wire::WireError> {
+    let vm = wire::merged(config, 3)?.unwrap_or(Cow::Borrowed(&[]));
+    let mut data_source = Vec::with_capacity(path.len() + 4);
     wire::put_len(&mut data_source, 1, path.as_bytes());
-    let mut code = Vec::new();
+    let mut code = Vec::with_capacity(data_source.len() + 4);
     wire::put_len(&mut code, 1, &data_source);
     let mut new_vm = wire::replace_merged(&vm, 3, Some(&code))?;
     if let Some(env) = wire::merged(&new_vm, 7)? {
         let stripped = strip_env(&env)?;
         new_vm = wire::replace_merged(&new_vm, 7, stripped.as_deref())?;
     }
-    let new_config = wire::replace_merged(&config, 3, Some(&new_vm))?;
-    wire::replace_merged(wasm, 1, Some(&new_config))
+    Ok(new_vm)
+}
+
+/// One enclosing message of a nested splice: in `buf`, field `number` is replaced by the next level's new
+/// bytes (the innermost level's: the leaf), at its last occurrence (appended when absent). `merged`: every
+/// occurrence is dropped (they were merged into the one replaced, as `wire::replace_merged`); otherwise only
+/// the last occurrence is replaced and earlier ones keep their bytes (as `wire::replace_last`).
+#[derive(Clone, Copy)]
+struct Level<'b> {
+    buf: &'b [u8],
+    number: u32,
+    merged: bool,
+}
+
+impl<'b> Level<'b> {
+    fn merged(buf: &'b [u8], number: u32) -> Level<'b> {
+        Level { buf, number, merged: true }
+    }
+
+    fn last(buf: &'b [u8], number: u32) -> Level<'b> {
+        Level { buf, number, merged: false }
+    }
+
+    /// Index of the last occurrence of the field among the message's fields.
+    fn last_index(&self) -> Result<Option<usize>, wire::WireError> {
+        let mut last = None;
+        for (i, field) in Fields::new(self.buf).enumerate() {
+            if field?.number == self.number {
+                last = Some(i);
+            }
+        }
+        Ok(last)
+    }
+
+    /// The size of this level's new bytes when the replaced field's payload is `child` bytes long.
+    fn size(&self, child: usize) -> Result<usize, wire::WireError> {
+        let last = self.last_index()?;
+        let replaced =
+            prost::encoding::key_len(self.number) + prost::encoding::encoded_len_varint(child as u64) + child;
+        let mut size = if last.is_none() { replaced } else { 0 };
+        for (i, field) in Fields::new(self.buf).enumerate() {
+            let field = field?;
+            if field.number != self.number || (!self.merged && Some(i) != last) {
+                size += field.raw.len();
+            } else if Some(i) == last {
+                size += replaced;
+            }
+        }
+        Ok(size)
+    }
+}
+
+/// Splices `leaf` through `levels` (outermost first) in one pass: each level's bytes are written once,
+/// straight into the result.
+fn splice(levels: &[Level<'_>], leaf: &[u8]) -> Result<Vec<u8>, wire::WireError> {
+    let mut sizes = vec![0; levels.len() + 1];
+    sizes[levels.len()] = leaf.len();
+    for i in (0..levels.len()).rev() {
+        sizes[i] = levels[i].size(sizes[i + 1])?;
+    }
+    let mut out = Vec::with_capacity(sizes[0]);
+    write_levels(&mut out, levels, &sizes[1..], leaf)?;
+    debug_assert_eq!(out.len(), sizes[0]);
+    Ok(out)
+}
+
+/// Writes `levels[0]` with its field replaced by the rest; `sizes[0]` is the size of that replacement.
+fn write_levels(out: &mut Vec<u8>, levels: &[Level<'_>], sizes: &[usize], leaf: &[u8]) -> Result<(), wire::WireError> {
+    let Some((level, inner)) = levels.split_first() else {
+        out.extend_from_slice(leaf);
+        return Ok(());
+    };
+    let last = level.last_index()?;
+    let replace = |out: &mut Vec<u8>| {
+        prost::encoding::encode_key(level.number, prost::encoding::WireType::LengthDelimited, out);
+        prost::encoding::encode_varint(sizes[0] as u64, out);
+        write_levels(out, inner, &sizes[1..], leaf)
+    };
+    for (i, field) in Fields::new(level.buf).enumerate() {
+        let field = field?;
+        if Some(i) == last {
+            replace(out)?;
+        } else if field.number != level.number || !level.merged {
+            out.extend_from_slice(field.raw);
+        }
+    }
+    if last.is_none() {
+        replace(out)?;
+    }
+    Ok(())
 }
 
 /// `EnvironmentVariables` without `ISTIO_META_*` entries; `None` when neither key/values nor host keys remain.
@@ -1730,5 +2300,378 @@ mod tests {
         wire::put_len(&mut ts, 2, &st);
         let input = response(vec![resource("deep", any("t/udpa.type.v1.TypedStruct", ts))]);
         assert!(convert_sotw(&input, &fake, &policy(), &m).is_err());
+    }
+
+    // ---- memo (against the real store) ----
+
+    use crate::fetch::{new_temp_file, Downloaded, FetchError, FetchErrorKind};
+    use crate::store::{ModuleFetcher, Store, StoreSettings};
+    use std::io::Write as _;
+    use std::sync::atomic::AtomicUsize;
+
+    #[derive(Default)]
+    struct Served {
+        bodies: Mutex<HashMap<String, Vec<u8>>>,
+        calls: AtomicUsize,
+    }
+
+    struct ServedRef(Arc<Served>);
+
+    impl ModuleFetcher for ServedRef {
+        fn fetch(&self, url: &str, _: std::time::Instant, dir: &std::path::Path) -> Result<Downloaded, FetchError> {
+            self.0.calls.fetch_add(1, Ordering::SeqCst);
+            let body = self.0.bodies.lock().unwrap().get(url).cloned().ok_or(FetchError {
+                kind: FetchErrorKind::Download,
+                message: "wasm module download request failed: status code 404".into(),
+            })?;
+            let mut file = new_temp_file(dir).unwrap();
+            file.write_all(&body).unwrap();
+            use sha2::Digest as _;
+            Ok(Downloaded {
+                file,
+                sha256: hex::encode(sha2::Sha256::digest(&body)),
+                len: body.len() as u64,
+                is_wasm: true,
+            })
+        }
+    }
+
+    /// The real store, counting the requests that reach it.
+    struct Counting<'a> {
+        store: &'a Store,
+        asked: AtomicUsize,
+    }
+
+    impl ModuleSource for Counting<'_> {
+        fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>> {
+            self.asked.fetch_add(requests.len(), Ordering::SeqCst);
+            self.store.get_all(requests)
+        }
+        fn generation(&self) -> u64 {
+            self.store.generation()
+        }
+        fn reuse(&self, modules: &[&str], generation: u64) -> bool {
+            self.store.reuse(modules, generation)
+        }
+    }
+
+    struct RealStore {
+        _dir: tempfile::TempDir,
+        served: Arc<Served>,
+        metrics: Arc<Metrics>,
+        store: Store,
+    }
+
+    fn real_store(expiry: Duration) -> RealStore {
+        let dir = tempfile::tempdir().unwrap();
+        let served = Arc::new(Served::default());
+        for name in ["a", "b", "c", "v1", "v2"] {
+            let mut body = b"\0asm\x01\0\0\0".to_vec();
+            body.extend_from_slice(name.as_bytes());
+            served.bodies.lock().unwrap().insert(format!("http://h/{name}.wasm"), body);
+        }
+        let metrics = Arc::new(Metrics::new());
+        let settings = StoreSettings {
+            dir: dir.path().join("cache"),
+            module_expiry: expiry,
+            purge_interval: Duration::from_secs(3600),
+        };
+        let store = Store::open_with(settings, Box::new(ServedRef(served.clone())), metrics.clone()).unwrap();
+        RealStore { _dir: dir, served, metrics, store }
+    }
+
+    fn all_counts(m: &Metrics) -> ([u64; 6], u64, u64) {
+        (counts(m), m.lookups(true), m.lookups(false))
+    }
+
+    fn minus(a: ([u64; 6], u64, u64), b: ([u64; 6], u64, u64)) -> ([u64; 6], u64, u64) {
+        (std::array::from_fn(|i| a.0[i] - b.0[i]), a.1 - b.1, a.2 - b.2)
+    }
+
+    fn memo_response() -> Vec<u8> {
+        let sha_b = {
+            use sha2::Digest as _;
+            hex::encode(sha2::Sha256::digest(b"\0asm\x01\0\0\0b"))
+        };
+        let ts = PTypedStruct {
+            type_url: HTTP.into(),
+            value: Some(pstruct(serde_json::from_str(&CAMEL.replace("http://h/m.wasm", "http://h/c.wasm")).unwrap())),
+        };
+        response(vec![
+            wasm_resource("a", &remote_wasm("http://h/a.wasm")),
+            wasm_resource("b", &wasm(Some(remote_code("http://h/b.wasm", &sha_b)), None)),
+            resource("c", any("type.googleapis.com/udpa.type.v1.TypedStruct", ts.encode_to_vec())),
+            resource("rbac", any(HTTP_RBAC_URL, vec![])),
+            typed_struct_resource(
+                "type.googleapis.com/xds.type.v3.TypedStruct",
+                "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                serde_json::json!({"anything": true}),
+            ),
+            failing("f", true, 0, HTTP),
+        ])
+    }
+
+    #[test]
+    fn memo_hits_record_what_a_real_conversion_records() {
+        let rs = real_store(Duration::from_secs(3600));
+        let memo = Memo::default();
+        let source = Counting { store: &rs.store, asked: AtomicUsize::new(0) };
+        let input = memo_response();
+        let m = &rs.metrics;
+        // cold (fetches: the generation moves, so only pass-throughs are memoised), then warm (memoised)
+        let cold = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), 4, "three modules and the failing one");
+        let warm = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(warm.bytes, cold.bytes);
+        // the reference: a real conversion of the same response, without the memo
+        let (asked, before) = (source.asked.load(Ordering::SeqCst), all_counts(m));
+        let real = convert_sotw_memo(&input, &source, &policy(), m, None).ok().unwrap();
+        let real_counts = minus(all_counts(m), before);
+        assert_eq!(source.asked.load(Ordering::SeqCst) - asked, 4, "three modules and the failing one");
+        // from the memo: same bytes, same modules, same counters; only the failing (fallback) one is asked
+        let (asked, before) = (source.asked.load(Ordering::SeqCst), all_counts(m));
+        let hit = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(minus(all_counts(m), before), real_counts);
+        assert_eq!(real_counts, ([3, 2, 0, 0, 1, 0], 3, 1), "the failing module misses every time");
+        assert_eq!(source.asked.load(Ordering::SeqCst) - asked, 1, "only the fallback is decided again");
+        assert_eq!(hit.bytes, real.bytes);
+        assert_eq!(hit.modules, real.modules);
+        assert_eq!(hit.modules.len(), 3);
+        let t = tecs(&hit.bytes);
+        assert_eq!(t[5].typed_config.as_ref().unwrap().type_url, HTTP_RBAC_URL);
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), 7, "the failing module is asked for every time");
+        // a changed resource is converted for real, the others still come from the memo
+        let mut changed = PResponse::decode(input.as_slice()).unwrap();
+        changed.resources[0] = wasm_resource("a", &remote_wasm("http://h/c.wasm"));
+        let changed = changed.encode_to_vec();
+        let asked = source.asked.load(Ordering::SeqCst);
+        let out = convert_sotw_memo(&changed, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(source.asked.load(Ordering::SeqCst) - asked, 3, "and \"c\", which asks for the same URL");
+        assert_eq!(out.bytes, convert_sotw_memo(&changed, &source, &policy(), m, None).ok().unwrap().bytes);
+        let mut other = PResponse::decode(input.as_slice()).unwrap();
+        other.resources[0] = wasm_resource("a", &remote_wasm("http://h/v1.wasm"));
+        let other = other.encode_to_vec();
+        // a fetch moves the store generation: the next call re-converts everything once, then all is memoised
+        convert_sotw_memo(&other, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        let asked = source.asked.load(Ordering::SeqCst);
+        convert_sotw_memo(&other, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(source.asked.load(Ordering::SeqCst) - asked, 4);
+        let asked = source.asked.load(Ordering::SeqCst);
+        let out = convert_sotw_memo(&other, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(source.asked.load(Ordering::SeqCst) - asked, 1, "only the fallback");
+        let asked = source.asked.load(Ordering::SeqCst);
+        let mut again = PResponse::decode(input.as_slice()).unwrap();
+        again.resources[0] = wasm_resource("a", &remote_wasm("http://h/b.wasm"));
+        convert_sotw_memo(&again.encode_to_vec(), &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(source.asked.load(Ordering::SeqCst) - asked, 2, "the changed one and the fallback");
+        assert_eq!(out.bytes, convert_sotw_memo(&other, &source, &policy(), m, None).ok().unwrap().bytes);
+    }
+
+    #[test]
+    fn memo_is_invalidated_when_the_store_forgets_a_module() {
+        let rs = real_store(Duration::ZERO);
+        let memo = Memo::default();
+        let input = response(vec![wasm_resource("a", &remote_wasm("http://h/a.wasm"))]);
+        let m = &rs.metrics;
+        for _ in 0..3 {
+            convert_sotw_memo(&input, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
+        }
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), 1);
+        let generation = rs.store.generation();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(rs.store.purge().unwrap(), 1);
+        assert_ne!(rs.store.generation(), generation, "a purge moves the generation");
+        let before = all_counts(m);
+        let out = convert_sotw_memo(&input, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), 2, "fetched again, not served from the memo");
+        assert_eq!(minus(all_counts(m), before), ([1, 0, 0, 0, 0, 0], 0, 2));
+        let path = out_wasm(&tecs(&out.bytes)[0]).config.unwrap().vm_config.unwrap().code.unwrap().local.unwrap();
+        assert!(std::path::Path::new(path.filename.as_deref().unwrap()).is_file());
+    }
+
+    #[test]
+    fn memo_pull_policy_always_with_a_new_resource_version_fetches_again() {
+        let rs = real_store(Duration::from_secs(3600));
+        let memo = Memo::default();
+        let m = &rs.metrics;
+        let versioned = |rv: &str, url: &str| {
+            let vars =
+                [("ISTIO_META_WASM_IMAGE_PULL_POLICY", "Always"), ("ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION", rv)];
+            response(vec![wasm_resource("p", &wasm(Some(remote_code(url, "nil")), Some(env(&vars, &[]))))])
+        };
+        let v1 = versioned("1", "http://h/v1.wasm");
+        for _ in 0..3 {
+            convert_sotw_memo(&v1, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
+        }
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), 1);
+        // the server now has new content at the same URL; a new resource version changes the bytes: no memo
+        let body = rs.served.bodies.lock().unwrap()["http://h/v2.wasm"].clone();
+        rs.served.bodies.lock().unwrap().insert("http://h/v1.wasm".into(), body);
+        let v2 = versioned("2", "http://h/v1.wasm");
+        let out = convert_sotw_memo(&v2, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(out.modules.len(), 1);
+        let again = convert_sotw_memo(&v2, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(again.bytes, out.bytes);
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), 2);
+        // the old version again: its entry was made under an older generation, so it is converted for real
+        // (Always with a changed version: fetched again, as Istio does)
+        let before = all_counts(m);
+        convert_sotw_memo(&v1, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), 3);
+        // (a miss by URL, then the downloaded content is found in the store: a hit)
+        assert_eq!(minus(all_counts(m), before), ([1, 0, 0, 0, 0, 0], 1, 1));
+    }
+
+    #[test]
+    fn delta_memo_by_name_and_removals() {
+        let rs = real_store(Duration::from_secs(3600));
+        let memo = Memo::default();
+        let m = &rs.metrics;
+        let res = |name: &str, url: &str| PResource {
+            version: "v".into(),
+            resource: Some(wasm_resource(name, &remote_wasm(url))),
+            name: name.into(),
+        };
+        let delta = |resources: Vec<PResource>, removed: Vec<String>| {
+            PDelta { resources, type_url: ECDS.into(), removed_resources: removed, ..Default::default() }
+                .encode_to_vec()
+        };
+        let input = delta(vec![res("a", "http://h/a.wasm"), res("b", "http://h/b.wasm")], vec![]);
+        let source = Counting { store: &rs.store, asked: AtomicUsize::new(0) };
+        let first = convert_delta_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        let second = convert_delta_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(first.bytes, second.bytes);
+        assert_eq!(source.asked.load(Ordering::SeqCst), 4);
+        // only "a" again: from the memo, counted like a real hit
+        let only_a = delta(vec![res("a", "http://h/a.wasm")], vec![]);
+        let before = all_counts(m);
+        let out = convert_delta_memo(&only_a, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(source.asked.load(Ordering::SeqCst), 4);
+        assert_eq!(minus(all_counts(m), before), ([1, 0, 0, 0, 0, 0], 1, 0));
+        assert_eq!(out.bytes, convert_delta(&only_a, &rs.store, &policy(), m).ok().unwrap().bytes);
+        assert_eq!(out.resources.len(), 1);
+        assert!(out.resources[0].1.is_some());
+        // "b" removed: its entry goes; sent again, it is converted for real
+        convert_delta_memo(&delta(vec![], vec!["b".into()]), &source, &policy(), m, Some(&memo)).ok().unwrap();
+        let only_b = delta(vec![res("b", "http://h/b.wasm")], vec![]);
+        convert_delta_memo(&only_b, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(source.asked.load(Ordering::SeqCst), 5);
+    }
+
+    /// The cheap pass-through decision never disagrees with the full analysis (on valid and mutated input).
+    #[test]
+    fn not_wasm_agrees_with_the_full_analysis() {
+        let value: serde_json::Value = serde_json::from_str(CAMEL).unwrap();
+        let mut twice = PTec { name: "t".into(), typed_config: Some(any(HTTP_RBAC_URL, vec![])) }.encode_to_vec();
+        twice.extend(PTec { name: String::new(), typed_config: Some(any(HTTP, vec![])) }.encode_to_vec());
+        let samples = vec![
+            resource("rbac", any(HTTP_RBAC_URL, vec![0x0a, 0x00])),
+            resource("", any("", vec![])),
+            any(ECDS, PTec { name: "none".into(), typed_config: None }.encode_to_vec()),
+            any(ECDS, twice),
+            wasm_resource("a", &remote_wasm("http://h/m.wasm")),
+            typed_struct_resource("type.googleapis.com/udpa.type.v1.TypedStruct", HTTP, value),
+            any("type.googleapis.com/google.protobuf.Empty", vec![]),
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut kept = 0;
+        for sample in &samples {
+            let bytes = sample.encode_to_vec();
+            let mut inputs = vec![bytes.clone(), sample.value.clone()];
+            for _ in 0..2000 {
+                let mut x = bytes.clone();
+                let i = rng.usize(..x.len());
+                x[i] = if rng.bool() { x[i] ^ (1 << rng.u8(0..8)) } else { rng.u8(..) };
+                inputs.push(x);
+            }
+            for input in &inputs {
+                if not_wasm(input) {
+                    kept += 1;
+                    assert!(
+                        matches!(analyze_fully(input, 1, None, Duration::from_secs(1)), Analysis::Keep),
+                        "{input:?}"
+                    );
+                }
+            }
+        }
+        assert!(kept > 100);
+    }
+
+    #[test]
+    fn repeated_response_is_answered_whole_with_the_counters_of_a_real_conversion() {
+        let rs = real_store(Duration::ZERO);
+        let memo = Memo::default();
+        let source = Counting { store: &rs.store, asked: AtomicUsize::new(0) };
+        let mut r = PResponse::decode(memo_response().as_slice()).unwrap();
+        r.resources.pop(); // no fallback: every resource can be memoised
+        let input = r.encode_to_vec();
+        let m = &rs.metrics;
+        convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(memo.lock().last.len(), 1);
+        let before = all_counts(m);
+        let real = convert_sotw_memo(&input, &source, &policy(), m, None).ok().unwrap();
+        let real_counts = minus(all_counts(m), before);
+        let (asked, before) = (source.asked.load(Ordering::SeqCst), all_counts(m));
+        {
+            // only the whole-response memory can answer now
+            let mut t = memo.lock();
+            t.order.clear();
+            t.by_name.clear();
+        }
+        let again = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(source.asked.load(Ordering::SeqCst), asked, "nothing reaches the store");
+        assert_eq!(minus(all_counts(m), before), real_counts);
+        assert_eq!(real_counts, ([3, 2, 0, 0, 0, 0], 3, 0));
+        assert_eq!(again.bytes, real.bytes);
+        assert_eq!(again.modules, real.modules);
+        // a purge invalidates it: converted for real (and fetched again)
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(rs.store.purge().unwrap(), 3);
+        let fetched = rs.served.calls.load(Ordering::SeqCst);
+        let out = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(rs.served.calls.load(Ordering::SeqCst), fetched + 3);
+        assert_eq!(out.bytes, real.bytes, "same content-addressed paths");
+    }
+
+    /// The one-pass splice writes what the chain of `replace_last` / `replace_merged` copies wrote.
+    #[test]
+    fn splice_equals_the_chain_of_replacements() {
+        let mut inner = Vec::new();
+        wire::put_len(&mut inner, 3, b"first");
+        wire::put_varint(&mut inner, 9, 7);
+        wire::put_len(&mut inner, 3, b"second");
+        let mut mid = Vec::new();
+        wire::put_len(&mut mid, 2, b"x");
+        wire::put_len(&mut mid, 1, &inner);
+        wire::put_len(&mut mid, 5, b"unknown");
+        wire::put_len(&mut mid, 1, b"");
+        let mut outer = Vec::new();
+        wire::put_len(&mut outer, 2, &mid);
+        wire::put_len(&mut outer, 1, b"type");
+        wire::put_len(&mut outer, 2, &mid);
+        let no_field = b"\x08\x01".to_vec();
+        for leaf in [&b"new"[..], b""] {
+            for merged_outer in [false, true] {
+                for inner_buf in [&inner[..], &no_field[..]] {
+                    let level = |buf, n, merged| if merged { Level::merged(buf, n) } else { Level::last(buf, n) };
+                    let chain = |buf: &[u8], n, merged, p: &[u8]| {
+                        if merged {
+                            wire::replace_merged(buf, n, Some(p)).unwrap()
+                        } else {
+                            wire::replace_last(buf, n, p).unwrap()
+                        }
+                    };
+                    let want = chain(&outer, 2, merged_outer, &chain(&mid, 1, true, &chain(inner_buf, 3, true, leaf)));
+                    let got = splice(
+                        &[level(&outer, 2, merged_outer), Level::merged(&mid, 1), Level::merged(inner_buf, 3)],
+                        leaf,
+                    )
+                    .unwrap();
+                    assert_eq!(got, want);
+                }
+            }
+        }
     }
 }

@@ -65,6 +65,11 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     store: store::Store,
     policy: ecds::ConversionPolicy,
+    /// What the latest state-of-the-world responses converted to, per resource (repeated pushes of unchanged
+    /// resources are answered from it).
+    sotw_memo: ecds::Memo,
+    /// The same for delta responses, by resource name.
+    delta_memo: ecds::Memo,
 }
 
 impl Cache {
@@ -79,7 +84,14 @@ impl Cache {
             default_timeout: options.default_fetch_timeout,
             on_fetch_failure: options.on_fetch_failure,
         };
-        Ok(Cache { options, metrics, store, policy })
+        Ok(Cache {
+            options,
+            metrics,
+            store,
+            policy,
+            sotw_memo: ecds::Memo::default(),
+            delta_memo: ecds::Memo::default(),
+        })
     }
 
     pub fn options(&self) -> &Options {
@@ -94,7 +106,8 @@ impl Cache {
     /// Envoy; on rejection the reason for the NACK (forward nothing).
     pub fn convert(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
         self.timed(response, |r| {
-            let converted = ecds::convert_sotw(r, &self.store, &self.policy, &self.metrics)?;
+            let converted =
+                ecds::convert_sotw_memo(r, &self.store, &self.policy, &self.metrics, Some(&self.sotw_memo))?;
             self.store.set_sotw_in_use(converted.modules);
             Ok(converted.bytes)
         })
@@ -103,7 +116,8 @@ impl Cache {
     /// Converts a serialized `DeltaDiscoveryResponse`; removed resource names pass through.
     pub fn convert_delta(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
         self.timed(response, |r| {
-            let converted = ecds::convert_delta(r, &self.store, &self.policy, &self.metrics)?;
+            let converted =
+                ecds::convert_delta_memo(r, &self.store, &self.policy, &self.metrics, Some(&self.delta_memo))?;
             self.store.update_delta_in_use(converted.resources, &converted.removed);
             Ok(converted.bytes)
         })
@@ -119,8 +133,9 @@ impl Cache {
         if !self.options.enable_conversion {
             return Ok(response.to_vec());
         }
-        self.store.purge_if_due();
-        let start = Instant::now();
+        let now = Instant::now();
+        // The duration excludes a purge, as before: read the clock again only when one ran.
+        let start = if self.store.purge_if_due_at(now) { Instant::now() } else { now };
         let result = convert(response);
         self.metrics.observe_conversion_duration(start.elapsed());
         match &result {

@@ -89,4 +89,18 @@ pub trait ModuleSource: Sync {
     /// Answers every request; result `i` answers request `i`. Distinct modules are fetched concurrently
     /// and the call returns only when all are answered.
     fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>>;
+
+    /// A number that changes whenever an answer given as an in-memory hit could change: a module left the
+    /// source, or what a URL resolves to (or a consumer's resource version) changed. A source that does not
+    /// track it never lets [`ModuleSource::reuse`] succeed.
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// Lets a conversion reuse earlier hits on `modules` (sha256s) without asking again: if the generation is
+    /// still `generation` and every module is present, records exactly what answering each as a hit would
+    /// (a lookup hit, the module's last use) and returns true; otherwise records nothing and returns false.
+    fn reuse(&self, _modules: &[&str], _generation: u64) -> bool {
+        false
+    }
 }

@@ -69,7 +69,11 @@ struct Entry {
 
 impl Entry {
     fn touch(&self) {
-        self.last_used.fetch_max(now_ms(), Ordering::Relaxed);
+        self.touch_at(now_ms());
+    }
+
+    fn touch_at(&self, now: u64) {
+        self.last_used.fetch_max(now, Ordering::Relaxed);
     }
 }
 
@@ -107,12 +111,21 @@ struct State {
     urls: HashMap<String, UrlEntry>,
     /// URL entries from the index, keyed by hex sha256 of the URL, moved into `urls` on first use.
     restored_urls: HashMap<String, UrlEntry>,
-    sotw_in_use: HashSet<Arc<str>>,
+    /// Distinct modules the latest SotW conversion references.
+    sotw_in_use: Vec<Arc<str>>,
     delta_in_use: HashMap<String, Arc<str>>,
     flights: HashMap<FlightKey, Arc<Flight>>,
+    /// Changes whenever something a hit depends on changes: a module leaves `modules`, or the URL map
+    /// (checksum a URL resolved to, resource version per consumer) changes. While it stands still, a request
+    /// answered as a hit at this generation is answered the same way again, with no change to the state.
+    generation: u64,
 }
 
 impl State {
+    fn bump(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+    }
+
     fn entry_count(&self) -> usize {
         self.modules.len() + self.pending.len()
     }
@@ -125,6 +138,7 @@ impl State {
             }
             let restored = self.restored_urls.remove(&sha256_hex(req.url.as_bytes()))?;
             self.urls.insert(req.url.clone(), restored);
+            self.bump();
         }
         let entry = self.urls.get_mut(req.url.as_str())?;
         let stored_rv = entry.rv_by_resource.get(req.resource_name.as_str());
@@ -135,6 +149,7 @@ impl State {
         };
         if stored_rv.map(String::as_str) != Some(req.resource_version.as_str()) {
             entry.rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
+            self.bump();
         }
         found
     }
@@ -147,17 +162,24 @@ impl State {
         }
         match self.urls.get_mut(req.url.as_str()) {
             Some(entry) => {
+                let mut changed = false;
                 if entry.checksum != *sha {
                     entry.checksum = sha.clone();
+                    changed = true;
                 }
                 if entry.rv_by_resource.get(req.resource_name.as_str()) != Some(&req.resource_version) {
                     entry.rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
+                    changed = true;
+                }
+                if changed {
+                    self.bump();
                 }
             }
             None => {
                 let mut rv_by_resource = HashMap::new();
                 rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
                 self.urls.insert(req.url.clone(), UrlEntry { checksum: sha.clone(), rv_by_resource });
+                self.bump();
             }
         }
     }
@@ -166,6 +188,7 @@ impl State {
     fn forget_urls_of(&mut self, sha: &str) {
         self.urls.retain(|_, u| &*u.checksum != sha);
         self.restored_urls.retain(|_, u| &*u.checksum != sha);
+        self.bump();
     }
 }
 
@@ -174,7 +197,7 @@ pub(crate) struct Store {
     modules_dir: PathBuf,
     module_expiry: Duration,
     purge_interval_ms: u64,
-    /// `purge_if_due` compares `opened.elapsed()` with this (milliseconds since open).
+    /// `purge_if_due_at` compares the time since open with this (milliseconds since open).
     next_purge_ms: AtomicU64,
     opened: Instant,
     fetcher: Box<dyn ModuleFetcher>,
@@ -182,6 +205,8 @@ pub(crate) struct Store {
     state: Mutex<State>,
     /// Serialises index writes (the state lock is held only to snapshot).
     index_lock: Mutex<()>,
+    /// Fetch threads `get_all` has started (for tests and diagnostics).
+    threads_spawned: AtomicU64,
 }
 
 impl Store {
@@ -222,6 +247,7 @@ impl Store {
             metrics,
             state: Mutex::new(state),
             index_lock: Mutex::new(()),
+            threads_spawned: AtomicU64::new(0),
         })
     }
 
@@ -233,49 +259,96 @@ impl Store {
         self.modules_dir.join(format!("{sha}.wasm"))
     }
 
+    /// The state's generation (see `State::generation`).
+    pub fn generation(&self) -> u64 {
+        self.state().generation
+    }
+
+    /// Records hits on `modules` exactly as [`Store::get`] would for requests it answers from memory (one
+    /// lookup hit each, last use touched) — provided the generation is still `generation` and every module
+    /// is in memory; otherwise records nothing and returns false.
+    pub fn reuse(&self, modules: &[&str], generation: u64) -> bool {
+        let st = self.state();
+        if st.generation != generation {
+            return false;
+        }
+        // While the generation stands no module has left, so all are there (checked all the same; touching
+        // one before finding another missing is harmless: a real lookup of it would have touched it too).
+        let now = now_ms();
+        for m in modules {
+            match st.modules.get(*m) {
+                Some(entry) => entry.touch_at(now),
+                None => return false,
+            }
+        }
+        drop(st);
+        for _ in modules {
+            self.metrics.record_lookup(true);
+        }
+        true
+    }
+
+    /// How many fetch threads `get_all` has started so far.
+    #[cfg(test)]
+    fn threads_spawned(&self) -> u64 {
+        self.threads_spawned.load(Ordering::Relaxed)
+    }
+
     /// Answers one request from memory, disk or the network (reference §2.3).
     pub fn get(&self, req: &ModuleRequest) -> Result<Module, ModuleError> {
+        match self.lookup(req) {
+            Lookup::Hit(module) => Ok(module),
+            Lookup::Miss(pending) => self.finish(req, pending),
+        }
+    }
+
+    /// The in-memory part of [`Store::get`]: a hit is answered (touched, counted) at once; otherwise the
+    /// request joins or leads a flight, to be completed by [`Store::finish`]. Never blocks beyond the
+    /// state lock.
+    fn lookup<'a>(&'a self, req: &'a ModuleRequest) -> Lookup<'a> {
         let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
-        let expected: Option<Cow<'_, str>> = match req.sha256.as_deref() {
+        let expected: Option<Cow<'a, str>> = match req.sha256.as_deref() {
             None | Some("") | Some("nil") => None,
             Some(s) if s.bytes().any(|b| b.is_ascii_uppercase()) => Some(Cow::Owned(s.to_ascii_lowercase())),
             Some(s) => Some(Cow::Borrowed(s)),
         };
         let ignore_rv = ignore_resource_version(req.pull_policy, &req.url);
-
-        let (flight, leader, candidate) = {
-            let mut guard = self.state();
-            let st = &mut *guard;
-            let candidate = match expected {
-                Some(_) => None,
-                None => st.lookup_url(req, ignore_rv),
-            };
-            let key = expected.as_deref().or(candidate.as_deref());
-            if let Some(entry) = key.and_then(|k| st.modules.get(k)) {
-                entry.touch();
-                let module = entry.module.clone();
-                st.refresh_url(req, &module.sha256);
-                drop(guard);
-                self.metrics.record_lookup(true);
-                return Ok(module);
-            }
-            let fkey = match &expected {
-                Some(e) => FlightKey::Sha(e.to_string()),
-                None => FlightKey::Url(req.url.clone()),
-            };
-            match st.flights.get(&fkey) {
-                Some(f) => (f.clone(), None, candidate),
-                None => {
-                    let f = Arc::new(Flight { done: Mutex::new(None), cv: Condvar::new() });
-                    st.flights.insert(fkey.clone(), f.clone());
-                    (f, Some(fkey), candidate)
-                }
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let candidate = match expected {
+            Some(_) => None,
+            None => st.lookup_url(req, ignore_rv),
+        };
+        let key = expected.as_deref().or(candidate.as_deref());
+        if let Some(entry) = key.and_then(|k| st.modules.get(k)) {
+            entry.touch();
+            let module = entry.module.clone();
+            st.refresh_url(req, &module.sha256);
+            drop(guard);
+            self.metrics.record_lookup(true);
+            return Lookup::Hit(module);
+        }
+        let fkey = match &expected {
+            Some(e) => FlightKey::Sha(e.to_string()),
+            None => FlightKey::Url(req.url.clone()),
+        };
+        let (flight, leader) = match st.flights.get(&fkey) {
+            Some(f) => (f.clone(), None),
+            None => {
+                let f = Arc::new(Flight { done: Mutex::new(None), cv: Condvar::new() });
+                st.flights.insert(fkey.clone(), f.clone());
+                let guard = FlightGuard { store: self, key: fkey, flight: f.clone(), published: false };
+                (f, Some(guard))
             }
         };
+        Lookup::Miss(Pending { flight, leader, expected, candidate, deadline })
+    }
 
+    /// The rest of a [`Store::get`] that missed: lead the flight (reuse from disk or download) or follow it.
+    fn finish(&self, req: &ModuleRequest, pending: Pending<'_>) -> Result<Module, ModuleError> {
+        let Pending { flight, leader, expected, candidate, deadline } = pending;
         match leader {
-            Some(key) => {
-                let mut guard = FlightGuard { store: self, key, flight: flight.clone(), published: false };
+            Some(mut guard) => {
                 let outcome = self.resolve(req, expected.as_deref(), candidate, deadline);
                 guard.publish(outcome.clone());
                 outcome.result
@@ -485,7 +558,13 @@ impl Store {
 
     /// The latest converted state-of-the-world response references exactly these modules.
     pub fn set_sotw_in_use(&self, modules: Vec<Arc<str>>) {
-        self.state().sotw_in_use = modules.into_iter().collect();
+        let mut st = self.state();
+        // A repeated push references the very same modules (the same Arcs): nothing to rebuild.
+        let same = st.sotw_in_use.len() == modules.len()
+            && st.sotw_in_use.iter().zip(&modules).all(|(a, b)| Arc::ptr_eq(a, b) || a == b);
+        if !same {
+            st.sotw_in_use = modules;
+        }
     }
 
     /// A converted delta response: `resources` were added or updated (with their module, if any), `removed`
@@ -508,18 +587,27 @@ impl Store {
     }
 
     /// Purges when `purge_interval` has passed since the last purge; cheap otherwise.
+    #[cfg(test)]
     pub fn purge_if_due(&self) {
+        self.purge_if_due_at(Instant::now());
+    }
+
+    /// [`Store::purge_if_due`] with the caller's clock reading (one per convert call is enough). Returns
+    /// whether it purged.
+    pub fn purge_if_due_at(&self, now: Instant) -> bool {
         let due = self.next_purge_ms.load(Ordering::Relaxed);
-        let elapsed = duration_ms(self.opened.elapsed());
+        let elapsed = duration_ms(now.saturating_duration_since(self.opened));
         if elapsed < due {
-            return;
+            return false;
         }
         let next = elapsed.saturating_add(self.purge_interval_ms);
         if self.next_purge_ms.compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             if let Err(e) = self.purge() {
                 log::warn!("purging the module cache in {} failed: {e}", self.dir.display());
             }
+            return true;
         }
+        false
     }
 
     /// Deletes modules unused for longer than the expiry that the latest ECDS state does not reference.
@@ -560,6 +648,9 @@ impl Store {
             }
             for (sha, _) in &victims {
                 st.forget_urls_of(sha);
+            }
+            if !victims.is_empty() {
+                st.bump();
             }
             self.metrics.set_cache_entries(st.entry_count());
         }
@@ -623,62 +714,118 @@ impl Drop for Store {
     }
 }
 
+/// At most this many threads (the caller's included) resolve the misses of one `get_all` call.
+const MAX_FETCH_WORKERS: usize = 8;
+
+/// The misses of one group of identical requests: the first one's pending lookup, then the rest of the group.
+struct Job<'a> {
+    group: &'a [usize],
+    pending: Pending<'a>,
+}
+
 impl ModuleSource for Store {
-    /// Identical modules (same sha256, or same URL without one) are answered by one thread, in request
-    /// order; distinct ones concurrently on scoped threads that end before this returns.
+    fn generation(&self) -> u64 {
+        Store::generation(self)
+    }
+
+    fn reuse(&self, modules: &[&str], generation: u64) -> bool {
+        Store::reuse(self, modules, generation)
+    }
+
+    /// Every request is first answered from the in-memory index on the caller's thread (hits cost no thread).
+    /// Identical modules (same sha256, or same URL without one) are answered in request order by one worker;
+    /// the misses of distinct modules are resolved concurrently: on the caller's thread when there is one,
+    /// else by up to [`MAX_FETCH_WORKERS`] workers (the caller and scoped threads that end before this
+    /// returns) each taking the next miss.
     fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>> {
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
-        for (i, req) in requests.iter().enumerate() {
-            let key = match req.sha256.as_deref() {
-                None | Some("") | Some("nil") => (false, req.url.as_str()),
-                Some(s) => (true, s),
-            };
-            let g = *by_key.entry(key).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(i);
-        }
-        let run_group = |group: &[usize]| -> Vec<(usize, Result<Module, ModuleError>)> {
-            group.iter().map(|&i| (i, self.get(&requests[i]))).collect()
-        };
         let mut results: Vec<Option<Result<Module, ModuleError>>> = vec![None; requests.len()];
-        std::thread::scope(|scope| {
-            let mut handles = Vec::new();
-            let mut inline = Vec::new();
-            for (n, group) in groups.iter().enumerate() {
-                if n == 0 {
-                    inline.push(group);
-                    continue;
-                }
-                match std::thread::Builder::new()
-                    .name("wasm-ecds-fetch".into())
-                    .spawn_scoped(scope, || run_group(group))
-                {
-                    Ok(h) => handles.push(h),
-                    Err(e) => {
-                        log::warn!("cannot start a fetch thread ({e}); fetching in the caller's thread");
-                        inline.push(group);
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut jobs: Vec<Mutex<Option<Job<'_>>>> = Vec::new();
+        if requests.len() == 1 {
+            results[0] = Some(self.get(&requests[0]));
+        } else {
+            let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
+            for (i, req) in requests.iter().enumerate() {
+                let key = match req.sha256.as_deref() {
+                    None | Some("") | Some("nil") => (false, req.url.as_str()),
+                    Some(s) => (true, s),
+                };
+                let g = *by_key.entry(key).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push(i);
+            }
+            let groups = &groups;
+            for group in groups {
+                for (n, &i) in group.iter().enumerate() {
+                    match self.lookup(&requests[i]) {
+                        Lookup::Hit(module) => results[i] = Some(Ok(module)),
+                        Lookup::Miss(pending) => {
+                            jobs.push(Mutex::new(Some(Job { group: &group[n..], pending })));
+                            break;
+                        }
                     }
                 }
             }
-            for group in inline {
-                for (i, r) in run_group(group) {
+        }
+        let run = |job: Job<'_>| -> Vec<(usize, Result<Module, ModuleError>)> {
+            let Job { group, pending } = job;
+            let mut done = Vec::with_capacity(group.len());
+            done.push((group[0], self.finish(&requests[group[0]], pending)));
+            for &i in &group[1..] {
+                done.push((i, self.get(&requests[i])));
+            }
+            done
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || -> Vec<(usize, Result<Module, ModuleError>)> {
+            let mut done = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(slot) = jobs.get(n) else { break };
+                if let Some(job) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    done.extend(run(job));
+                }
+            }
+            done
+        };
+        match jobs.len() {
+            0 => {}
+            1 => {
+                for (i, r) in work() {
                     results[i] = Some(r);
                 }
             }
-            for h in handles {
-                match h.join() {
-                    Ok(done) => {
-                        for (i, r) in done {
-                            results[i] = Some(r);
+            n => std::thread::scope(|scope| {
+                let mut handles = Vec::new();
+                for _ in 1..n.min(MAX_FETCH_WORKERS) {
+                    match std::thread::Builder::new().name("wasm-ecds-fetch".into()).spawn_scoped(scope, work) {
+                        Ok(h) => {
+                            self.threads_spawned.fetch_add(1, Ordering::Relaxed);
+                            handles.push(h);
+                        }
+                        Err(e) => {
+                            log::warn!("cannot start a fetch thread ({e}); fetching in the caller's thread");
+                            break;
                         }
                     }
-                    Err(panic) => std::panic::resume_unwind(panic),
                 }
-            }
-        });
+                for (i, r) in work() {
+                    results[i] = Some(r);
+                }
+                for h in handles {
+                    match h.join() {
+                        Ok(done) => {
+                            for (i, r) in done {
+                                results[i] = Some(r);
+                            }
+                        }
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+            }),
+        }
         results
             .into_iter()
             .map(|r| {
@@ -686,6 +833,22 @@ impl ModuleSource for Store {
             })
             .collect()
     }
+}
+
+/// What [`Store::lookup`] found.
+enum Lookup<'a> {
+    Hit(Module),
+    Miss(Pending<'a>),
+}
+
+/// A request that missed the in-memory index: the flight it leads (with the guard that completes it even if
+/// the work is never done) or follows.
+struct Pending<'a> {
+    flight: Arc<Flight>,
+    leader: Option<FlightGuard<'a>>,
+    expected: Option<Cow<'a, str>>,
+    candidate: Option<Arc<str>>,
+    deadline: Instant,
 }
 
 /// Makes sure a flight always completes, even if its leader panics: waiters get an error instead of hanging
@@ -1624,6 +1787,73 @@ mod tests {
         assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
         assert_eq!(f.metrics.cache_entries(), 8);
         assert!(f.store().get_all(&[]).is_empty());
+    }
+
+    #[test]
+    fn get_all_answers_hits_without_threads_and_caps_the_workers() {
+        let f = fixture();
+        let mut requests = Vec::new();
+        for i in 0..20 {
+            let url = format!("http://x/{i}.wasm");
+            f.fetcher.serve(&url, &wasm(&i.to_string()));
+            requests.push(req(&url));
+        }
+        // cold: 20 distinct misses, at most 8 workers (7 threads besides the caller)
+        f.fetcher.set_delay(Duration::from_millis(50));
+        let results = f.store().get_all(&requests);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 20);
+        assert_eq!(f.store().threads_spawned(), 7);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) <= 8);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
+        // all hits: answered on the caller's thread, counted as hits, no thread started
+        let before = lookups(&f.metrics);
+        let again = f.store().get_all(&requests);
+        assert_eq!(again, results);
+        assert_eq!(f.store().threads_spawned(), 7);
+        assert_eq!(lookups(&f.metrics), (before.0 + 20, before.1));
+        // one miss among hits: resolved inline, still no thread
+        let url = "http://x/new.wasm";
+        f.fetcher.serve(url, &wasm("new"));
+        requests.push(req(url));
+        let results = f.store().get_all(&requests);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 21);
+        assert_eq!(f.store().threads_spawned(), 7);
+        // two misses: one thread besides the caller
+        for name in ["a", "b"] {
+            let url = format!("http://x/{name}.wasm");
+            f.fetcher.serve(&url, &wasm(name));
+            requests.push(req(&url));
+        }
+        assert!(f.store().get_all(&requests).iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 23);
+        assert_eq!(f.store().threads_spawned(), 8);
+    }
+
+    #[test]
+    fn reuse_counts_and_touches_like_a_hit_while_the_generation_stands() {
+        let f = fixture_with(Duration::from_millis(1), Duration::from_secs(3600));
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        let g = f.store().generation();
+        f.store().state().modules[&m.sha256].last_used.store(0, Ordering::Relaxed);
+        let before = lookups(&f.metrics);
+        assert!(f.store().reuse(&[&m.sha256], g));
+        assert_eq!(lookups(&f.metrics), (before.0 + 1, before.1));
+        assert!(f.store().state().modules[&m.sha256].last_used.load(Ordering::Relaxed) > 0, "touched");
+        assert!(!f.store().reuse(&[&m.sha256], g + 1));
+        assert!(!f.store().reuse(&["0".repeat(64).as_str()], g));
+        assert_eq!(lookups(&f.metrics), (before.0 + 1, before.1), "a refused reuse records nothing");
+        // a hit changes nothing; a new resource version of a checksum-less URL does; a purge does
+        f.store().get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(f.store().generation(), g);
+        f.store().get(&ModuleRequest { resource_version: "2".into(), ..req("http://x/a.wasm") }).unwrap();
+        let g2 = f.store().generation();
+        assert_ne!(g2, g);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert_ne!(f.store().generation(), g2);
     }
 
     #[test]

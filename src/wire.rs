@@ -95,6 +95,18 @@ impl<'a> Fields<'a> {
     }
 
     fn read_varint(&mut self) -> Result<u64, WireError> {
+        // One- and two-byte varints (keys, most lengths) without the generic decoder.
+        match self.buf.get(self.pos..) {
+            Some([b0, ..]) if *b0 < 0x80 => {
+                self.pos += 1;
+                return Ok(u64::from(*b0));
+            }
+            Some([b0, b1, ..]) if *b1 < 0x80 => {
+                self.pos += 2;
+                return Ok(u64::from(*b0 & 0x7f) | u64::from(*b1) << 7);
+            }
+            _ => {}
+        }
         let mut rest = &self.buf[self.pos..];
         let before = rest.remaining();
         let v = decode_varint(&mut rest).map_err(|e| WireError(e.to_string()))?;

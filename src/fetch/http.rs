@@ -6,7 +6,7 @@
 //! Istio, the backoff sleeps end at the deadline, a body cut short is retried, and the body streams to disk.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ureq::http::Uri;
@@ -23,8 +23,13 @@ const MAX_REDIRECTS: u32 = 10;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) struct HttpFetcher {
-    secure: Agent,
-    insecure: Agent,
+    /// The secure and the insecure client, built on the first fetch: loading the system trust store costs
+    /// milliseconds (hundreds of files), which a process serving only cached modules never needs to pay.
+    agents: OnceLock<(Agent, Agent)>,
+    /// `ca_file`'s certificates, read (and checked) when the fetcher is made.
+    ca_certs: Vec<Certificate<'static>>,
+    proxy: Option<Proxy>,
+    policy: AddressPolicy,
     insecure_hosts: Arc<Vec<String>>,
     request_timeout: Duration,
     max_attempts: u32,
@@ -51,35 +56,48 @@ impl HttpFetcher {
     }
 
     pub fn with_proxy(settings: &FetchSettings, proxy: Option<Proxy>) -> Result<HttpFetcher, FetchError> {
-        let roots = root_certs(settings.ca_file.as_deref())?;
-        let policy = AddressPolicy::new(settings.blocked_cidrs.clone());
-        let agent = |tls: TlsConfig| {
-            let config = Agent::config_builder()
-                .http_status_as_error(false)
-                .max_redirects(MAX_REDIRECTS)
-                .max_redirects_will_error(true)
-                .proxy(proxy.clone())
-                .tls_config(tls)
-                .user_agent(concat!("wasm-ecds/", env!("CARGO_PKG_VERSION")))
-                .build();
-            Agent::with_parts(config, DefaultConnector::new(), GuardedResolver::new(policy.clone()))
+        let ca_certs = match settings.ca_file.as_deref() {
+            Some(path) => ca_file_certs(path)?,
+            None => Vec::new(),
         };
-        let secure = agent(TlsConfig::builder().root_certs(roots.clone()).build());
-        let insecure = agent(TlsConfig::builder().root_certs(roots).disable_verification(true).build());
+        let policy = AddressPolicy::new(settings.blocked_cidrs.clone());
         let request_timeout = if settings.http_request_timeout.is_zero() {
             DEFAULT_REQUEST_TIMEOUT
         } else {
             settings.http_request_timeout
         };
         Ok(HttpFetcher {
-            secure,
-            insecure,
+            agents: OnceLock::new(),
+            ca_certs,
+            proxy,
+            policy,
             insecure_hosts: Arc::new(settings.insecure_hosts.clone()),
             request_timeout,
             max_attempts: settings.max_attempts.max(1),
             initial_backoff: settings.retry_initial_backoff,
             max_backoff: settings.retry_max_backoff,
             max_module_bytes: settings.max_module_bytes,
+        })
+    }
+
+    /// The secure and the insecure client (built on first use).
+    fn agents(&self) -> &(Agent, Agent) {
+        self.agents.get_or_init(|| {
+            let roots = root_certs(&self.ca_certs);
+            let agent = |tls: TlsConfig| {
+                let config = Agent::config_builder()
+                    .http_status_as_error(false)
+                    .max_redirects(MAX_REDIRECTS)
+                    .max_redirects_will_error(true)
+                    .proxy(self.proxy.clone())
+                    .tls_config(tls)
+                    .user_agent(concat!("wasm-ecds/", env!("CARGO_PKG_VERSION")))
+                    .build();
+                Agent::with_parts(config, DefaultConnector::new(), GuardedResolver::new(self.policy.clone()))
+            };
+            let secure = agent(TlsConfig::builder().root_certs(roots.clone()).build());
+            let insecure = agent(TlsConfig::builder().root_certs(roots).disable_verification(true).build());
+            (secure, insecure)
         })
     }
 
@@ -93,7 +111,8 @@ impl HttpFetcher {
 
     /// Downloads `uri` into a temp file in `temp_dir`, retrying as Istio does, within `deadline`.
     pub fn fetch(&self, uri: &Uri, deadline: Instant, temp_dir: &Path, buf: &mut [u8]) -> Result<Staged, FetchError> {
-        let agent = if self.is_insecure(uri) { &self.insecure } else { &self.secure };
+        let (secure, insecure) = self.agents();
+        let agent = if self.is_insecure(uri) { insecure } else { secure };
         let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
         let mut attempts = 0u32;
         let last_error = loop {
@@ -213,16 +232,27 @@ pub(super) fn parse_url(url: &str) -> Result<Uri, FetchError> {
     Ok(uri)
 }
 
-/// The trust roots: the system's, plus the certificates in `ca_file`. With neither (no system store found and
+/// The trust roots: the system's, plus the certificates of `ca_file`. With neither (no system store found and
 /// no `ca_file`), the Mozilla roots bundled with ureq.
-fn root_certs(ca_file: Option<&Path>) -> Result<RootCerts, FetchError> {
+fn root_certs(ca_certs: &[Certificate<'static>]) -> RootCerts {
     let mut certs: Vec<Certificate<'static>> = Vec::new();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
         log::debug!("loading the system trust store: {e}");
     }
     certs.extend(native.certs.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()));
-    if let Some(path) = ca_file {
+    certs.extend(ca_certs.iter().cloned());
+    if certs.is_empty() {
+        log::debug!("no system trust store found; using the bundled Mozilla roots");
+        return RootCerts::WebPki;
+    }
+    RootCerts::new_with_certs(&certs)
+}
+
+/// The certificates of `ca_file` (PEM): at least one, each a DER SEQUENCE.
+fn ca_file_certs(path: &Path) -> Result<Vec<Certificate<'static>>, FetchError> {
+    let mut certs: Vec<Certificate<'static>> = Vec::new();
+    {
         let tls_error =
             |why: String| FetchError::new(FetchErrorKind::Io, format!("cannot load ca_file {}: {why}", path.display()));
         let pem = std::fs::read(path).map_err(|e| tls_error(e.to_string()))?;
@@ -244,11 +274,7 @@ fn root_certs(ca_file: Option<&Path>) -> Result<RootCerts, FetchError> {
             return Err(tls_error("no PEM certificate found".to_string()));
         }
     }
-    if certs.is_empty() {
-        log::debug!("no system trust store found; using the bundled Mozilla roots");
-        return Ok(RootCerts::WebPki);
-    }
-    Ok(RootCerts::new_with_certs(&certs))
+    Ok(certs)
 }
 
 /// A cheap sanity check of a certificate: one DER SEQUENCE spanning exactly the bytes.
