@@ -87,7 +87,7 @@ pub(crate) fn convert_sotw_memo(
     metrics: &Metrics,
     memo: Option<&Memo>,
 ) -> Result<Converted, Rejection> {
-    if let Some(repeated) = memo.and_then(|m| m.repeat(input, source, metrics)) {
+    if let Some(repeated) = memo.and_then(|m| m.repeat_resources(input, source, metrics)) {
         return Ok(repeated);
     }
     schema::validate(&schema::DISCOVERY_RESPONSE, input)
@@ -96,28 +96,31 @@ pub(crate) fn convert_sotw_memo(
         return Ok(Converted { bytes: input.to_vec(), modules: Vec::new() });
     }
     let mut keys: Vec<&[u8]> = Vec::new();
+    // Where the resource fields are, and whether they stand together (no other field between them).
+    let (mut span_start, mut span_end, mut raw_total) = (usize::MAX, 0, 0);
     for field in Fields::new(input) {
         let field = field.map_err(malformed_response)?;
         if field.number == 2 {
             keys.push(field.payload);
+            let at = offset_in(input, field.raw);
+            span_start = span_start.min(at);
+            span_end = at + field.raw.len();
+            raw_total += field.raw.len();
         }
     }
     let name_at = |i: usize| tec_name_of(keys[i]);
     let analyze_at = |i: usize| analyze(keys[i], i + 1, None, policy.default_timeout);
     let (mut done, stable) = run(&keys, &analyze_at, &name_at, source, policy, metrics, memo)?;
     let modules = distinct_modules(done.iter().filter_map(|d| d.module.clone()));
-    let memo = memo.map(|memo| {
+    if let Some(memo) = memo {
         let entries = memoize(&mut done, &keys, &name_at, stable);
-        // Every resource memoised: the whole response can be answered again from the memo.
-        let whole = entries.len() == keys.len() && done.iter().all(|d| matches!(d.out, Out::Memo(_)));
-        let repeatable = whole.then(|| entries.clone());
-        memo.replace(entries);
-        (memo, repeatable)
-    });
-    if done.iter().all(|d| d.unchanged()) {
-        if let Some((memo, Some(entries))) = memo {
-            memo.remember(input, input, entries, &modules);
+        let contiguous = !keys.is_empty() && span_end - span_start == raw_total;
+        if contiguous && entries.len() == keys.len() {
+            memo.keep_resources(&input[span_start..span_end], &entries, &modules);
         }
+        memo.replace(entries);
+    }
+    if done.iter().all(|d| d.unchanged()) {
         return Ok(Converted { bytes: input.to_vec(), modules });
     }
     let extra: usize = done.iter().map(|d| d.output().map_or(0, |o| o.len() + 5)).sum();
@@ -133,9 +136,6 @@ pub(crate) fn convert_sotw_memo(
             Some(any) => wire::put_len(&mut out, 2, any),
             None => out.extend_from_slice(field.raw),
         }
-    }
-    if let Some((memo, Some(entries))) = memo {
-        memo.remember(input, &out, entries, &modules);
     }
     Ok(Converted { bytes: out, modules })
 }
@@ -219,6 +219,11 @@ pub(crate) fn convert_delta_memo(
         }
     }
     Ok(DeltaConverted { bytes: out, resources, removed })
+}
+
+/// Where `part` (a sub-slice of `whole`) starts in it.
+fn offset_in(whole: &[u8], part: &[u8]) -> usize {
+    part.as_ptr() as usize - whole.as_ptr() as usize
 }
 
 /// The `TypedExtensionConfig.name` of a resource `Any`, if it reads cleanly (only used to find memo entries).
@@ -660,26 +665,33 @@ pub(crate) struct Memo {
 
 #[derive(Default)]
 struct MemoTable {
-    /// SotW: the latest few responses whose resources were all memoised (most recent first), answered whole
-    /// when one comes again byte for byte (a cache shared by a few streams alternates between responses).
-    last: Vec<Arc<LastCall>>,
+    /// SotW: the resources of the latest few responses whose resources were all memoised, most recent first.
+    repeats: Vec<Arc<RepeatedResources>>,
     /// The entries of the latest call in response order: a resource at the same position is compared first.
     order: Vec<Arc<MemoEntry>>,
     by_name: HashMap<Box<str>, Arc<MemoEntry>>,
     calls: u64,
 }
 
-struct LastCall {
-    input: Box<[u8]>,
-    /// None: the output is the input (nothing changed).
+/// The resource fields of a SotW response, exactly as they stood in it (one contiguous span), with what
+/// converting them gave. istiod sends every push with a new nonce and often a new version even when no
+/// resource changed: such a push is answered with one comparison of this span and one copy.
+struct RepeatedResources {
+    span: Box<[u8]>,
+    /// The converted span; `None` when every resource passed through unchanged.
     output: Option<Box<[u8]>>,
-    /// The module of every converted resource, in order (one store hit each), all memoised at `generation`.
+    /// The module of each converted resource, in order: one store hit each when reused.
     hits: Vec<Arc<str>>,
+    /// The store generation the conversions hold at.
     generation: u64,
-    /// How many resources passed through.
-    kept: usize,
+    /// How many resources passed through (`no_remote_load`).
+    kept: u64,
+    /// What [`Converted::modules`] was.
     modules: Vec<Arc<str>>,
 }
+
+/// SotW: how many responses' resource spans are kept (a cache serving a few streams alternates between them).
+const MEMO_REPEATS: usize = 4;
 
 pub(crate) struct MemoEntry {
     name: Box<str>,
@@ -694,8 +706,6 @@ pub(crate) struct MemoEntry {
     seen: AtomicU64,
 }
 
-/// SotW: how many whole responses are kept for `Memo::repeat` (one per length).
-const MEMO_LAST_CALLS: usize = 4;
 /// SotW: entries not seen for this many calls are dropped (checked every this many calls).
 const MEMO_KEEP_CALLS: u64 = 8;
 /// Delta: a table that grows past this is cleared (names are only dropped by removals otherwise).
@@ -728,68 +738,74 @@ impl Memo {
         found
     }
 
-    /// SotW: the latest response again, byte for byte, when all its resources were memoised and their
-    /// conversions still hold: its output, with what converting each resource from the memo records. Its
-    /// bytes were validated when it was converted, so they are not validated again.
-    fn repeat(&self, input: &[u8], source: &dyn ModuleSource, metrics: &Metrics) -> Option<Converted> {
-        let last = {
+    /// SotW: a response whose resource fields equal, byte for byte, a kept span (the other fields — nonce,
+    /// version, control plane — may differ), while its conversions still hold: its output, recording what
+    /// converting each resource for real would. `None` sends the response down the full path, which also
+    /// reports anything malformed.
+    fn repeat_resources(&self, input: &[u8], source: &dyn ModuleSource, metrics: &Metrics) -> Option<Converted> {
+        let first = Fields::new(input).map_while(Result::ok).find(|f| f.number == 2)?;
+        let start = offset_in(input, first.raw);
+        let repeat = {
             let t = self.lock();
-            t.last.iter().find(|l| l.input.len() == input.len()).cloned()?
+            t.repeats.iter().find(|r| input.get(start..start + r.span.len()).is_some_and(|s| *s == *r.span))?.clone()
         };
-        // Unchanged output: compare and copy in one pass over the input (chunks stay in L1 between the two).
-        let copied = match &last.output {
-            Some(_) => {
-                if *last.input != *input {
-                    return None;
+        let (head, tail) = (&input[..start], &input[start + repeat.span.len()..]);
+        // The other fields (one pass each): well formed, no further resource, an ECDS type URL.
+        let mut type_url = "";
+        for field in Fields::new(head).chain(Fields::new(tail)) {
+            let field = field.ok()?;
+            match field.number {
+                2 if offset_in(input, field.raw) >= start => return None,
+                1 | 5 => {
+                    field.string().ok()?;
                 }
-                None
+                4 => type_url = field.string().ok()?,
+                _ => schema::validate(&schema::DISCOVERY_RESPONSE, field.raw).ok()?,
             }
-            None => {
-                const CHUNK: usize = 4096;
-                let mut out = Vec::with_capacity(input.len());
-                for (a, b) in input.chunks(CHUNK).zip(last.input.chunks(CHUNK)) {
-                    if a != b {
-                        return None;
-                    }
-                    out.extend_from_slice(a);
-                }
-                Some(out)
-            }
-        };
-        if !last.hits.is_empty() {
-            let shas: Vec<&str> = last.hits.iter().map(|m| &**m).collect();
-            if !source.reuse(&shas, last.generation) {
+        }
+        if !(type_url.is_empty() || short_name(type_url) == TEC) {
+            return None;
+        }
+        if !repeat.hits.is_empty() {
+            let shas: Vec<&str> = repeat.hits.iter().map(|m| &**m).collect();
+            if !source.reuse(&shas, repeat.generation) {
                 return None;
             }
         }
-        for _ in 0..last.hits.len() {
-            metrics.record_conversion(ConversionResult::Success);
-        }
-        for _ in 0..last.kept {
-            metrics.record_conversion(ConversionResult::NoRemoteLoad);
-        }
-        let bytes = match (copied, &last.output) {
-            (Some(copy), _) => copy,
-            (None, Some(output)) => output.to_vec(),
-            (None, None) => input.to_vec(),
+        metrics.record_conversions(ConversionResult::Success, repeat.hits.len() as u64);
+        metrics.record_conversions(ConversionResult::NoRemoteLoad, repeat.kept);
+        let bytes = match &repeat.output {
+            None => input.to_vec(),
+            Some(output) => [head, output, tail].concat(),
         };
-        Some(Converted { bytes, modules: last.modules.clone() })
+        Some(Converted { bytes, modules: repeat.modules.clone() })
     }
 
-    /// Keeps a response whose resources were all memoised, for [`Memo::repeat`].
-    fn remember(&self, input: &[u8], output: &[u8], entries: Vec<Arc<MemoEntry>>, modules: &[Arc<str>]) {
+    /// SotW: keeps the resource fields `span` of a response all of whose resources are memoised (`entries`,
+    /// in order), for [`Memo::repeat_resources`].
+    fn keep_resources(&self, span: &[u8], entries: &[Arc<MemoEntry>], modules: &[Arc<str>]) {
         let hits: Vec<Arc<str>> = entries.iter().filter_map(|e| e.module.clone()).collect();
         let generation = entries.iter().find(|e| e.module.is_some()).map_or(0, |e| e.generation);
         if entries.iter().any(|e| e.module.is_some() && e.generation != generation) {
             return; // made at different generations: they cannot all hold at once
         }
-        let output = (output != input).then(|| output.into());
-        let kept = entries.len() - hits.len();
-        let last = LastCall { input: input.into(), output, hits, generation, kept, modules: modules.to_vec() };
+        let output = entries.iter().any(|e| e.output.is_some()).then(|| {
+            // As the full path writes it: converted resources re-encoded, the others' fields as they came.
+            let mut out = Vec::with_capacity(span.len() + 64 * entries.len());
+            for (field, e) in Fields::new(span).map_while(Result::ok).zip(entries) {
+                match &e.output {
+                    Some(any) => wire::put_len(&mut out, 2, any),
+                    None => out.extend_from_slice(field.raw),
+                }
+            }
+            out.into_boxed_slice()
+        });
+        let kept = (entries.len() - hits.len()) as u64;
+        let repeat = RepeatedResources { span: span.into(), output, hits, generation, kept, modules: modules.to_vec() };
         let mut t = self.lock();
-        t.last.retain(|l| l.input.len() != input.len());
-        t.last.insert(0, Arc::new(last));
-        t.last.truncate(MEMO_LAST_CALLS);
+        t.repeats.retain(|r| *r.span != *span);
+        t.repeats.insert(0, Arc::new(repeat));
+        t.repeats.truncate(MEMO_REPEATS);
     }
 
     /// SotW: the entries of the latest response become the table (older ones linger a few calls, so that
@@ -2599,40 +2615,78 @@ mod tests {
     }
 
     #[test]
-    fn repeated_response_is_answered_whole_with_the_counters_of_a_real_conversion() {
+    fn a_push_repeating_the_resources_with_a_new_nonce_is_answered_from_the_span() {
         let rs = real_store(Duration::ZERO);
         let memo = Memo::default();
         let source = Counting { store: &rs.store, asked: AtomicUsize::new(0) };
         let mut r = PResponse::decode(memo_response().as_slice()).unwrap();
         r.resources.pop(); // no fallback: every resource can be memoised
-        let input = r.encode_to_vec();
+        let push = |nonce: &str, r: &PResponse| {
+            let mut p = r.clone();
+            p.nonce = nonce.into();
+            p.version_info = format!("v-{nonce}");
+            p.encode_to_vec()
+        };
         let m = &rs.metrics;
-        convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
-        convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
-        assert_eq!(memo.lock().last.len(), 1);
+        // The first push fetches (the generation moves, nothing store-dependent is kept); the next one keeps.
+        convert_sotw_memo(&push("0", &r), &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(memo.lock().repeats.len(), 0);
+        convert_sotw_memo(&push("1", &r), &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(memo.lock().repeats.len(), 1);
+        let second = push("2", &r);
         let before = all_counts(m);
-        let real = convert_sotw_memo(&input, &source, &policy(), m, None).ok().unwrap();
+        let real = convert_sotw_memo(&second, &source, &policy(), m, None).ok().unwrap();
         let real_counts = minus(all_counts(m), before);
-        let (asked, before) = (source.asked.load(Ordering::SeqCst), all_counts(m));
+        assert_eq!(real_counts, ([3, 2, 0, 0, 0, 0], 3, 0));
         {
-            // only the whole-response memory can answer now
+            // only the span can answer now
             let mut t = memo.lock();
             t.order.clear();
             t.by_name.clear();
         }
-        let again = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        let (asked, before) = (source.asked.load(Ordering::SeqCst), all_counts(m));
+        let again = convert_sotw_memo(&second, &source, &policy(), m, Some(&memo)).ok().unwrap();
         assert_eq!(source.asked.load(Ordering::SeqCst), asked, "nothing reaches the store");
-        assert_eq!(minus(all_counts(m), before), real_counts);
-        assert_eq!(real_counts, ([3, 2, 0, 0, 0, 0], 3, 0));
+        assert_eq!(minus(all_counts(m), before), real_counts, "the counters of a real conversion");
         assert_eq!(again.bytes, real.bytes);
         assert_eq!(again.modules, real.modules);
-        // a purge invalidates it: converted for real (and fetched again)
+
+        // One more resource after the span: not a repeat; the new resource is analysed for real.
+        let mut more = r.clone();
+        more.resources.push(r.resources[0].clone());
+        let out = convert_sotw_memo(&push("3", &more), &source, &policy(), m, Some(&memo)).ok().unwrap();
+        assert_eq!(PResponse::decode(out.bytes.as_slice()).unwrap().resources.len(), 6);
+        assert!(source.asked.load(Ordering::SeqCst) > asked);
+
+        // A purge moves the generation: converted (and fetched) for real again.
         std::thread::sleep(Duration::from_millis(5));
+        convert_sotw_memo(&push("4", &PResponse::default()), &source, &policy(), m, Some(&memo)).ok().unwrap();
         assert_eq!(rs.store.purge().unwrap(), 3);
         let fetched = rs.served.calls.load(Ordering::SeqCst);
-        let out = convert_sotw_memo(&input, &source, &policy(), m, Some(&memo)).ok().unwrap();
+        let out = convert_sotw_memo(&push("5", &r), &source, &policy(), m, Some(&memo)).ok().unwrap();
         assert_eq!(rs.served.calls.load(Ordering::SeqCst), fetched + 3);
-        assert_eq!(out.bytes, real.bytes, "same content-addressed paths");
+        assert_eq!(
+            out.bytes[..],
+            convert_sotw_memo(&push("5", &r), &source, &policy(), m, None).ok().unwrap().bytes[..]
+        );
+    }
+
+    #[test]
+    fn a_repeated_span_under_another_type_url_passes_through_untouched() {
+        let rs = real_store(Duration::ZERO);
+        let memo = Memo::default();
+        let mut r = PResponse::decode(memo_response().as_slice()).unwrap();
+        r.resources.pop();
+        let m = &rs.metrics;
+        for _ in 0..2 {
+            convert_sotw_memo(&r.encode_to_vec(), &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
+        }
+        assert_eq!(memo.lock().repeats.len(), 1);
+        r.type_url = "type.googleapis.com/envoy.config.listener.v3.Listener".into();
+        let input = r.encode_to_vec();
+        let before = all_counts(m);
+        assert_eq!(convert_sotw_memo(&input, &rs.store, &policy(), m, Some(&memo)).ok().unwrap().bytes, input);
+        assert_eq!(all_counts(m), before);
     }
 
     /// The one-pass splice writes what the chain of `replace_last` / `replace_merged` copies wrote.

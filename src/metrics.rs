@@ -104,7 +104,14 @@ impl Metrics {
     }
 
     pub fn record_conversion(&self, result: ConversionResult) {
-        self.conversion[result as usize].fetch_add(1, Ordering::Relaxed);
+        self.record_conversions(result, 1);
+    }
+
+    /// `n` resources with the same result at once (a repeated push).
+    pub fn record_conversions(&self, result: ConversionResult, n: u64) {
+        if n > 0 {
+            self.conversion[result as usize].fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// One observation per convert call, in milliseconds.
