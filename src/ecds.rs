@@ -709,7 +709,7 @@ pub(crate) struct MemoEntry {
 /// SotW: entries not seen for this many calls are dropped (checked every this many calls).
 const MEMO_KEEP_CALLS: u64 = 8;
 /// Delta: a table that grows past this is cleared (names are only dropped by removals otherwise).
-const MEMO_MAX_DELTA: usize = 100_000;
+const MEMO_MAX_DELTA: usize = 10_000;
 
 impl Memo {
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoTable> {
