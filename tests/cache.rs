@@ -399,7 +399,12 @@ fn delta_in_use_set_follows_added_and_removed_resources() {
     let add = DeltaDiscoveryResponse {
         type_url: ECDS_TYPE.into(),
         nonce: "d1".into(),
-        resources: vec![Resource { name: "delta".into(), version: "1".into(), resource: Some(any(ECDS_TYPE, &ext)) }],
+        resources: vec![Resource {
+            name: "delta".into(),
+            version: "1".into(),
+            resource: Some(any(ECDS_TYPE, &ext)),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let out = DeltaDiscoveryResponse::decode(cache.convert_delta(&add.encode_to_vec()).unwrap().as_slice()).unwrap();

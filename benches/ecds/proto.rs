@@ -1,7 +1,8 @@
 //! Complete prost types for everything a "typical" ECDS response contains (field numbers from
 //! /work/shared/proto-facts.md). Used to build the inputs and as baseline (b): a full decode and re-encode.
+//! The integration tests build and read their messages with these same types (`tests/common/ecds.rs`).
 
-#![allow(dead_code, clippy::large_enum_variant)]
+#![allow(dead_code, unused_imports, clippy::large_enum_variant)]
 
 use prost::Message;
 pub use prost_types::{value::Kind, Any, Duration, Struct, Value};
@@ -54,6 +55,41 @@ pub struct Status {
     pub message: String,
     #[prost(message, repeated, tag = "3")]
     pub details: Vec<Any>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct DeltaDiscoveryResponse {
+    #[prost(string, tag = "1")]
+    pub system_version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    pub resources: Vec<Resource>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    pub removed_resources: Vec<String>,
+    #[prost(message, optional, tag = "7")]
+    pub control_plane: Option<ControlPlane>,
+    #[prost(message, repeated, tag = "8")]
+    pub removed_resource_names: Vec<ResourceName>,
+    #[prost(message, repeated, tag = "9")]
+    pub resource_errors: Vec<ResourceError>,
+}
+
+/// `envoy.service.discovery.v3.Resource`, the fields a delta ECDS resource uses.
+#[derive(Clone, PartialEq, Message)]
+pub struct Resource {
+    #[prost(string, tag = "1")]
+    pub version: String,
+    #[prost(message, optional, tag = "2")]
+    pub resource: Option<Any>,
+    #[prost(string, tag = "3")]
+    pub name: String,
+    #[prost(string, repeated, tag = "4")]
+    pub aliases: Vec<String>,
+    #[prost(message, optional, tag = "6")]
+    pub ttl: Option<Duration>,
 }
 
 // ---- ECDS resource ----
@@ -282,6 +318,7 @@ pub struct Router {
 
 pub const ECDS_TYPE: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
 pub const HTTP_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+pub const NETWORK_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";
 pub const TYPED_STRUCT_TYPE: &str = "type.googleapis.com/udpa.type.v1.TypedStruct";
 pub const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 pub const HTTP_RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
