@@ -586,14 +586,8 @@ impl Store {
         }
     }
 
-    /// Purges when `purge_interval` has passed since the last purge; cheap otherwise.
-    #[cfg(test)]
-    pub fn purge_if_due(&self) {
-        self.purge_if_due_at(Instant::now());
-    }
-
-    /// [`Store::purge_if_due`] with the caller's clock reading (one per convert call is enough). Returns
-    /// whether it purged.
+    /// Purges when `purge_interval` has passed since the last purge (cheap otherwise: no syscall), given the
+    /// caller's clock reading (one per convert call is enough). Returns whether it purged.
     pub fn purge_if_due_at(&self, now: Instant) -> bool {
         let due = self.next_purge_ms.load(Ordering::Relaxed);
         let elapsed = duration_ms(now.saturating_duration_since(self.opened));
@@ -1694,15 +1688,15 @@ mod tests {
         f.fetcher.serve("http://x/a.wasm", &wasm("a"));
         let m = f.store().get(&req("http://x/a.wasm")).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        f.store().purge_if_due();
+        f.store().purge_if_due_at(Instant::now());
         assert!(Path::new(&*m.path).exists(), "purged before the interval passed");
         std::thread::sleep(Duration::from_millis(350));
-        f.store().purge_if_due();
+        f.store().purge_if_due_at(Instant::now());
         assert!(!Path::new(&*m.path).exists(), "not purged after the interval");
         // The next one is again an interval away.
         let m = f.store().get(&req("http://x/a.wasm")).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        f.store().purge_if_due();
+        f.store().purge_if_due_at(Instant::now());
         assert!(Path::new(&*m.path).exists());
     }
 
