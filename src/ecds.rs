@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::metrics::{ConversionResult, Metrics};
-use crate::module::{Module, ModuleError, ModuleRequest, ModuleSource, PullPolicy};
+use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource, PullPolicy};
 use crate::options::OnFetchFailure;
 use crate::schema::{self, short_name};
 use crate::typed_struct;
@@ -40,7 +40,7 @@ pub(crate) struct ConversionPolicy {
 pub(crate) struct Converted {
     pub bytes: Vec<u8>,
     /// sha256 of every module the converted response references (the in-use set).
-    pub modules: Vec<Arc<str>>,
+    pub modules: ModuleList,
 }
 
 /// A converted delta response.
@@ -93,7 +93,7 @@ pub(crate) fn convert_sotw_memo(
     schema::validate(&schema::DISCOVERY_RESPONSE, input)
         .map_err(|e| Rejection { reason: format!("malformed DiscoveryResponse: {e}") })?;
     if !is_ecds(input)? {
-        return Ok(Converted { bytes: input.to_vec(), modules: Vec::new() });
+        return Ok(Converted { bytes: input.to_vec(), modules: ModuleList::default() });
     }
     let mut keys: Vec<&[u8]> = Vec::new();
     // Where the resource fields are, and whether they stand together (no other field between them).
@@ -226,6 +226,28 @@ fn offset_in(whole: &[u8], part: &[u8]) -> usize {
     part.as_ptr() as usize - whole.as_ptr() as usize
 }
 
+/// Whether the resource fields of `input` starting at `start` may be exactly `span`: it fits, is not
+/// followed by a further resource (key 0x12), and its first and last bytes agree. Cheap, so that a kept span
+/// is compared in full only when it is the likely one.
+fn may_repeat(input: &[u8], start: usize, span: &[u8]) -> bool {
+    let end = start + span.len();
+    let edge = 16.min(span.len());
+    input.len() >= end
+        && input.get(end) != Some(&0x12)
+        && input[start..start + edge] == span[..edge]
+        && input[end - edge..end] == span[span.len() - edge..]
+}
+
+/// Checks a `DiscoveryResponse` field other than a resource as the full path's validation would, noting the
+/// last `type_url`.
+fn check_response_field<'a>(field: &wire::Field<'a>, type_url: &mut Option<&'a str>) -> Option<()> {
+    match field.number {
+        4 => *type_url = Some(field.string().ok()?),
+        _ => schema::validate_field_of(&schema::DISCOVERY_RESPONSE, field).ok()?,
+    }
+    Some(())
+}
+
 /// The `TypedExtensionConfig.name` of a resource `Any`, if it reads cleanly (only used to find memo entries).
 fn tec_name_of(any: &[u8]) -> Option<&str> {
     let tec = wire::last(any, 2).ok()??.payload;
@@ -238,16 +260,19 @@ fn malformed_response(e: wire::WireError) -> Rejection {
 
 /// Whether the response carries ECDS resources: `type_url` (field 4) empty or naming TypedExtensionConfig.
 fn is_ecds(response: &[u8]) -> Result<bool, Rejection> {
-    let type_url = wire::last_string(response, 4).map_err(malformed_response)?;
-    Ok(type_url.is_empty() || short_name(type_url) == TEC)
+    Ok(is_ecds_type_url(wire::last_string(response, 4).map_err(malformed_response)?))
+}
+
+fn is_ecds_type_url(type_url: &str) -> bool {
+    type_url.is_empty() || type_url.strip_prefix(TYPE_PREFIX) == Some(TEC) || short_name(type_url) == TEC
 }
 
 /// The distinct modules, sorted (a set; sorting keeps large responses O(n log n)).
-fn distinct_modules(all: impl Iterator<Item = Arc<str>>) -> Vec<Arc<str>> {
+fn distinct_modules(all: impl Iterator<Item = Arc<str>>) -> ModuleList {
     let mut out: Vec<Arc<str>> = all.collect();
     out.sort_unstable();
     out.dedup();
-    out
+    out.into()
 }
 
 /// How a resource is named in a rejection reason.
@@ -686,8 +711,8 @@ struct RepeatedResources {
     generation: u64,
     /// How many resources passed through (`no_remote_load`).
     kept: u64,
-    /// What [`Converted::modules`] was.
-    modules: Vec<Arc<str>>,
+    /// What [`Converted::modules`] was (handed back as it is, which the store recognises cheaply).
+    modules: ModuleList,
 }
 
 /// SotW: how many responses' resource spans are kept (a cache serving a few streams alternates between them).
@@ -741,31 +766,48 @@ impl Memo {
     /// SotW: a response whose resource fields equal, byte for byte, a kept span (the other fields — nonce,
     /// version, control plane — may differ), while its conversions still hold: its output, recording what
     /// converting each resource for real would. `None` sends the response down the full path, which also
-    /// reports anything malformed.
+    /// reports anything malformed. This is the path of almost every push, so it reads each byte of the span
+    /// once (one comparison, or the copy of an unchanged span and one comparison while it is hot).
     fn repeat_resources(&self, input: &[u8], source: &dyn ModuleSource, metrics: &Metrics) -> Option<Converted> {
-        let first = Fields::new(input).map_while(Result::ok).find(|f| f.number == 2)?;
-        let start = offset_in(input, first.raw);
+        let mut type_url = None;
+        let mut fields = Fields::new(input);
+        let start = loop {
+            let field = fields.next()?.ok()?;
+            if field.number == 2 {
+                break offset_in(input, field.raw);
+            }
+            check_response_field(&field, &mut type_url)?;
+        };
         let repeat = {
             let t = self.lock();
-            t.repeats.iter().find(|r| input.get(start..start + r.span.len()).is_some_and(|s| *s == *r.span))?.clone()
+            t.repeats.iter().find(|r| may_repeat(input, start, &r.span))?.clone()
         };
-        let (head, tail) = (&input[..start], &input[start + repeat.span.len()..]);
-        // The other fields (one pass each): well formed, no further resource, an ECDS type URL.
-        let mut type_url = "";
-        for field in Fields::new(head).chain(Fields::new(tail)) {
+        let end = start + repeat.span.len();
+        // The fields after the span: well formed, no further resource.
+        for field in Fields::new(&input[end..]) {
             let field = field.ok()?;
-            match field.number {
-                2 if offset_in(input, field.raw) >= start => return None,
-                1 | 5 => {
-                    field.string().ok()?;
-                }
-                4 => type_url = field.string().ok()?,
-                _ => schema::validate(&schema::DISCOVERY_RESPONSE, field.raw).ok()?,
+            if field.number == 2 {
+                return None;
             }
+            check_response_field(&field, &mut type_url)?;
         }
-        if !(type_url.is_empty() || short_name(type_url) == TEC) {
+        if !type_url.is_none_or(is_ecds_type_url) {
             return None;
         }
+        let bytes = match &repeat.output {
+            None => {
+                if input[start..end] != *repeat.span {
+                    return None;
+                }
+                input.to_vec()
+            }
+            Some(output) => {
+                if input[start..end] != *repeat.span {
+                    return None;
+                }
+                [&input[..start], output, &input[end..]].concat()
+            }
+        };
         if !repeat.hits.is_empty() {
             let shas: Vec<&str> = repeat.hits.iter().map(|m| &**m).collect();
             if !source.reuse(&shas, repeat.generation) {
@@ -774,16 +816,12 @@ impl Memo {
         }
         metrics.record_conversions(ConversionResult::Success, repeat.hits.len() as u64);
         metrics.record_conversions(ConversionResult::NoRemoteLoad, repeat.kept);
-        let bytes = match &repeat.output {
-            None => input.to_vec(),
-            Some(output) => [head, output, tail].concat(),
-        };
         Some(Converted { bytes, modules: repeat.modules.clone() })
     }
 
     /// SotW: keeps the resource fields `span` of a response all of whose resources are memoised (`entries`,
     /// in order), for [`Memo::repeat_resources`].
-    fn keep_resources(&self, span: &[u8], entries: &[Arc<MemoEntry>], modules: &[Arc<str>]) {
+    fn keep_resources(&self, span: &[u8], entries: &[Arc<MemoEntry>], modules: &ModuleList) {
         let hits: Vec<Arc<str>> = entries.iter().filter_map(|e| e.module.clone()).collect();
         let generation = entries.iter().find(|e| e.module.is_some()).map_or(0, |e| e.generation);
         if entries.iter().any(|e| e.module.is_some() && e.generation != generation) {
@@ -801,7 +839,7 @@ impl Memo {
             out.into_boxed_slice()
         });
         let kept = (entries.len() - hits.len()) as u64;
-        let repeat = RepeatedResources { span: span.into(), output, hits, generation, kept, modules: modules.to_vec() };
+        let repeat = RepeatedResources { span: span.into(), output, hits, generation, kept, modules: modules.clone() };
         let mut t = self.lock();
         t.repeats.retain(|r| *r.span != *span);
         t.repeats.insert(0, Arc::new(repeat));
@@ -1658,7 +1696,7 @@ mod tests {
         r.type_url.clear();
         let (fake, m) = (Fake::default(), Metrics::new());
         let out = convert(&r.encode_to_vec(), &fake, &policy(), &m).ok().unwrap();
-        assert_eq!(out.modules, vec![Arc::<str>::from("sha-m.wasm")]);
+        assert_eq!(*out.modules, [Arc::<str>::from("sha-m.wasm")]);
         assert_eq!(counts(&m)[0], 1);
     }
 
@@ -1803,7 +1841,7 @@ mod tests {
         assert_eq!(req.resource_version, "42");
         assert_eq!(req.pull_policy, PullPolicy::Always);
         assert_eq!(req.pull_secret.as_deref(), Some(&b"{\"auths\":{}}"[..]));
-        assert_eq!(out.modules, vec![Arc::<str>::from("sha-m.wasm")]);
+        assert_eq!(*out.modules, [Arc::<str>::from("sha-m.wasm")]);
         let t = tecs(&out.bytes);
         assert_eq!(t[0].name, "extensions.istio.io/wasmplugin/ns.p");
         let got = out_wasm(&t[0]);

@@ -82,7 +82,6 @@ pub struct Metrics {
     duration_buckets: [AtomicU64; 16],
     /// Sum of observed durations in nanoseconds (integer, so it can be added atomically).
     duration_sum_nanos: AtomicU64,
-    duration_count: AtomicU64,
 }
 
 impl Metrics {
@@ -117,11 +116,10 @@ impl Metrics {
     /// One observation per convert call, in milliseconds.
     pub fn observe_conversion_duration(&self, elapsed: Duration) {
         let nanos = elapsed.as_nanos().min(u64::MAX as u128) as u64;
-        let ms = nanos as f64 / 1e6;
-        let slot = DURATION_BUCKETS_MS.iter().position(|&le| ms <= le as f64).unwrap_or(DURATION_BUCKETS_MS.len());
+        let slot =
+            DURATION_BUCKETS_MS.iter().position(|&le| nanos <= le * 1_000_000).unwrap_or(DURATION_BUCKETS_MS.len());
         self.duration_buckets[slot].fetch_add(1, Ordering::Relaxed);
         self.duration_sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.duration_count.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn lookups(&self, hit: bool) -> u64 {
@@ -141,7 +139,7 @@ impl Metrics {
     }
 
     pub fn conversion_duration_count(&self) -> u64 {
-        self.duration_count.load(Ordering::Relaxed)
+        self.duration_buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     /// Prometheus text exposition format 0.0.4.

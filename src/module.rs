@@ -67,6 +67,10 @@ pub struct Module {
     pub sha256: Arc<str>,
 }
 
+/// The distinct modules (sha256) a converted response references: shared by the conversion memo and the
+/// store's in-use set.
+pub type ModuleList = Arc<[Arc<str>]>;
+
 /// Why a module could not be had. `message` is the cause an operator reads, without the resource or URL
 /// (the conversion adds those).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::fetch::{new_temp_file, Downloaded, FetchError, Fetcher, TEMP_PREFIX};
 use crate::metrics::{FetchResult, Metrics};
-use crate::module::{Module, ModuleError, ModuleRequest, ModuleSource, PullPolicy};
+use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource, PullPolicy};
 use crate::options::Options;
 
 #[derive(Debug, Clone)]
@@ -58,6 +58,10 @@ impl ModuleFetcher for Fetcher {
 const INDEX_FILE: &str = "index.json";
 const MODULES_DIR: &str = "modules";
 const INDEX_VERSION: u32 = 1;
+
+fn list_address(list: &ModuleList) -> usize {
+    Arc::as_ptr(list).cast::<()>() as usize
+}
 
 /// A verified module this process serves. Holds a shared `flock` on the file for as long as it lives.
 struct Entry {
@@ -112,7 +116,7 @@ struct State {
     /// URL entries from the index, keyed by hex sha256 of the URL, moved into `urls` on first use.
     restored_urls: HashMap<String, UrlEntry>,
     /// Distinct modules the latest SotW conversion references.
-    sotw_in_use: Vec<Arc<str>>,
+    sotw_in_use: ModuleList,
     delta_in_use: HashMap<String, Arc<str>>,
     flights: HashMap<FlightKey, Arc<Flight>>,
     /// Changes whenever something a hit depends on changes: a module leaves `modules`, or the URL map
@@ -203,6 +207,9 @@ pub(crate) struct Store {
     fetcher: Box<dyn ModuleFetcher>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
+    /// The address of `State::sotw_in_use`, so that a repeated push handing back the very list in use needs no
+    /// lock (see [`Store::set_sotw_in_use`]).
+    sotw_in_use_at: AtomicUsize,
     /// Serialises index writes (the state lock is held only to snapshot).
     index_lock: Mutex<()>,
     /// Fetch threads `get_all` has started (for tests and diagnostics).
@@ -245,6 +252,7 @@ impl Store {
             opened: Instant::now(),
             fetcher,
             metrics,
+            sotw_in_use_at: AtomicUsize::new(list_address(&state.sotw_in_use)),
             state: Mutex::new(state),
             index_lock: Mutex::new(()),
             threads_spawned: AtomicU64::new(0),
@@ -557,14 +565,18 @@ impl Store {
     }
 
     /// The latest converted state-of-the-world response references exactly these modules.
-    pub fn set_sotw_in_use(&self, modules: Vec<Arc<str>>) {
-        let mut st = self.state();
-        // A repeated push references the very same modules (the same Arcs): nothing to rebuild.
-        let same = st.sotw_in_use.len() == modules.len()
-            && st.sotw_in_use.iter().zip(&modules).all(|(a, b)| Arc::ptr_eq(a, b) || a == b);
-        if !same {
-            st.sotw_in_use = modules;
+    pub fn set_sotw_in_use(&self, modules: ModuleList) {
+        // A push answered from the conversion memo hands back the very list already in use. `modules` keeps
+        // its allocation alive, so an equal address can only be that same list.
+        if self.sotw_in_use_at.load(Ordering::Acquire) == list_address(&modules) {
+            return;
         }
+        let mut st = self.state();
+        // Published before the old list can be freed (and its address reused), under the lock.
+        self.sotw_in_use_at.store(list_address(&modules), Ordering::Release);
+        let old = std::mem::replace(&mut st.sotw_in_use, modules);
+        drop(st);
+        drop(old);
     }
 
     /// A converted delta response: `resources` were added or updated (with their module, if any), `removed`
@@ -1583,7 +1595,7 @@ mod tests {
             mods.push(f.store().get(&req(&url)).unwrap());
         }
         assert_eq!(f.metrics.cache_entries(), 4);
-        f.store().set_sotw_in_use(vec![mods[0].sha256.clone()]);
+        f.store().set_sotw_in_use(vec![mods[0].sha256.clone()].into());
         f.store().update_delta_in_use(
             vec![("r1".into(), Some(mods[1].sha256.clone())), ("r2".into(), Some(mods[2].sha256.clone()))],
             &[],
@@ -1605,10 +1617,35 @@ mod tests {
         f.store().get(&req("http://x/b.wasm")).unwrap();
         assert_eq!(f.fetcher.calls(), calls + 1);
 
-        f.store().set_sotw_in_use(vec![]);
+        f.store().set_sotw_in_use(Vec::new().into());
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(f.store().purge().unwrap(), 2);
         assert_eq!(f.metrics.cache_entries(), 0);
+    }
+
+    #[test]
+    fn the_sotw_in_use_list_is_replaced_unless_it_is_the_very_same_list() {
+        let f = fixture_with(Duration::ZERO, Duration::from_secs(3600));
+        let mut mods = Vec::new();
+        for name in ["a", "b"] {
+            let url = format!("http://x/{name}.wasm");
+            f.fetcher.serve(&url, &wasm(name));
+            mods.push(f.store().get(&req(&url)).unwrap());
+        }
+        let first: ModuleList = vec![mods[0].sha256.clone()].into();
+        f.store().set_sotw_in_use(first.clone());
+        f.store().set_sotw_in_use(first.clone()); // the memo handing back the same list: no change
+                                                  // An equal list in another allocation, then a different one: each replaces the set.
+        f.store().set_sotw_in_use(vec![mods[0].sha256.clone()].into());
+        f.store().set_sotw_in_use(vec![mods[1].sha256.clone()].into());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert!(!Path::new(&*mods[0].path).exists());
+        assert!(Path::new(&*mods[1].path).exists());
+        // The first list again (still alive, so its address cannot be reused): it is in use once more.
+        f.store().set_sotw_in_use(first);
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert!(!Path::new(&*mods[1].path).exists());
     }
 
     #[test]
@@ -1655,7 +1692,7 @@ mod tests {
         let mut f = fixture();
         f.fetcher.serve("http://x/a.wasm", &wasm("a"));
         let m = f.store().get(&req("http://x/a.wasm")).unwrap();
-        f.store().set_sotw_in_use(vec![m.sha256.clone()]);
+        f.store().set_sotw_in_use(vec![m.sha256.clone()].into());
         // A neighbour with zero expiry, that knows the module from the index but does not use it.
         let neighbour = Store::open_with(
             settings(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),

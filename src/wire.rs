@@ -73,7 +73,35 @@ impl<'a> Fields<'a> {
         Fields { buf, pos: 0, failed: false }
     }
 
+    /// The common case inline: a one-byte key of a length-delimited field whose length takes one or two
+    /// bytes and fits. Everything else (and every error) takes [`Fields::read_field_slow`].
+    #[inline]
     fn read_field(&mut self) -> Result<Field<'a>, WireError> {
+        let start = self.pos;
+        if let Some(&[key, l0, ref rest @ ..]) = self.buf.get(start..) {
+            if key < 0x80 && key & 7 == 2 && key >= 8 {
+                let (len, header) = match (l0, rest.first()) {
+                    (0..0x80, _) => (usize::from(l0), 2),
+                    (_, Some(&l1)) if l1 < 0x80 => (usize::from(l0 & 0x7f) | usize::from(l1) << 7, 3),
+                    _ => return self.read_field_slow(),
+                };
+                let end = start + header + len;
+                if end <= self.buf.len() {
+                    self.pos = end;
+                    return Ok(Field {
+                        number: u32::from(key >> 3),
+                        wire_type: WireType::LengthDelimited,
+                        payload: &self.buf[start + header..end],
+                        raw: &self.buf[start..end],
+                    });
+                }
+            }
+        }
+        self.read_field_slow()
+    }
+
+    #[inline(never)]
+    fn read_field_slow(&mut self) -> Result<Field<'a>, WireError> {
         let start = self.pos;
         let (number, wire_type) = self.read_key()?;
         let payload = self.read_value(number, wire_type)?;
@@ -175,6 +203,7 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<Field<'a>, WireError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
