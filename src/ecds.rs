@@ -227,8 +227,8 @@ fn offset_in(whole: &[u8], part: &[u8]) -> usize {
 }
 
 /// Whether the resource fields of `input` starting at `start` may be exactly `span`: it fits, is not
-/// followed by a further resource (key 0x12), and its first and last bytes agree. Cheap, so that a kept span
-/// is compared in full only when it is the likely one.
+/// followed by a further resource (key 0x12), and its first and last bytes agree. Cheap, so that only the
+/// likely span is compared in full.
 fn may_repeat(input: &[u8], start: usize, span: &[u8]) -> bool {
     let end = start + span.len();
     let edge = 16.min(span.len());
@@ -766,8 +766,8 @@ impl Memo {
     /// SotW: a response whose resource fields equal, byte for byte, a kept span (the other fields — nonce,
     /// version, control plane — may differ), while its conversions still hold: its output, recording what
     /// converting each resource for real would. `None` sends the response down the full path, which also
-    /// reports anything malformed. This is the path of almost every push, so it reads each byte of the span
-    /// once (one comparison, or the copy of an unchanged span and one comparison while it is hot).
+    /// reports anything malformed. This is the path of almost every push: one comparison of the span (the kept
+    /// span is picked by its edges first) and one copy out.
     fn repeat_resources(&self, input: &[u8], source: &dyn ModuleSource, metrics: &Metrics) -> Option<Converted> {
         let mut type_url = None;
         let mut fields = Fields::new(input);
@@ -779,8 +779,14 @@ impl Memo {
             check_response_field(&field, &mut type_url)?;
         };
         let repeat = {
-            let t = self.lock();
-            t.repeats.iter().find(|r| may_repeat(input, start, &r.span))?.clone()
+            let mut t = self.lock();
+            let at = t
+                .repeats
+                .iter()
+                .position(|r| may_repeat(input, start, &r.span) && input[start..][..r.span.len()] == *r.span)?;
+            // Most recently used first: the spans of a few streams alternating on one cache all stay.
+            t.repeats[..=at].rotate_right(1);
+            t.repeats[0].clone()
         };
         let end = start + repeat.span.len();
         // The fields after the span: well formed, no further resource.
@@ -795,18 +801,8 @@ impl Memo {
             return None;
         }
         let bytes = match &repeat.output {
-            None => {
-                if input[start..end] != *repeat.span {
-                    return None;
-                }
-                input.to_vec()
-            }
-            Some(output) => {
-                if input[start..end] != *repeat.span {
-                    return None;
-                }
-                [&input[..start], output, &input[end..]].concat()
-            }
+            None => input.to_vec(),
+            Some(output) => [&input[..start], output, &input[end..]].concat(),
         };
         if !repeat.hits.is_empty() {
             let shas: Vec<&str> = repeat.hits.iter().map(|m| &**m).collect();
@@ -2707,6 +2703,63 @@ mod tests {
             out.bytes[..],
             convert_sotw_memo(&push("5", &r), &source, &policy(), m, None).ok().unwrap().bytes[..]
         );
+    }
+
+    /// A response whose resources begin another's (the shorter span is a prefix of the longer) is answered
+    /// from its own span, and the most recently used spans are the ones kept.
+    #[test]
+    fn alternating_responses_each_find_their_own_span() {
+        let rs = real_store(Duration::ZERO);
+        let memo = Memo::default();
+        let source = Counting { store: &rs.store, asked: AtomicUsize::new(0) };
+        let mut long = PResponse::decode(memo_response().as_slice()).unwrap();
+        long.resources.pop();
+        let mut short = long.clone();
+        short.resources.truncate(2);
+        let others: Vec<PResponse> = (0..MEMO_REPEATS - 1)
+            .map(|i| {
+                let mut r = short.clone();
+                r.resources.push(resource(&format!("rbac-{i}"), any(HTTP_RBAC_URL, vec![])));
+                r
+            })
+            .collect();
+        let m = &rs.metrics;
+        let nonce = AtomicUsize::new(0);
+        let convert = |r: &PResponse| {
+            let mut p = r.clone();
+            p.nonce = nonce.fetch_add(1, Ordering::SeqCst).to_string();
+            convert_sotw_memo(&p.encode_to_vec(), &source, &policy(), m, Some(&memo)).ok().unwrap()
+        };
+        // Answered from a kept span: without the per-resource entries, anything else asks the store.
+        let from_span = |r: &PResponse| {
+            {
+                let mut t = memo.lock();
+                t.order.clear();
+                t.by_name.clear();
+            }
+            let asked = source.asked.load(Ordering::SeqCst);
+            let out = convert(r);
+            assert_eq!(source.asked.load(Ordering::SeqCst), asked, "answered from the kept span");
+            assert_eq!(PResponse::decode(out.bytes.as_slice()).unwrap().resources.len(), r.resources.len());
+        };
+        for r in [&long, &long, &short] {
+            convert(r); // fetches, then keeps both spans: short (the prefix) is tried first
+        }
+        for _ in 0..3 {
+            from_span(&long);
+            from_span(&short);
+        }
+        // Kept: others[0], others[1], short, long. Using long makes short the least recent one.
+        convert(&others[0]);
+        convert(&others[1]);
+        from_span(&long);
+        convert(&others[2]);
+        from_span(&long);
+        from_span(&others[2]);
+        assert_eq!(memo.lock().repeats.len(), MEMO_REPEATS);
+        let asked = source.asked.load(Ordering::SeqCst);
+        convert(&short);
+        assert!(source.asked.load(Ordering::SeqCst) > asked, "short was the one dropped");
     }
 
     #[test]
