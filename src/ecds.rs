@@ -116,7 +116,8 @@ pub(crate) fn convert_sotw_memo(
         let entries = memoize(&mut done, &keys, &name_at, stable);
         let contiguous = !keys.is_empty() && span_end - span_start == raw_total;
         if contiguous && entries.len() == keys.len() {
-            memo.keep_resources(&input[span_start..span_end], &entries, &modules);
+            let envelope = envelope_of(input, span_start, span_end);
+            memo.keep_resources(&input[span_start..span_end], &entries, &modules, envelope);
         }
         memo.replace(entries);
     }
@@ -238,14 +239,37 @@ fn may_repeat(input: &[u8], start: usize, span: &[u8]) -> bool {
         && input[end - edge..end] == span[span.len() - edge..]
 }
 
-/// Checks a `DiscoveryResponse` field other than a resource as the full path's validation would, noting the
-/// last `type_url`.
-fn check_response_field<'a>(field: &wire::Field<'a>, type_url: &mut Option<&'a str>) -> Option<()> {
+/// Checks a `DiscoveryResponse` field outside the resource span as the full path's validation would; a
+/// field byte-identical to one in `known` (accepted by the full path before) needs no second look. Notes
+/// whether a `type_url` is ECDS (the last one counts).
+fn check_envelope_field(field: &wire::Field<'_>, known: &[Box<[u8]>], ecds: &mut bool) -> Option<()> {
+    if field.number == 2 {
+        return None;
+    }
+    if known.iter().any(|k| **k == *field.raw) {
+        *ecds |= field.number == 4; // only ECDS type URLs are known
+        return Some(());
+    }
     match field.number {
-        4 => *type_url = Some(field.string().ok()?),
+        4 => *ecds = is_ecds_type_url(field.string().ok()?),
         _ => schema::validate_field_of(&schema::DISCOVERY_RESPONSE, field).ok()?,
     }
     Some(())
+}
+
+/// The fields of a response outside its resource span (`start..end`) that pushes repeat as they are: all
+/// but version and nonce, and a type URL only when it is ECDS. The response was validated in full.
+fn envelope_of(input: &[u8], start: usize, end: usize) -> Vec<Box<[u8]>> {
+    Fields::new(&input[..start])
+        .chain(Fields::new(&input[end..]))
+        .map_while(Result::ok)
+        .filter(|f| match f.number {
+            1 | 2 | 5 => false,
+            4 => f.string().is_ok_and(is_ecds_type_url),
+            _ => true,
+        })
+        .map(|f| f.raw.into())
+        .collect()
 }
 
 /// The `TypedExtensionConfig.name` of a resource `Any`, if it reads cleanly (only used to find memo entries).
@@ -713,6 +737,8 @@ struct RepeatedResources {
     kept: u64,
     /// What [`Converted::modules`] was (handed back as it is, which the store recognises cheaply).
     modules: ModuleList,
+    /// Fields around the span in the response that made it, already validated (see [`envelope_of`]).
+    envelope: Vec<Box<[u8]>>,
 }
 
 /// SotW: how many responses' resource spans are kept (a cache serving a few streams alternates between them).
@@ -769,47 +795,35 @@ impl Memo {
     /// reports anything malformed. This is the path of almost every push: one comparison of the span (the kept
     /// span is picked by its edges first) and one copy out.
     fn repeat_resources(&self, input: &[u8], source: &dyn ModuleSource, metrics: &Metrics) -> Option<Converted> {
-        let mut type_url = None;
-        let mut fields = Fields::new(input);
-        let start = loop {
-            let field = fields.next()?.ok()?;
-            if field.number == 2 {
-                break offset_in(input, field.raw);
-            }
-            check_response_field(&field, &mut type_url)?;
-        };
-        let repeat = {
-            let mut t = self.lock();
-            let at = t
-                .repeats
-                .iter()
-                .position(|r| may_repeat(input, start, &r.span) && input[start..][..r.span.len()] == *r.span)?;
-            // Most recently used first: the spans of a few streams alternating on one cache all stay.
-            t.repeats[..=at].rotate_right(1);
-            t.repeats[0].clone()
-        };
+        let start =
+            Fields::new(input).map_while(Result::ok).find(|f| f.number == 2).map(|f| offset_in(input, f.raw))?;
+        // Held to the end: the kept span is used in place (no reference count to move on the hottest path).
+        let mut t = self.lock();
+        let at = t
+            .repeats
+            .iter()
+            .position(|r| may_repeat(input, start, &r.span) && input[start..][..r.span.len()] == *r.span)?;
+        // Most recently used first: the spans of a few streams alternating on one cache all stay.
+        t.repeats[..=at].rotate_right(1);
+        let repeat = &*t.repeats[0];
         let end = start + repeat.span.len();
-        // The fields after the span: well formed, no further resource.
-        for field in Fields::new(&input[end..]) {
-            let field = field.ok()?;
-            if field.number == 2 {
-                return None;
+        // The other fields: well formed, no further resource, the last type URL an ECDS one.
+        let mut ecds = true;
+        for part in [&input[..start], &input[end..]] {
+            for field in Fields::new(part) {
+                check_envelope_field(&field.ok()?, &repeat.envelope, &mut ecds)?;
             }
-            check_response_field(&field, &mut type_url)?;
         }
-        if !type_url.is_none_or(is_ecds_type_url) {
+        if !ecds {
+            return None;
+        }
+        if !repeat.hits.is_empty() && !source.reuse(&mut repeat.hits.iter().map(|m| &**m), repeat.generation) {
             return None;
         }
         let bytes = match &repeat.output {
             None => input.to_vec(),
             Some(output) => [&input[..start], output, &input[end..]].concat(),
         };
-        if !repeat.hits.is_empty() {
-            let shas: Vec<&str> = repeat.hits.iter().map(|m| &**m).collect();
-            if !source.reuse(&shas, repeat.generation) {
-                return None;
-            }
-        }
         metrics.record_conversions(ConversionResult::Success, repeat.hits.len() as u64);
         metrics.record_conversions(ConversionResult::NoRemoteLoad, repeat.kept);
         Some(Converted { bytes, modules: repeat.modules.clone() })
@@ -817,7 +831,7 @@ impl Memo {
 
     /// SotW: keeps the resource fields `span` of a response all of whose resources are memoised (`entries`,
     /// in order), for [`Memo::repeat_resources`].
-    fn keep_resources(&self, span: &[u8], entries: &[Arc<MemoEntry>], modules: &ModuleList) {
+    fn keep_resources(&self, span: &[u8], entries: &[Arc<MemoEntry>], modules: &ModuleList, envelope: Vec<Box<[u8]>>) {
         let hits: Vec<Arc<str>> = entries.iter().filter_map(|e| e.module.clone()).collect();
         let generation = entries.iter().find(|e| e.module.is_some()).map_or(0, |e| e.generation);
         if entries.iter().any(|e| e.module.is_some() && e.generation != generation) {
@@ -835,7 +849,8 @@ impl Memo {
             out.into_boxed_slice()
         });
         let kept = (entries.len() - hits.len()) as u64;
-        let repeat = RepeatedResources { span: span.into(), output, hits, generation, kept, modules: modules.clone() };
+        let repeat =
+            RepeatedResources { span: span.into(), output, hits, generation, kept, modules: modules.clone(), envelope };
         let mut t = self.lock();
         t.repeats.retain(|r| *r.span != *span);
         t.repeats.insert(0, Arc::new(repeat));
@@ -921,8 +936,8 @@ fn run<'k>(
             }
         }
     }
-    let reused: Vec<&str> = found.iter().flatten().filter_map(|e| e.module.as_deref()).collect();
-    if !reused.is_empty() && !source.reuse(&reused, generation) {
+    let mut reused = found.iter().flatten().filter_map(|e| e.module.as_deref()).peekable();
+    if reused.peek().is_some() && !source.reuse(&mut reused, generation) {
         for (i, f) in found.iter_mut().enumerate() {
             if f.as_ref().is_some_and(|e| e.module.is_some()) {
                 *f = None;
@@ -2400,7 +2415,7 @@ mod tests {
         fn generation(&self) -> u64 {
             self.store.generation()
         }
-        fn reuse(&self, modules: &[&str], generation: u64) -> bool {
+        fn reuse(&self, modules: &mut dyn Iterator<Item = &str>, generation: u64) -> bool {
             self.store.reuse(modules, generation)
         }
     }

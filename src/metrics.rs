@@ -90,8 +90,13 @@ impl Metrics {
     }
 
     pub fn record_lookup(&self, hit: bool) {
+        self.record_lookups(hit, 1);
+    }
+
+    /// `n` lookups with the same outcome at once (a repeated push).
+    pub fn record_lookups(&self, hit: bool, n: u64) {
         let counter = if hit { &self.lookup_hit } else { &self.lookup_miss };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn set_cache_entries(&self, entries: usize) {

@@ -104,7 +104,7 @@ pub trait ModuleSource: Sync {
     /// Lets a conversion reuse earlier hits on `modules` (sha256s) without asking again: if the generation is
     /// still `generation` and every module is present, records exactly what answering each as a hit would
     /// (a lookup hit, the module's last use) and returns true; otherwise records nothing and returns false.
-    fn reuse(&self, _modules: &[&str], _generation: u64) -> bool {
+    fn reuse(&self, _modules: &mut dyn Iterator<Item = &str>, _generation: u64) -> bool {
         false
     }
 }

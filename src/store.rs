@@ -275,7 +275,7 @@ impl Store {
     /// Records hits on `modules` exactly as [`Store::get`] would for requests it answers from memory (one
     /// lookup hit each, last use touched) — provided the generation is still `generation` and every module
     /// is in memory; otherwise records nothing and returns false.
-    pub fn reuse(&self, modules: &[&str], generation: u64) -> bool {
+    pub fn reuse(&self, modules: &mut dyn Iterator<Item = &str>, generation: u64) -> bool {
         let st = self.state();
         if st.generation != generation {
             return false;
@@ -283,16 +283,16 @@ impl Store {
         // While the generation stands no module has left, so all are there (checked all the same; touching
         // one before finding another missing is harmless: a real lookup of it would have touched it too).
         let now = now_ms();
+        let mut hits = 0;
         for m in modules {
-            match st.modules.get(*m) {
+            match st.modules.get(m) {
                 Some(entry) => entry.touch_at(now),
                 None => return false,
             }
+            hits += 1;
         }
         drop(st);
-        for _ in modules {
-            self.metrics.record_lookup(true);
-        }
+        self.metrics.record_lookups(true, hits);
         true
     }
 
@@ -734,7 +734,7 @@ impl ModuleSource for Store {
         Store::generation(self)
     }
 
-    fn reuse(&self, modules: &[&str], generation: u64) -> bool {
+    fn reuse(&self, modules: &mut dyn Iterator<Item = &str>, generation: u64) -> bool {
         Store::reuse(self, modules, generation)
     }
 
@@ -1870,11 +1870,11 @@ mod tests {
         let g = f.store().generation();
         f.store().state().modules[&m.sha256].last_used.store(0, Ordering::Relaxed);
         let before = lookups(&f.metrics);
-        assert!(f.store().reuse(&[&m.sha256], g));
+        assert!(f.store().reuse(&mut std::iter::once(&*m.sha256), g));
         assert_eq!(lookups(&f.metrics), (before.0 + 1, before.1));
         assert!(f.store().state().modules[&m.sha256].last_used.load(Ordering::Relaxed) > 0, "touched");
-        assert!(!f.store().reuse(&[&m.sha256], g + 1));
-        assert!(!f.store().reuse(&["0".repeat(64).as_str()], g));
+        assert!(!f.store().reuse(&mut std::iter::once(&*m.sha256), g + 1));
+        assert!(!f.store().reuse(&mut std::iter::once("0".repeat(64).as_str()), g));
         assert_eq!(lookups(&f.metrics), (before.0 + 1, before.1), "a refused reuse records nothing");
         // a hit changes nothing; a new resource version of a checksum-less URL does; a purge does
         f.store().get(&req("http://x/a.wasm")).unwrap();

@@ -74,8 +74,9 @@ impl<'a> Fields<'a> {
     }
 
     /// The common case inline: a one-byte key of a length-delimited field whose length takes one or two
-    /// bytes and fits. Everything else (and every error) takes [`Fields::read_field_slow`].
-    #[inline]
+    /// bytes and fits. Everything else (and every error) takes [`Fields::read_field_slow`]. Inlined so that
+    /// the field is built in registers, not returned through memory.
+    #[inline(always)]
     fn read_field(&mut self) -> Result<Field<'a>, WireError> {
         let start = self.pos;
         if let Some(&[key, l0, ref rest @ ..]) = self.buf.get(start..) {
@@ -203,7 +204,7 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<Field<'a>, WireError>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
