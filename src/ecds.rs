@@ -2777,6 +2777,58 @@ mod tests {
         assert!(source.asked.load(Ordering::SeqCst) > asked, "short was the one dropped");
     }
 
+    /// Around a kept span, only fields the full path accepted for it are taken as they are: anything else is
+    /// checked again, so a repeated span never carries a malformed or non-ECDS envelope through.
+    #[test]
+    fn the_fields_around_a_repeated_span_are_checked_like_the_full_path() {
+        let rs = real_store(Duration::ZERO);
+        let memo = Memo::default();
+        let mut r = PResponse::decode(memo_response().as_slice()).unwrap();
+        r.resources.pop();
+        r.type_url = ECDS.into();
+        let m = &rs.metrics;
+        let mut control_plane = Vec::new();
+        wire::put_len(&mut control_plane, 1, b"istiod-1");
+        let mut with_envelope = r.encode_to_vec();
+        wire::put_len(&mut with_envelope, 6, &control_plane);
+        for _ in 0..2 {
+            convert_sotw_memo(&with_envelope, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
+        }
+        let converted = convert_sotw_memo(&with_envelope, &rs.store, &policy(), m, None).ok().unwrap().bytes;
+        let push = |extra: &[u8]| [&r.encode_to_vec()[..], extra].concat();
+        let source = Counting { store: &rs.store, asked: AtomicUsize::new(0) };
+        let memo_or_full = |input: &[u8]| {
+            let full = convert_sotw_memo(input, &rs.store, &policy(), m, None).map(|c| c.bytes);
+            let memo = convert_sotw_memo(input, &source, &policy(), m, Some(&memo)).map(|c| c.bytes);
+            assert_eq!(memo, full);
+            memo
+        };
+        // The same control plane: answered from the span as before (no per-resource entry left to answer).
+        {
+            let mut t = memo.lock();
+            t.order.clear();
+            t.by_name.clear();
+        }
+        let mut same = Vec::new();
+        wire::put_len(&mut same, 6, &control_plane);
+        assert_eq!(memo_or_full(&push(&same)).unwrap(), converted);
+        assert_eq!(source.asked.load(Ordering::SeqCst), 0);
+        // A control plane whose identifier is not UTF-8, a version that is not: rejected as by the full path.
+        let mut bad_cp = Vec::new();
+        wire::put_len(&mut bad_cp, 1, b"istiod-\xff");
+        let mut bad = Vec::new();
+        wire::put_len(&mut bad, 6, &bad_cp);
+        assert!(memo_or_full(&push(&bad)).unwrap_err().reason.contains("malformed DiscoveryResponse"));
+        let mut bad_version = Vec::new();
+        wire::put_len(&mut bad_version, 1, b"v\xff");
+        assert!(memo_or_full(&push(&bad_version)).is_err());
+        // The known ECDS type URL followed by another one: the last counts, nothing is converted.
+        let mut listener = Vec::new();
+        wire::put_len(&mut listener, 4, b"type.googleapis.com/envoy.config.listener.v3.Listener");
+        let input = push(&listener);
+        assert_eq!(memo_or_full(&input).unwrap(), input);
+    }
+
     #[test]
     fn a_repeated_span_under_another_type_url_passes_through_untouched() {
         let rs = real_store(Duration::ZERO);
