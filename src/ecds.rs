@@ -239,12 +239,24 @@ fn may_repeat(input: &[u8], start: usize, span: &[u8]) -> bool {
         && input[end - edge..end] == span[span.len() - edge..]
 }
 
+/// [`check_envelope_field`] for every field of `part`.
+#[inline(always)]
+fn check_envelope(part: &[u8], known: &[Box<[u8]>], ecds: &mut bool) -> Option<()> {
+    for field in Fields::new(part) {
+        check_envelope_field(&field.ok()?, known, ecds)?;
+    }
+    Some(())
+}
+
 /// Checks a `DiscoveryResponse` field outside the resource span as the full path's validation would; a
 /// field byte-identical to one in `known` (accepted by the full path before) needs no second look. Notes
 /// whether a `type_url` is ECDS (the last one counts).
 fn check_envelope_field(field: &wire::Field<'_>, known: &[Box<[u8]>], ecds: &mut bool) -> Option<()> {
-    if field.number == 2 {
-        return None;
+    match field.number {
+        2 => return None,
+        // version and nonce: new on every push
+        1 | 5 => return field.string().ok().map(|_| ()),
+        _ => {}
     }
     if known.iter().any(|k| **k == *field.raw) {
         *ecds |= field.number == 4; // only ECDS type URLs are known
@@ -809,11 +821,8 @@ impl Memo {
         let end = start + repeat.span.len();
         // The other fields: well formed, no further resource, the last type URL an ECDS one.
         let mut ecds = true;
-        for part in [&input[..start], &input[end..]] {
-            for field in Fields::new(part) {
-                check_envelope_field(&field.ok()?, &repeat.envelope, &mut ecds)?;
-            }
-        }
+        check_envelope(&input[..start], &repeat.envelope, &mut ecds)?;
+        check_envelope(&input[end..], &repeat.envelope, &mut ecds)?;
         if !ecds {
             return None;
         }

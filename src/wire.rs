@@ -73,32 +73,31 @@ impl<'a> Fields<'a> {
         Fields { buf, pos: 0, failed: false }
     }
 
-    /// The common case inline: a one-byte key of a length-delimited field whose length takes one or two
-    /// bytes and fits. Everything else (and every error) takes [`Fields::read_field_slow`]. Inlined so that
-    /// the field is built in registers, not returned through memory.
+    /// The common case, inline: a one-byte key of a length-delimited field whose length takes one or two
+    /// bytes and fits. `None` leaves everything else (and every error) to [`Fields::read_field_slow`].
     #[inline(always)]
-    fn read_field(&mut self) -> Result<Field<'a>, WireError> {
+    fn read_len_field(&mut self) -> Option<Field<'a>> {
         let start = self.pos;
-        if let Some(&[key, l0, ref rest @ ..]) = self.buf.get(start..) {
-            if key < 0x80 && key & 7 == 2 && key >= 8 {
-                let (len, header) = match (l0, rest.first()) {
-                    (0..0x80, _) => (usize::from(l0), 2),
-                    (_, Some(&l1)) if l1 < 0x80 => (usize::from(l0 & 0x7f) | usize::from(l1) << 7, 3),
-                    _ => return self.read_field_slow(),
-                };
-                let end = start + header + len;
-                if end <= self.buf.len() {
-                    self.pos = end;
-                    return Ok(Field {
-                        number: u32::from(key >> 3),
-                        wire_type: WireType::LengthDelimited,
-                        payload: &self.buf[start + header..end],
-                        raw: &self.buf[start..end],
-                    });
-                }
-            }
+        let &[key, l0, ref rest @ ..] = self.buf.get(start..)? else { return None };
+        if key >= 0x80 || key & 7 != 2 || key < 8 {
+            return None;
         }
-        self.read_field_slow()
+        let (len, header) = match (l0, rest.first()) {
+            (0..0x80, _) => (usize::from(l0), 2),
+            (_, Some(&l1)) if l1 < 0x80 => (usize::from(l0 & 0x7f) | usize::from(l1) << 7, 3),
+            _ => return None,
+        };
+        let end = start + header + len;
+        if end > self.buf.len() {
+            return None;
+        }
+        self.pos = end;
+        Some(Field {
+            number: u32::from(key >> 3),
+            wire_type: WireType::LengthDelimited,
+            payload: &self.buf[start + header..end],
+            raw: &self.buf[start..end],
+        })
     }
 
     #[inline(never)]
@@ -209,7 +208,11 @@ impl<'a> Iterator for Fields<'a> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
         }
-        let result = self.read_field();
+        // Returned straight from the fast path: the field is written once, into the caller's slot.
+        if let Some(field) = self.read_len_field() {
+            return Some(Ok(field));
+        }
+        let result = self.read_field_slow();
         self.failed = result.is_err();
         Some(result)
     }
