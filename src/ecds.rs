@@ -39,8 +39,9 @@ pub(crate) struct ConversionPolicy {
 /// A converted state-of-the-world response.
 pub(crate) struct Converted {
     pub bytes: Vec<u8>,
-    /// sha256 of every module the converted response references (the in-use set).
-    pub modules: ModuleList,
+    /// sha256 of every module the converted response references (the in-use set); `None` when it is the very
+    /// list the source already holds as in use (a repeated push), so that nothing needs to change.
+    pub modules: Option<ModuleList>,
 }
 
 /// A converted delta response.
@@ -93,7 +94,7 @@ pub(crate) fn convert_sotw_memo(
     schema::validate(&schema::DISCOVERY_RESPONSE, input)
         .map_err(|e| Rejection { reason: format!("malformed DiscoveryResponse: {e}") })?;
     if !is_ecds(input)? {
-        return Ok(Converted { bytes: input.to_vec(), modules: ModuleList::default() });
+        return Ok(Converted { bytes: input.to_vec(), modules: Some(ModuleList::default()) });
     }
     let mut keys: Vec<&[u8]> = Vec::new();
     // Where the resource fields are, and whether they stand together (no other field between them).
@@ -122,7 +123,7 @@ pub(crate) fn convert_sotw_memo(
         memo.replace(entries);
     }
     if done.iter().all(|d| d.unchanged()) {
-        return Ok(Converted { bytes: input.to_vec(), modules });
+        return Ok(Converted { bytes: input.to_vec(), modules: Some(modules) });
     }
     let extra: usize = done.iter().map(|d| d.output().map_or(0, |o| o.len() + 5)).sum();
     let mut out = Vec::with_capacity(input.len() + extra);
@@ -138,7 +139,7 @@ pub(crate) fn convert_sotw_memo(
             None => out.extend_from_slice(field.raw),
         }
     }
-    Ok(Converted { bytes: out, modules })
+    Ok(Converted { bytes: out, modules: Some(modules) })
 }
 
 /// Without a memo (the decision table alone; tests).
@@ -255,7 +256,7 @@ fn check_envelope_field(field: &wire::Field<'_>, known: &[Box<[u8]>], ecds: &mut
     match field.number {
         2 => return None,
         // version and nonce: new on every push
-        1 | 5 => return field.string().ok().map(|_| ()),
+        1 | 5 => return field.is_string().then_some(()),
         _ => {}
     }
     if known.iter().any(|k| **k == *field.raw) {
@@ -835,7 +836,8 @@ impl Memo {
         };
         metrics.record_conversions(ConversionResult::Success, repeat.hits.len() as u64);
         metrics.record_conversions(ConversionResult::NoRemoteLoad, repeat.kept);
-        Some(Converted { bytes, modules: repeat.modules.clone() })
+        let modules = (!source.holds_sotw_in_use(&repeat.modules)).then(|| repeat.modules.clone());
+        Some(Converted { bytes, modules })
     }
 
     /// SotW: keeps the resource fields `span` of a response all of whose resources are memoised (`entries`,
@@ -1716,7 +1718,7 @@ mod tests {
         r.type_url.clear();
         let (fake, m) = (Fake::default(), Metrics::new());
         let out = convert(&r.encode_to_vec(), &fake, &policy(), &m).ok().unwrap();
-        assert_eq!(*out.modules, [Arc::<str>::from("sha-m.wasm")]);
+        assert_eq!(*out.modules.unwrap(), [Arc::<str>::from("sha-m.wasm")]);
         assert_eq!(counts(&m)[0], 1);
     }
 
@@ -1765,7 +1767,7 @@ mod tests {
         let (fake, m) = (Fake::default(), Metrics::new());
         let out = convert(&input, &fake, &policy(), &m).ok().unwrap();
         assert_eq!(out.bytes, input);
-        assert!(out.modules.is_empty());
+        assert!(out.modules.unwrap().is_empty());
         assert_eq!(counts(&m), [0, 7, 0, 0, 0, 0]);
         assert_eq!(fake.call_count(), 0);
     }
@@ -1861,7 +1863,7 @@ mod tests {
         assert_eq!(req.resource_version, "42");
         assert_eq!(req.pull_policy, PullPolicy::Always);
         assert_eq!(req.pull_secret.as_deref(), Some(&b"{\"auths\":{}}"[..]));
-        assert_eq!(*out.modules, [Arc::<str>::from("sha-m.wasm")]);
+        assert_eq!(*out.modules.unwrap(), [Arc::<str>::from("sha-m.wasm")]);
         let t = tecs(&out.bytes);
         assert_eq!(t[0].name, "extensions.istio.io/wasmplugin/ns.p");
         let got = out_wasm(&t[0]);
@@ -1944,7 +1946,7 @@ mod tests {
         let t = tecs(&out.bytes);
         assert_eq!(out_wasm(&t[3]).config.unwrap().vm_config.unwrap().environment_variables, None);
         assert_eq!(counts(&m), [4, 0, 0, 0, 0, 0]);
-        assert_eq!(out.modules.len(), 4);
+        assert_eq!(out.modules.unwrap().len(), 4);
     }
 
     /// Hand-encoded input with unknown fields at every level: the output is exactly the input with
@@ -2048,7 +2050,7 @@ mod tests {
         let mut w = Vec::new();
         wire::put_len(&mut w, 1, &pc);
         let out = convert(&response(vec![resource("a", any(HTTP, w))]), &fake, &policy(), &m).ok().unwrap();
-        assert_eq!(out.modules.len(), 1);
+        assert_eq!(out.modules.unwrap().len(), 1);
         // remote then local -> local wins -> untouched
         let mut code = remote.encode_to_vec();
         code.extend(local.encode_to_vec());
@@ -2088,7 +2090,7 @@ mod tests {
         let tc = t[2].typed_config.as_ref().unwrap();
         assert_eq!(tc.type_url, NETWORK_RBAC_URL);
         assert_eq!(PNetRbac::decode(tc.value.as_slice()).unwrap().stat_prefix, "wasm-default-allow");
-        assert!(out.modules.is_empty());
+        assert!(out.modules.unwrap().is_empty());
         assert_eq!(counts(&m), [0, 0, 0, 0, 3, 0]);
 
         // fail_open true but failure_policy FAIL_CLOSED: closed -> rejected with the module's cause
@@ -2427,6 +2429,9 @@ mod tests {
         fn reuse(&self, modules: &mut dyn Iterator<Item = &str>, generation: u64) -> bool {
             self.store.reuse(modules, generation)
         }
+        fn holds_sotw_in_use(&self, modules: &ModuleList) -> bool {
+            self.store.holds_sotw_in_use(modules)
+        }
     }
 
     struct RealStore {
@@ -2510,7 +2515,7 @@ mod tests {
         assert_eq!(source.asked.load(Ordering::SeqCst) - asked, 1, "only the fallback is decided again");
         assert_eq!(hit.bytes, real.bytes);
         assert_eq!(hit.modules, real.modules);
-        assert_eq!(hit.modules.len(), 3);
+        assert_eq!(hit.modules.unwrap().len(), 3);
         let t = tecs(&hit.bytes);
         assert_eq!(t[5].typed_config.as_ref().unwrap().type_url, HTTP_RBAC_URL);
         assert_eq!(rs.served.calls.load(Ordering::SeqCst), 7, "the failing module is asked for every time");
@@ -2584,7 +2589,7 @@ mod tests {
         let v2 = versioned("2", "http://h/v1.wasm");
         let out = convert_sotw_memo(&v2, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
         assert_eq!(rs.served.calls.load(Ordering::SeqCst), 2);
-        assert_eq!(out.modules.len(), 1);
+        assert_eq!(out.modules.unwrap().len(), 1);
         let again = convert_sotw_memo(&v2, &rs.store, &policy(), m, Some(&memo)).ok().unwrap();
         assert_eq!(again.bytes, out.bytes);
         assert_eq!(rs.served.calls.load(Ordering::SeqCst), 2);

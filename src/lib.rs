@@ -108,7 +108,9 @@ impl Cache {
         self.timed(response, |r| {
             let converted =
                 ecds::convert_sotw_memo(r, &self.store, &self.policy, &self.metrics, Some(&self.sotw_memo))?;
-            self.store.set_sotw_in_use(converted.modules);
+            if let Some(modules) = converted.modules {
+                self.store.set_sotw_in_use(modules);
+            }
             Ok(converted.bytes)
         })
     }

@@ -107,4 +107,10 @@ pub trait ModuleSource: Sync {
     fn reuse(&self, _modules: &mut dyn Iterator<Item = &str>, _generation: u64) -> bool {
         false
     }
+
+    /// Whether `modules` is the very list (the same allocation) the source holds as the state-of-the-world
+    /// in-use set: a repeated push then has nothing to change.
+    fn holds_sotw_in_use(&self, _modules: &ModuleList) -> bool {
+        false
+    }
 }

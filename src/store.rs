@@ -565,10 +565,15 @@ impl Store {
     }
 
     /// The latest converted state-of-the-world response references exactly these modules.
+    /// Whether `modules` is the list in use now. `modules` keeps its allocation alive, so an equal address
+    /// can only be that same list.
+    pub fn holds_sotw_in_use(&self, modules: &ModuleList) -> bool {
+        self.sotw_in_use_at.load(Ordering::Acquire) == list_address(modules)
+    }
+
     pub fn set_sotw_in_use(&self, modules: ModuleList) {
-        // A push answered from the conversion memo hands back the very list already in use. `modules` keeps
-        // its allocation alive, so an equal address can only be that same list.
-        if self.sotw_in_use_at.load(Ordering::Acquire) == list_address(&modules) {
+        // A push answered from the conversion memo may hand back the very list already in use.
+        if self.holds_sotw_in_use(&modules) {
             return;
         }
         let mut st = self.state();
@@ -732,6 +737,10 @@ struct Job<'a> {
 impl ModuleSource for Store {
     fn generation(&self) -> u64 {
         Store::generation(self)
+    }
+
+    fn holds_sotw_in_use(&self, modules: &ModuleList) -> bool {
+        Store::holds_sotw_in_use(self, modules)
     }
 
     fn reuse(&self, modules: &mut dyn Iterator<Item = &str>, generation: u64) -> bool {

@@ -17,9 +17,11 @@ mod measure;
 mod proto;
 mod server;
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -175,25 +177,37 @@ fn micro(args: &Args) -> serde_json::Value {
     // Every push istiod sends carries a new nonce (and often a new version_info) even when no resource
     // changed, so a cache hit is measured on pushes that differ there on every call — never on the very
     // same bytes again, which real traffic does not send.
+    // One push buffer per input, shared by the library case and its baselines: each reads the very same bytes
+    // (same addresses, so the same alignment for the copies).
+    let buffers: RefCell<HashMap<usize, Rc<RefCell<FreshPushes>>>> = RefCell::default();
+    let pushes_of = |input: &'static [u8]| -> Rc<RefCell<FreshPushes>> {
+        let mut buffers = buffers.borrow_mut();
+        buffers.entry(input.as_ptr() as usize).or_insert_with(|| Rc::new(RefCell::new(FreshPushes::new(input)))).clone()
+    };
     let hit = |name: &'static str, input: &'static [u8]| -> Option<Case<'_>> {
         let cache = cache.as_ref()?;
-        let mut pushes = FreshPushes::new(input);
+        let pushes = pushes_of(input);
         Some(Case {
             name,
             run: Box::new(move |n| {
+                let mut pushes = pushes.borrow_mut(); // one case runs at a time
                 for _ in 0..n {
                     black_box(cache.convert(black_box(pushes.next())).unwrap());
                 }
             }),
         })
     };
-    let copy = |name: &'static str, input: &'static [u8]| Case {
-        name,
-        run: Box::new(move |n| {
-            for _ in 0..n {
-                black_box(black_box(input).to_vec());
-            }
-        }),
+    let copy = |name: &'static str, input: &'static [u8]| {
+        let pushes = pushes_of(input);
+        Case {
+            name,
+            run: Box::new(move |n| {
+                let mut pushes = pushes.borrow_mut();
+                for _ in 0..n {
+                    black_box(black_box(pushes.next()).to_vec());
+                }
+            }),
+        }
     };
     let prost = |name: &'static str, input: &'static [u8]| Case {
         name,
@@ -206,12 +220,13 @@ fn micro(args: &Args) -> serde_json::Value {
     // What any pass-through that checks every byte and records its duration must do, with nothing else: the
     // push compared with a kept copy of the resources, the copy out, two clock reads.
     let exact_floor = |name: &'static str, input: &'static [u8]| {
-        let mut pushes = FreshPushes::new(input);
-        let (start, end) = resource_span(pushes.next());
-        let kept = pushes.next()[start..end].to_vec();
+        let pushes = pushes_of(input);
+        let (start, end) = resource_span(pushes.borrow_mut().next());
+        let kept = pushes.borrow_mut().next()[start..end].to_vec();
         Case {
             name,
             run: Box::new(move |n| {
+                let mut pushes = pushes.borrow_mut();
                 for _ in 0..n {
                     let t = Instant::now();
                     let push = black_box(pushes.next());
