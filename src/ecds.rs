@@ -240,10 +240,29 @@ fn may_repeat(input: &[u8], start: usize, span: &[u8]) -> bool {
         && input[end - edge..end] == span[span.len() - edge..]
 }
 
-/// [`check_envelope_field`] for every field of `part`.
+/// [`check_envelope_field`] for every field of `part`. The shape of every field istiod sends around the
+/// resources (a one-byte key of a length-delimited field with a one-byte length) is read inline; anything
+/// else goes to the general reader from there on.
 #[inline(always)]
 fn check_envelope(part: &[u8], known: &[Box<[u8]>], ecds: &mut bool) -> Option<()> {
-    for field in Fields::new(part) {
+    let mut pos = 0;
+    while let Some(&[key, len, ..]) = part.get(pos..) {
+        if key >= 0x80 || key & 7 != 2 || key < 8 || len >= 0x80 {
+            break;
+        }
+        let raw = part.get(pos..pos + 2 + usize::from(len))?;
+        let value = &raw[2..];
+        match key >> 3 {
+            2 => return None,
+            // version and nonce: new on every push
+            1 | 5 if value.is_ascii() || std::str::from_utf8(value).is_ok() => {}
+            4 if known.iter().any(|k| **k == *raw) => *ecds = true, // only ECDS type URLs are known
+            n if n != 4 && known.iter().any(|k| **k == *raw) => {}
+            _ => check_envelope_field(&Fields::new(raw).next()?.ok()?, known, ecds)?,
+        }
+        pos += raw.len();
+    }
+    for field in Fields::new(&part[pos..]) {
         check_envelope_field(&field.ok()?, known, ecds)?;
     }
     Some(())
