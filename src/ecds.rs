@@ -2486,6 +2486,13 @@ mod tests {
         (std::array::from_fn(|i| a.0[i] - b.0[i]), a.1 - b.1, a.2 - b.2)
     }
 
+    /// Drops the per-resource entries, so that only a kept span can answer a push without the store.
+    fn forget_resources(memo: &Memo) {
+        let mut t = memo.lock();
+        t.order.clear();
+        t.by_name.clear();
+    }
+
     fn memo_response() -> Vec<u8> {
         let sha_b = {
             use sha2::Digest as _;
@@ -2720,12 +2727,7 @@ mod tests {
         let real = convert_sotw_memo(&second, &source, &policy(), m, None).ok().unwrap();
         let real_counts = minus(all_counts(m), before);
         assert_eq!(real_counts, ([3, 2, 0, 0, 0, 0], 3, 0));
-        {
-            // only the span can answer now
-            let mut t = memo.lock();
-            t.order.clear();
-            t.by_name.clear();
-        }
+        forget_resources(&memo); // only the span can answer now
         let (asked, before) = (source.asked.load(Ordering::SeqCst), all_counts(m));
         let again = convert_sotw_memo(&second, &source, &policy(), m, Some(&memo)).ok().unwrap();
         assert_eq!(source.asked.load(Ordering::SeqCst), asked, "nothing reaches the store");
@@ -2780,11 +2782,7 @@ mod tests {
         };
         // Answered from a kept span: without the per-resource entries, anything else asks the store.
         let from_span = |r: &PResponse| {
-            {
-                let mut t = memo.lock();
-                t.order.clear();
-                t.by_name.clear();
-            }
+            forget_resources(&memo);
             let asked = source.asked.load(Ordering::SeqCst);
             let out = convert(r);
             assert_eq!(source.asked.load(Ordering::SeqCst), asked, "answered from the kept span");
@@ -2837,11 +2835,7 @@ mod tests {
             memo
         };
         // The same control plane: answered from the span as before (no per-resource entry left to answer).
-        {
-            let mut t = memo.lock();
-            t.order.clear();
-            t.by_name.clear();
-        }
+        forget_resources(&memo);
         let mut same = Vec::new();
         wire::put_len(&mut same, 6, &control_plane);
         assert_eq!(memo_or_full(&push(&same)).unwrap(), converted);
