@@ -348,6 +348,70 @@ fn sixteen_threads_converting_the_same_cold_response_download_once() {
     assert_eq!(sample(&cache, CONVERSION_SUCCESS), 16.0);
 }
 
+/// Repeated pushes answered from the memo by many threads at once, on two streams whose resources overlap:
+/// each output is the real conversion of its own push, and the counters add up exactly.
+#[test]
+fn concurrent_repeated_pushes_are_answered_exactly() {
+    let server = TestServer::http();
+    let modules: Vec<Vec<u8>> = (0..3).map(|i| wasm_module(1000 + i)).collect();
+    for (i, m) in modules.iter().enumerate() {
+        server.route(&format!("/m{i}.wasm"), Route::bytes(m.clone()));
+    }
+    let ext = |i: usize| {
+        wasm_extension(&format!("ext-{i}"), &remote_wasm(&server.url(&format!("/m{i}.wasm")), &sha256_hex(&modules[i])))
+    };
+    let rbac = extension("rbac", any("type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC", &()));
+    let streams = [vec![ext(0), ext(1), rbac.clone()], vec![ext(0), ext(1), ext(2), rbac]];
+    let push = |stream: usize, nonce: usize| {
+        let mut r = DiscoveryResponse::decode(response(&streams[stream]).as_slice()).unwrap();
+        r.nonce = format!("nonce-{nonce:08}");
+        r.version_info = format!("v-{nonce:08}");
+        r.encode_to_vec()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(open(dir.path(), serde_json::json!({})));
+    // What each stream converts to (the nonce and version apart): its first, real conversion.
+    let without_nonce = |out: &[u8]| {
+        let mut r = DiscoveryResponse::decode(out).unwrap();
+        r.nonce.clear();
+        r.version_info.clear();
+        r.encode_to_vec()
+    };
+    let expected: Vec<Vec<u8>> = (0..2).map(|s| without_nonce(&cache.convert(&push(s, 0)).unwrap())).collect();
+    for s in [0, 1] {
+        cache.convert(&push(s, 0)).unwrap(); // kept now
+    }
+    let (before_success, before_hits) = (sample(&cache, CONVERSION_SUCCESS), sample(&cache, LOOKUP_HIT));
+    let (threads, pushes) = (8, 300);
+    let barrier = Arc::new(Barrier::new(threads));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (cache, barrier, expected) = (cache.clone(), barrier.clone(), expected.clone());
+            let without_nonce = without_nonce.clone();
+            let inputs: Vec<(usize, Vec<u8>)> =
+                (0..pushes).map(|i| ((t + i) % 2, push((t + i) % 2, t * pushes + i + 1))).collect();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for (stream, input) in inputs {
+                    let out = cache.convert(&input).expect("converts");
+                    let nonce = DiscoveryResponse::decode(out.as_slice()).unwrap().nonce;
+                    assert_eq!(nonce, DiscoveryResponse::decode(input.as_slice()).unwrap().nonce);
+                    assert!(without_nonce(&out) == expected[stream], "push {nonce} of stream {stream}");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    // Half the pushes name two modules, half three: 2.5 conversions and lookup hits per push.
+    let per_push = (2 + 3) as f64 / 2.0;
+    let calls = (threads * pushes) as f64;
+    assert_eq!(sample(&cache, CONVERSION_SUCCESS) - before_success, calls * per_push);
+    assert_eq!(sample(&cache, LOOKUP_HIT) - before_hits, calls * per_push);
+    assert_eq!(server.total_requests(), 3, "each module downloaded once");
+}
+
 #[test]
 fn distinct_modules_of_one_response_are_fetched_concurrently() {
     let server = TestServer::http();
