@@ -387,7 +387,6 @@ fn concurrent_repeated_pushes_are_answered_exactly() {
     let workers: Vec<_> = (0..threads)
         .map(|t| {
             let (cache, barrier, expected) = (cache.clone(), barrier.clone(), expected.clone());
-            let without_nonce = without_nonce.clone();
             let inputs: Vec<(usize, Vec<u8>)> =
                 (0..pushes).map(|i| ((t + i) % 2, push((t + i) % 2, t * pushes + i + 1))).collect();
             std::thread::spawn(move || {
