@@ -251,15 +251,13 @@ fn check_envelope(part: &[u8], known: &[Box<[u8]>], ecds: &mut bool) -> Option<(
             break;
         }
         let raw = part.get(pos..pos + 2 + usize::from(len))?;
-        let value = &raw[2..];
-        match key >> 3 {
-            2 => return None,
-            // version and nonce: new on every push
-            1 | 5 if value.is_ascii() || std::str::from_utf8(value).is_ok() => {}
-            4 if known.iter().any(|k| **k == *raw) => *ecds = true, // only ECDS type URLs are known
-            n if n != 4 && known.iter().any(|k| **k == *raw) => {}
-            _ => check_envelope_field(&Fields::new(raw).next()?.ok()?, known, ecds)?,
-        }
+        let field = wire::Field {
+            number: u32::from(key >> 3),
+            wire_type: prost::encoding::WireType::LengthDelimited,
+            payload: &raw[2..],
+            raw,
+        };
+        check_envelope_field(&field, known, ecds)?;
         pos += raw.len();
     }
     for field in Fields::new(&part[pos..]) {
@@ -271,6 +269,7 @@ fn check_envelope(part: &[u8], known: &[Box<[u8]>], ecds: &mut bool) -> Option<(
 /// Checks a `DiscoveryResponse` field outside the resource span as the full path's validation would; a
 /// field byte-identical to one in `known` (accepted by the full path before) needs no second look. Notes
 /// whether a `type_url` is ECDS (the last one counts).
+#[inline(always)]
 fn check_envelope_field(field: &wire::Field<'_>, known: &[Box<[u8]>], ecds: &mut bool) -> Option<()> {
     match field.number {
         2 => return None,
