@@ -5,6 +5,7 @@
 //! `code.local.filename` pointing at the stored file — or a [`Rejection`] whose reason goes into the NACK.
 //! Everything is blocking and thread-safe; no thread outlives a call. The C ABI lives in [`ffi`].
 
+mod clock;
 mod ecds;
 mod fetch;
 pub mod ffi;
@@ -21,7 +22,6 @@ mod wire;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
 
 pub use ecds::Rejection;
 pub use metrics::{ConversionResult, FetchResult, Metrics};
@@ -135,13 +135,15 @@ impl Cache {
         if !self.options.enable_conversion {
             return Ok(response.to_vec());
         }
-        let now = Instant::now();
+        let clock = self.store.clock();
+        let now = clock.now();
         // The duration excludes a purge, as before: read the clock again only when one ran.
-        let start = if self.store.purge_if_due_at(now) { Instant::now() } else { now };
+        let start = if self.store.purge_if_due_at(now) { clock.now() } else { now };
         let result = convert(response);
-        self.metrics.observe_conversion_duration(start.elapsed());
+        let elapsed = clock.now().since(start);
+        self.metrics.observe_conversion_duration(elapsed);
         match &result {
-            Ok(_) => log::debug!("converted ECDS response in {:?}", start.elapsed()),
+            Ok(_) => log::debug!("converted ECDS response in {elapsed:?}"),
             Err(rejection) => log::warn!("rejecting ECDS response: {}", rejection.reason),
         }
         result

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::clock::{Clock, Stamp};
+
 use crate::fetch::{new_temp_file, Downloaded, FetchError, Fetcher, TEMP_PREFIX};
 use crate::metrics::{FetchResult, Metrics};
 use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource, PullPolicy};
@@ -203,7 +205,8 @@ pub(crate) struct Store {
     purge_interval_ms: u64,
     /// `purge_if_due_at` compares the time since open with this (milliseconds since open).
     next_purge_ms: AtomicU64,
-    opened: Instant,
+    /// Started at open.
+    clock: Clock,
     fetcher: Box<dyn ModuleFetcher>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
@@ -249,7 +252,7 @@ impl Store {
             module_expiry: settings.module_expiry,
             purge_interval_ms,
             next_purge_ms: AtomicU64::new(purge_interval_ms),
-            opened: Instant::now(),
+            clock: Clock::new(),
             fetcher,
             metrics,
             sotw_in_use_at: AtomicUsize::new(list_address(&state.sotw_in_use)),
@@ -603,11 +606,16 @@ impl Store {
         }
     }
 
+    /// The clock started at open, which [`Store::purge_if_due_at`] reads.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// Purges when `purge_interval` has passed since the last purge (cheap otherwise: no syscall), given the
-    /// caller's clock reading (one per convert call is enough). Returns whether it purged.
-    pub fn purge_if_due_at(&self, now: Instant) -> bool {
+    /// caller's reading of [`Store::clock`] (one per convert call is enough). Returns whether it purged.
+    pub fn purge_if_due_at(&self, now: Stamp) -> bool {
         let due = self.next_purge_ms.load(Ordering::Relaxed);
-        let elapsed = duration_ms(now.saturating_duration_since(self.opened));
+        let elapsed = duration_ms(now.since_origin());
         if elapsed < due {
             return false;
         }
@@ -1734,15 +1742,15 @@ mod tests {
         f.fetcher.serve("http://x/a.wasm", &wasm("a"));
         let m = f.store().get(&req("http://x/a.wasm")).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        f.store().purge_if_due_at(Instant::now());
+        f.store().purge_if_due_at(f.store().clock().now());
         assert!(Path::new(&*m.path).exists(), "purged before the interval passed");
         std::thread::sleep(Duration::from_millis(350));
-        f.store().purge_if_due_at(Instant::now());
+        f.store().purge_if_due_at(f.store().clock().now());
         assert!(!Path::new(&*m.path).exists(), "not purged after the interval");
         // The next one is again an interval away.
         let m = f.store().get(&req("http://x/a.wasm")).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        f.store().purge_if_due_at(Instant::now());
+        f.store().purge_if_due_at(f.store().clock().now());
         assert!(Path::new(&*m.path).exists());
     }
 

@@ -74,6 +74,29 @@ fn remote_module_is_fetched_verified_stored_and_counted() {
 }
 
 #[test]
+fn conversion_duration_is_the_time_the_call_took() {
+    // The first call is timed by the monotonic clock, the later ones (once the clock is 20 ms old) by the TSC
+    // where the kernel keeps time with it: both must observe what the caller waited.
+    const SUM: &str = "istio_agent_wasm_config_conversion_duration_sum";
+    const LE_32: &str = r#"istio_agent_wasm_config_conversion_duration_bucket{le="32"}"#;
+    let server = TestServer::http();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), serde_json::json!({}));
+    for (i, name) in ["/a.wasm", "/b.wasm", "/c.wasm"].into_iter().enumerate() {
+        let module = wasm_module(100 + i);
+        server.route(name, Route::bytes(module.clone()).delay(Duration::from_millis(60)));
+        let before = sample(&cache, SUM);
+        let started = Instant::now();
+        convert_one(&cache, &server.url(name), &sha256_hex(&module)).unwrap();
+        let waited = started.elapsed().as_secs_f64() * 1e3;
+        let observed = sample(&cache, SUM) - before;
+        assert!((60.0..=waited).contains(&observed), "call {i}: observed {observed} ms, waited {waited} ms");
+        assert_eq!(sample(&cache, LE_32), 0.0, "call {i} fell in a bucket below its duration");
+    }
+    assert_eq!(sample(&cache, DURATION_COUNT), 3.0);
+}
+
+#[test]
 fn same_checksum_at_a_new_url_is_served_from_the_store() {
     let server = TestServer::http();
     let module = wasm_module(10);
