@@ -835,7 +835,9 @@ impl Memo {
             .iter()
             .position(|r| may_repeat(input, start, &r.span) && input[start..][..r.span.len()] == *r.span)?;
         // Most recently used first: the spans of a few streams alternating on one cache all stay.
-        t.repeats[..=at].rotate_right(1);
+        if at > 0 {
+            t.repeats[..=at].rotate_right(1);
+        }
         let repeat = &*t.repeats[0];
         let end = start + repeat.span.len();
         // The other fields: well formed, no further resource, the last type URL an ECDS one.
@@ -848,13 +850,16 @@ impl Memo {
         if !repeat.hits.is_empty() && !source.reuse(&mut repeat.hits.iter().map(|m| &**m), repeat.generation) {
             return None;
         }
-        let bytes = match &repeat.output {
-            None => input.to_vec(),
-            Some(output) => [&input[..start], output, &input[end..]].concat(),
-        };
         metrics.record_conversions(ConversionResult::Success, repeat.hits.len() as u64);
         metrics.record_conversions(ConversionResult::NoRemoteLoad, repeat.kept);
         let modules = (!source.holds_sotw_in_use(&repeat.modules)).then(|| repeat.modules.clone());
+        let bytes = match &repeat.output {
+            None => {
+                drop(t); // the input is the output: other callers need not wait for the copy
+                input.to_vec()
+            }
+            Some(output) => [&input[..start], output, &input[end..]].concat(),
+        };
         Some(Converted { bytes, modules })
     }
 
