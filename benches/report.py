@@ -121,9 +121,9 @@ micro_ratio("cache-hit typical (20 res) vs copy", "hit_typical", "copy_typical",
 micro_ratio("cache-hit typical vs prost decode+encode", "hit_typical", "prost_typical", 0.25,
             "prost allocates every string and nested message; a repeated push is compared and copied")
 micro_ratio("pass-through (50 non-Wasm) vs copy", "hit_pass", "copy_pass", 3,
-            "an exact comparison of the resources with the kept ones, the copy out, two clock reads (= floor_pass), "
+            "an exact comparison of the resources with the kept ones, the copy out, two TSC reads (= floor_pass), "
             "then envelope checks, the memo lock and the counters")
-micro_ratio("pass-through floor: compare + copy + 2 clock reads (info)", "floor_pass", "copy_pass", None,
+micro_ratio("pass-through floor: compare + copy + 2 TSC reads (info)", "floor_pass", "copy_pass", None,
             "the least an exact pass-through that records its duration can do")
 if "hit_large" in st and "hit_typical_again" in st:
     per_large = st["hit_large"]["median_ns"] / 200

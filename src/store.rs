@@ -202,9 +202,9 @@ pub(crate) struct Store {
     dir: PathBuf,
     modules_dir: PathBuf,
     module_expiry: Duration,
-    purge_interval_ms: u64,
-    /// `purge_if_due_at` compares the time since open with this (milliseconds since open).
-    next_purge_ms: AtomicU64,
+    purge_interval_ns: u64,
+    /// `purge_if_due_at` compares its clock reading with this (nanoseconds since open).
+    next_purge_ns: AtomicU64,
     /// Started at open.
     clock: Clock,
     fetcher: Box<dyn ModuleFetcher>,
@@ -245,13 +245,13 @@ impl Store {
 
         let state = load_state(&dir, &modules_dir);
         metrics.set_cache_entries(state.entry_count());
-        let purge_interval_ms = duration_ms(settings.purge_interval);
+        let purge_interval_ns = u64::try_from(settings.purge_interval.as_nanos()).unwrap_or(u64::MAX);
         Ok(Store {
             dir,
             modules_dir,
             module_expiry: settings.module_expiry,
-            purge_interval_ms,
-            next_purge_ms: AtomicU64::new(purge_interval_ms),
+            purge_interval_ns,
+            next_purge_ns: AtomicU64::new(purge_interval_ns),
             clock: Clock::new(),
             fetcher,
             metrics,
@@ -614,13 +614,12 @@ impl Store {
     /// Purges when `purge_interval` has passed since the last purge (cheap otherwise: no syscall), given the
     /// caller's reading of [`Store::clock`] (one per convert call is enough). Returns whether it purged.
     pub fn purge_if_due_at(&self, now: Stamp) -> bool {
-        let due = self.next_purge_ms.load(Ordering::Relaxed);
-        let elapsed = duration_ms(now.since_origin());
-        if elapsed < due {
+        let due = self.next_purge_ns.load(Ordering::Relaxed);
+        if now.nanos() < due {
             return false;
         }
-        let next = elapsed.saturating_add(self.purge_interval_ms);
-        if self.next_purge_ms.compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let next = now.nanos().saturating_add(self.purge_interval_ns);
+        if self.next_purge_ns.compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             if let Err(e) = self.purge() {
                 log::warn!("purging the module cache in {} failed: {e}", self.dir.display());
             }
