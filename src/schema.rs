@@ -538,14 +538,24 @@ pub(crate) struct EncodeNotes {
     pub unencodable_any: Vec<String>,
 }
 
-/// Encodes the JSON object `obj` as the binary message `msg` by the proto3 JSON mapping: keys may be field
+/// Encodes the JSON value `value` as the binary message `msg` by the proto3 JSON mapping: keys may be field
 /// names or json names; an unknown key is an error.
+#[cfg(test)]
 pub(crate) fn encode_json(
     msg: &'static Message,
     value: &JVal,
     notes: &mut EncodeNotes,
 ) -> Result<Vec<u8>, SchemaError> {
     encode_message_value(msg, value, notes, 0)
+}
+
+/// [`encode_json`] of a JSON object, borrowed as it is (a TypedStruct's tree is encoded without a copy).
+pub(crate) fn encode_json_object(
+    msg: &'static Message,
+    map: &BTreeMap<String, JVal>,
+    notes: &mut EncodeNotes,
+) -> Result<Vec<u8>, SchemaError> {
+    encode_object(msg, map, notes, 0)
 }
 
 /// A message-typed value in JSON: well-known types have their special forms.
@@ -582,17 +592,6 @@ fn encode_message_value(
             let def = &msg.fields[0];
             encode_scalar(def, value, false, &mut out)?;
         }
-        Wkt::Struct => {
-            let JVal::Obj(map) = value else {
-                return Err(SchemaError::new(format!("{} must be an object, not {}", msg.name, value.kind())));
-            };
-            for (k, v) in map {
-                let mut entry = Vec::new();
-                wire::put_len(&mut entry, 1, k.as_bytes());
-                wire::put_len(&mut entry, 2, &encode_message_value(&VALUE, v, notes, depth + 1)?);
-                wire::put_len(&mut out, 1, &entry);
-            }
-        }
         Wkt::ListValue => {
             let JVal::List(items) = value else {
                 return Err(SchemaError::new(format!("{} must be a list, not {}", msg.name, value.kind())));
@@ -612,10 +611,37 @@ fn encode_message_value(
             JVal::Obj(_) => wire::put_len(&mut out, 5, &encode_message_value(&STRUCT, value, notes, depth + 1)?),
             JVal::List(_) => wire::put_len(&mut out, 6, &encode_message_value(&LIST_VALUE, value, notes, depth + 1)?),
         },
-        Wkt::Any => {
+        Wkt::Struct | Wkt::Any | Wkt::None | Wkt::Empty => {
             let JVal::Obj(map) = value else {
                 return Err(SchemaError::new(format!("{} must be an object, not {}", msg.name, value.kind())));
             };
+            return encode_object(msg, map, notes, depth);
+        }
+    }
+    Ok(out)
+}
+
+/// A message-typed value given as a JSON object: a `Struct`, an `Any` or a plain message.
+fn encode_object(
+    msg: &'static Message,
+    map: &BTreeMap<String, JVal>,
+    notes: &mut EncodeNotes,
+    depth: usize,
+) -> Result<Vec<u8>, SchemaError> {
+    if depth > MAX_DEPTH {
+        return Err(SchemaError::new(format!("{}: nested more than {MAX_DEPTH} levels deep", msg.name)));
+    }
+    let mut out = Vec::new();
+    match msg.wkt {
+        Wkt::Struct => {
+            for (k, v) in map {
+                let mut entry = Vec::new();
+                wire::put_len(&mut entry, 1, k.as_bytes());
+                wire::put_len(&mut entry, 2, &encode_message_value(&VALUE, v, notes, depth + 1)?);
+                wire::put_len(&mut out, 1, &entry);
+            }
+        }
+        Wkt::Any => {
             if map.is_empty() {
                 return Ok(out);
             }
@@ -627,57 +653,67 @@ fn encode_message_value(
                 notes.unencodable_any.push(type_url.clone());
                 return Ok(out);
             };
-            let mut rest = map.clone();
-            rest.remove("@type");
+            let rest = map.iter().filter(|(k, _)| *k != "@type");
             let encoded = match inner.wkt {
                 Wkt::None | Wkt::Empty => {
-                    encode_message_value(inner, &JVal::Obj(rest), notes, depth + 1).map_err(|e| e.within(type_url))?
+                    encode_fields(inner, rest, notes, depth + 1).map_err(|e| e.within(type_url))?
                 }
                 _ => {
-                    let v = rest.remove("value").unwrap_or(JVal::Null);
-                    if let Some(k) = rest.keys().next() {
+                    if let Some((k, _)) = rest.clone().find(|(k, _)| *k != "value") {
                         return Err(SchemaError::new(format!("unknown field {k:?} in {}", inner.name)));
                     }
-                    if v == JVal::Null && inner.wkt != Wkt::Value {
+                    let v = map.get("value").unwrap_or(&JVal::Null);
+                    if *v == JVal::Null && inner.wkt != Wkt::Value {
                         return Err(SchemaError::new(format!("{}: missing \"value\" in Any", inner.name)));
                     }
-                    encode_message_value(inner, &v, notes, depth + 1).map_err(|e| e.within(type_url))?
+                    encode_message_value(inner, v, notes, depth + 1).map_err(|e| e.within(type_url))?
                 }
             };
             if !encoded.is_empty() {
                 wire::put_len(&mut out, 2, &encoded);
             }
         }
-        Wkt::None | Wkt::Empty => {
-            let JVal::Obj(map) = value else {
-                return Err(SchemaError::new(format!("{} must be an object, not {}", msg.name, value.kind())));
-            };
-            let mut chosen: Vec<(&'static FieldDef, &JVal)> = Vec::new();
-            for (key, v) in map {
-                let Some(def) = msg.field_by_json_key(key) else {
-                    return Err(SchemaError::new(format!("unknown field {key:?} in {}", msg.name)));
-                };
-                if chosen.iter().any(|(d, _)| d.number == def.number) {
-                    return Err(SchemaError::new(format!("duplicate field {:?} in {}", def.json, msg.name)));
-                }
-                chosen.push((def, v));
-            }
-            chosen.sort_by_key(|(d, _)| d.number);
-            let mut oneofs: Vec<&str> = Vec::new();
-            for (def, v) in chosen {
-                let is_null_value_field = matches!(def.ty, Ty::Message(m) if m.wkt == Wkt::Value);
-                if *v == JVal::Null && !is_null_value_field {
-                    continue; // null: the field is not set
-                }
-                if let Some(group) = def.oneof {
-                    if oneofs.contains(&group) {
-                        return Err(SchemaError::new(format!("more than one field of oneof {group} in {}", msg.name)));
-                    }
-                    oneofs.push(group);
-                }
-                encode_field(def, v, notes, depth, &mut out).map_err(|e| e.within(def.name))?;
-            }
+        Wkt::None | Wkt::Empty => return encode_fields(msg, map.iter(), notes, depth),
+        _ => return Err(SchemaError::new(format!("{} cannot be given as an object", msg.name))),
+    }
+    Ok(out)
+}
+
+/// The fields of a plain message from the members of a JSON object, written in field-number order.
+fn encode_fields<'v>(
+    msg: &'static Message,
+    members: impl Iterator<Item = (&'v String, &'v JVal)>,
+    notes: &mut EncodeNotes,
+    depth: usize,
+) -> Result<Vec<u8>, SchemaError> {
+    if depth > MAX_DEPTH {
+        return Err(SchemaError::new(format!("{}: nested more than {MAX_DEPTH} levels deep", msg.name)));
+    }
+    let mut out = Vec::new();
+    let mut chosen: Vec<(&'static FieldDef, &JVal)> = Vec::new();
+    for (key, v) in members {
+        let Some(def) = msg.field_by_json_key(key) else {
+            return Err(SchemaError::new(format!("unknown field {key:?} in {}", msg.name)));
+        };
+        if chosen.iter().any(|(d, _)| d.number == def.number) {
+            return Err(SchemaError::new(format!("duplicate field {:?} in {}", def.json, msg.name)));
         }
+        chosen.push((def, v));
+    }
+    chosen.sort_by_key(|(d, _)| d.number);
+    let mut oneofs: Vec<&str> = Vec::new();
+    for (def, v) in chosen {
+        let is_null_value_field = matches!(def.ty, Ty::Message(m) if m.wkt == Wkt::Value);
+        if *v == JVal::Null && !is_null_value_field {
+            continue; // null: the field is not set
+        }
+        if let Some(group) = def.oneof {
+            if oneofs.contains(&group) {
+                return Err(SchemaError::new(format!("more than one field of oneof {group} in {}", msg.name)));
+            }
+            oneofs.push(group);
+        }
+        encode_field(def, v, notes, depth, &mut out).map_err(|e| e.within(def.name))?;
     }
     Ok(out)
 }

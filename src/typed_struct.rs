@@ -99,7 +99,7 @@ fn decode_value(buf: &[u8], depth: usize) -> Result<JVal, SchemaError> {
 
 /// Encodes a JSON object as a `google.protobuf.Struct`.
 pub(crate) fn encode_struct(value: &BTreeMap<String, JVal>) -> Result<Vec<u8>, SchemaError> {
-    schema::encode_json(&schema::STRUCT, &JVal::Obj(value.clone()), &mut EncodeNotes::default())
+    schema::encode_json_object(&schema::STRUCT, value, &mut EncodeNotes::default())
 }
 
 /// The Struct of a Wasm filter as the binary Wasm message `wasm` (HTTP or network): proto3 JSON rules,
@@ -109,7 +109,7 @@ pub(crate) fn to_wasm(
     value: &BTreeMap<String, JVal>,
 ) -> Result<(Vec<u8>, EncodeNotes), SchemaError> {
     let mut notes = EncodeNotes::default();
-    let bytes = schema::encode_json(wasm, &JVal::Obj(value.clone()), &mut notes)?;
+    let bytes = schema::encode_json_object(wasm, value, &mut notes)?;
     Ok((bytes, notes))
 }
 
