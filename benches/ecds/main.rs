@@ -209,6 +209,20 @@ fn micro(args: &Args) -> serde_json::Value {
             }),
         }
     };
+    // Every resource new on every push: the memo never answers, the store does (modules cached).
+    let changed = |name: &'static str, input: &'static [u8]| -> Option<Case<'_>> {
+        let cache = cache.as_ref()?;
+        let mut pushes = FreshPushes::with_changed_configs(input);
+        assert_eq!(inputs::count_local(&cache.convert(pushes.next()).expect("changed push converts")), 20);
+        Some(Case {
+            name,
+            run: Box::new(move |n| {
+                for _ in 0..n {
+                    black_box(cache.convert(black_box(pushes.next())).unwrap());
+                }
+            }),
+        })
+    };
     let prost = |name: &'static str, input: &'static [u8]| Case {
         name,
         run: Box::new(move |n| {
@@ -250,6 +264,7 @@ fn micro(args: &Args) -> serde_json::Value {
             Some(prost("prost_large", large)),
             hit("hit_typical_again", typical),
         ],
+        vec![changed("changed_typical", typical), Some(prost("prost_typical_changed", typical))],
         vec![
             hit("hit_direct20", direct),
             Some(copy("copy_direct20", direct)),
@@ -307,6 +322,9 @@ struct FreshPushes {
     buf: Vec<u8>,
     /// Where the counter digits of the nonce and of the version sit in `buf`.
     slots: [usize; 2],
+    /// Where each plugin configuration has a credential whose 7 letters are rewritten too (empty: resources
+    /// stay the same).
+    config_slots: Vec<usize>,
     count: u64,
 }
 
@@ -325,12 +343,29 @@ impl FreshPushes {
             at + needle.len() - Self::DIGITS
         };
         let slots = [find(&format!("-n{zeros}")), find(&format!("-v{zeros}"))];
-        FreshPushes { buf, slots, count: 0 }
+        FreshPushes { buf, slots, config_slots: Vec::new(), count: 0 }
+    }
+
+    /// Pushes whose every Wasm resource also changes: istiod pushing a new configuration for every plugin
+    /// (what Istio's agent converts on every push anyway). The base64 credential `YWRtaW4…` of each rule in
+    /// the plugin configurations gets 7 new letters per push, so no memo entry ever matches.
+    fn with_changed_configs(input: &[u8]) -> FreshPushes {
+        let mut pushes = FreshPushes::new(input);
+        let needle = b"YWRtaW4";
+        pushes.config_slots =
+            pushes.buf.windows(needle.len()).enumerate().filter(|(_, w)| w == needle).map(|(at, _)| at).collect();
+        assert!(!pushes.config_slots.is_empty(), "no credential to rewrite");
+        pushes
     }
 
     /// The next push.
     fn next(&mut self) -> &[u8] {
         self.count += 1;
+        for &at in &self.config_slots {
+            for (i, letter) in self.buf[at..at + 7].iter_mut().enumerate() {
+                *letter = b"ABCDEFGHIJKLMNOP"[(self.count >> (4 * i) & 0xf) as usize];
+            }
+        }
         for at in self.slots {
             for (i, digit) in self.buf[at..at + Self::DIGITS].iter_mut().enumerate() {
                 *digit = b"0123456789abcdef"[(self.count >> (4 * (Self::DIGITS - 1 - i)) & 0xf) as usize];
@@ -474,10 +509,15 @@ fn hit_loop(args: &Args) -> serde_json::Value {
     let cache = open_cache(&args.path("cache-dir"), json!({}));
     black_box(cache.convert(&response).expect("converts"));
     let iters = args.num("iters", 1000);
-    let mut pushes = FreshPushes::new(&response);
+    // `--changed 1`: every resource new on every push (the memo never answers).
+    let mut pushes = match args.num("changed", 0) {
+        0 => FreshPushes::new(&response),
+        _ => FreshPushes::with_changed_configs(&response),
+    };
     let t = Instant::now();
     for _ in 0..iters {
         black_box(cache.convert(black_box(pushes.next())).unwrap());
     }
     json!({ "iters": iters, "per_iter_ns": t.elapsed().as_nanos() as f64 / iters as f64 })
 }
+
