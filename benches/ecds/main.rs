@@ -520,4 +520,3 @@ fn hit_loop(args: &Args) -> serde_json::Value {
     }
     json!({ "iters": iters, "per_iter_ns": t.elapsed().as_nanos() as f64 / iters as f64 })
 }
-
