@@ -143,8 +143,9 @@ mod tsc {
             let elapsed = nanos(instant.duration_since(origin));
             if elapsed >= nanos(CALIBRATION) && mid > self.origin_ticks {
                 let ticks = mid - self.origin_ticks;
-                if (spread + self.origin_spread) as f64 <= ticks as f64 * 1e-5 {
-                    let rate = elapsed as f64 / ticks as f64;
+                let rate = elapsed as f64 / ticks as f64;
+                // A TSC between 100 MHz and 10 GHz; anything else is not a clock to trust.
+                if (spread + self.origin_spread) as f64 <= ticks as f64 * 1e-5 && (0.1..=10.0).contains(&rate) {
                     self.nanos_per_tick.store(rate.to_bits(), Ordering::Relaxed);
                 }
             }

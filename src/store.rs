@@ -26,7 +26,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::{Clock, Stamp};
-
 use crate::fetch::{new_temp_file, Downloaded, FetchError, Fetcher, TEMP_PREFIX};
 use crate::metrics::{FetchResult, Metrics};
 use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource, PullPolicy};
