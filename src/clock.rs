@@ -3,15 +3,15 @@
 //! A repeated push is answered in about half a microsecond, and every call reads the clock twice:
 //! `Instant::now()` (`clock_gettime`) costs about 25 ns each here, `rdtsc` about 10. Where the kernel itself
 //! keeps time with the TSC (Linux on x86_64 with clocksource `tsc`: the kernel found it invariant and in step
-//! across CPUs), a timestamp is one `rdtsc` scaled by a rate measured against the monotonic clock. The rate is
-//! measured from the clock's first reading to the first one at least [`CALIBRATION`] later, so nothing waits
-//! or spins for it (unlike the TSC crates, which calibrate for tens of milliseconds at load, on threads);
-//! until then, and everywhere else, a timestamp is `Instant`.
+//! across CPUs), a timestamp is one `rdtsc` scaled by a rate measured against the monotonic clock, from the
+//! clock's origin to its first reading at least [`CALIBRATION`] later that pairs the two clocks tightly enough.
+//! Nothing waits or spins for it (`minstant` spins 20 ms at load, `quanta` up to a second at first use); until
+//! then, and everywhere else, a timestamp is `Instant`.
 
 use std::time::{Duration, Instant};
 
 /// Nanoseconds since the clock's origin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Stamp(u64);
 
 impl Stamp {
@@ -30,6 +30,10 @@ impl Stamp {
 /// the paired readings (tens of nanoseconds) is below [`RATE_TOLERANCE`] of the time since the origin.
 #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), allow(dead_code))]
 const CALIBRATION: Duration = Duration::from_millis(20);
+
+/// Where Linux names the clocksource it keeps time with.
+#[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), allow(dead_code))]
+const CLOCKSOURCE_FILE: &str = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
 
 /// 100 ppm: 100 ns on a 1 ms conversion.
 #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), allow(dead_code))]
@@ -85,13 +89,11 @@ mod tsc {
 
     use once_cell::sync::Lazy;
 
-    use super::{nanos, Stamp, CALIBRATION, RATE_TOLERANCE};
+    use super::{nanos, Stamp, CALIBRATION, CLOCKSOURCE_FILE, RATE_TOLERANCE};
 
     /// The kernel keeps time with the TSC: it checked that the TSC is invariant and synchronized across CPUs.
-    static KERNEL_USES_TSC: Lazy<bool> = Lazy::new(|| {
-        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
-            .is_ok_and(|s| s.trim() == "tsc")
-    });
+    static KERNEL_USES_TSC: Lazy<bool> =
+        Lazy::new(|| std::fs::read_to_string(CLOCKSOURCE_FILE).is_ok_and(|s| s.trim() == "tsc"));
 
     pub(super) struct Tsc {
         /// The TSC at the clock's origin: the middle of two readings taken around it.
@@ -195,9 +197,7 @@ mod tests {
                 break;
             }
         }
-        let kernel = std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default();
+        let kernel = std::fs::read_to_string(CLOCKSOURCE_FILE).map(|s| s.trim().to_owned()).unwrap_or_default();
         let expected = cfg!(all(target_arch = "x86_64", target_os = "linux")) && kernel == "tsc";
         assert_eq!(clock.uses_tsc(), expected, "kernel clocksource {kernel:?}");
     }

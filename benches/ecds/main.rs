@@ -330,6 +330,8 @@ struct FreshPushes {
 
 impl FreshPushes {
     const DIGITS: usize = 16;
+    /// The start of each rule's base64 credential in the plugin configurations (`inputs::plugin_configuration`).
+    const CREDENTIAL: &'static [u8] = b"YWRtaW4";
 
     fn new(input: &[u8]) -> FreshPushes {
         use prost::Message;
@@ -351,9 +353,13 @@ impl FreshPushes {
     /// the plugin configurations gets 7 new letters per push, so no memo entry ever matches.
     fn with_changed_configs(input: &[u8]) -> FreshPushes {
         let mut pushes = FreshPushes::new(input);
-        let needle = b"YWRtaW4";
-        pushes.config_slots =
-            pushes.buf.windows(needle.len()).enumerate().filter(|(_, w)| w == needle).map(|(at, _)| at).collect();
+        pushes.config_slots = pushes
+            .buf
+            .windows(Self::CREDENTIAL.len())
+            .enumerate()
+            .filter(|(_, w)| *w == Self::CREDENTIAL)
+            .map(|(at, _)| at)
+            .collect();
         assert!(!pushes.config_slots.is_empty(), "no credential to rewrite");
         pushes
     }
@@ -362,7 +368,7 @@ impl FreshPushes {
     fn next(&mut self) -> &[u8] {
         self.count += 1;
         for &at in &self.config_slots {
-            for (i, letter) in self.buf[at..at + 7].iter_mut().enumerate() {
+            for (i, letter) in self.buf[at..at + Self::CREDENTIAL.len()].iter_mut().enumerate() {
                 *letter = b"ABCDEFGHIJKLMNOP"[(self.count >> (4 * i) & 0xf) as usize];
             }
         }
