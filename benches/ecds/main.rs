@@ -14,7 +14,6 @@
 
 mod inputs;
 mod measure;
-mod proto;
 mod server;
 
 use std::cell::RefCell;
@@ -27,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wasm_ecds::{Cache, Options};
+use wasm_ecds_testkit::proto;
 
 use measure::{run_group, Case};
 

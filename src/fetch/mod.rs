@@ -222,12 +222,8 @@ pub(crate) fn new_temp_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFi
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
 #[cfg(test)]
-#[path = "../../tests/common/server.rs"]
-pub(crate) mod test_server;
-
-#[cfg(test)]
 mod tests {
-    use super::test_server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
+    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
     use super::*;
 
     fn settings() -> FetchSettings {

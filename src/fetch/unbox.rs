@@ -185,7 +185,7 @@ impl<R: Read> Read for ExactLen<'_, R> {
 mod tests {
     use std::io::Write;
 
-    use super::super::test_server::{gzip, sha256_hex, tar, wasm_module};
+    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module};
     use super::super::{FetchErrorKind, COPY_BUFFER_BYTES};
     use super::*;
 

@@ -1,16 +1,11 @@
-//! ECDS messages for integration tests: the benchmark's complete prost types (one Rust copy of the schema
-//! subset, field numbers from shared/proto-facts.md) and builders for responses and readers of converted ones.
-
-#![allow(dead_code)]
-
-#[path = "../../benches/ecds/proto.rs"]
-mod proto;
+//! Builders of ECDS responses and Wasm filters, and readers of converted responses, over [`crate::proto`].
 
 use prost::Message;
-pub use proto::*;
 
-use proto::async_data_source::Specifier as Code;
-use proto::data_source::Specifier as Local;
+pub use crate::proto::*;
+
+use crate::proto::async_data_source::Specifier as Code;
+use crate::proto::data_source::Specifier as Local;
 
 /// A remote HTTP Wasm filter: `vm_config.code.remote { http_uri { uri, cluster "_", timeout 30s }, sha256 }`.
 pub fn remote_wasm(uri: &str, sha256: &str) -> Wasm {

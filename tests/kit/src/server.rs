@@ -1,7 +1,6 @@
 //! A small real HTTP/1.1 (and HTTPS) server on 127.0.0.1 for tests, configured per path.
 //!
-//! Shared by the crate's unit tests (`#[path = "../../tests/common/server.rs"] mod test_server;`) and the
-//! integration tests (`mod common; use common::server::*;`).
+//! Part of the test kit: `use wasm_ecds_testkit::server::{TestServer, Route, ...};`.
 //!
 //! ```ignore
 //! let server = TestServer::http();                       // or TestServer::https()

@@ -1,6 +1,6 @@
-//! Complete prost types for everything a "typical" ECDS response contains (field numbers from
-//! /work/shared/proto-facts.md). Used to build the inputs and as baseline (b): a full decode and re-encode.
-//! The integration tests build and read their messages with these same types (`tests/common/ecds.rs`).
+//! Complete prost types for everything a "typical" ECDS response contains (field numbers as in
+//! `docs/protobuf.md`, from the envoyproxy/envoy and cncf/xds `.proto` files). The tests build and read
+//! their messages with them; the benchmarks also use them as a baseline: a full decode and re-encode.
 
 #![allow(dead_code, unused_imports, clippy::large_enum_variant)]
 
