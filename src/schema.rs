@@ -427,14 +427,6 @@ pub(crate) fn validate(msg: &'static Message, buf: &[u8]) -> Result<(), SchemaEr
     validate_at(msg, buf, 0)
 }
 
-/// Validates one field already read out of a `msg` (unknown numbers are fine), as [`validate`] would.
-pub(crate) fn validate_field_of(msg: &'static Message, field: &wire::Field<'_>) -> Result<(), SchemaError> {
-    match msg.field(field.number) {
-        Some(def) => validate_field(def, field, 0).map_err(|e| e.within(def.name)),
-        None => Ok(()),
-    }
-}
-
 fn validate_at(msg: &'static Message, buf: &[u8], depth: usize) -> Result<(), SchemaError> {
     if depth > MAX_DEPTH {
         return Err(SchemaError::new(format!("{}: nested more than {MAX_DEPTH} levels deep", msg.name)));
