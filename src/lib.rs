@@ -65,11 +65,6 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     store: store::Store,
     policy: ecds::ConversionPolicy,
-    /// What the latest state-of-the-world responses converted to, per resource (repeated pushes of unchanged
-    /// resources are answered from it).
-    sotw_memo: ecds::Memo,
-    /// The same for delta responses, by resource name.
-    delta_memo: ecds::Memo,
 }
 
 impl Cache {
@@ -84,14 +79,7 @@ impl Cache {
             default_timeout: options.default_fetch_timeout,
             on_fetch_failure: options.on_fetch_failure,
         };
-        Ok(Cache {
-            options,
-            metrics,
-            store,
-            policy,
-            sotw_memo: ecds::Memo::default(),
-            delta_memo: ecds::Memo::default(),
-        })
+        Ok(Cache { options, metrics, store, policy })
     }
 
     pub fn options(&self) -> &Options {
@@ -106,11 +94,8 @@ impl Cache {
     /// Envoy; on rejection the reason for the NACK (forward nothing).
     pub fn convert(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
         self.timed(response, |r| {
-            let converted =
-                ecds::convert_sotw_memo(r, &self.store, &self.policy, &self.metrics, Some(&self.sotw_memo))?;
-            if let Some(modules) = converted.modules {
-                self.store.set_sotw_in_use(modules);
-            }
+            let converted = ecds::convert_sotw(r, &self.store, &self.policy, &self.metrics)?;
+            self.store.set_sotw_in_use(converted.modules);
             Ok(converted.bytes)
         })
     }
@@ -118,8 +103,7 @@ impl Cache {
     /// Converts a serialized `DeltaDiscoveryResponse`; removed resource names pass through.
     pub fn convert_delta(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
         self.timed(response, |r| {
-            let converted =
-                ecds::convert_delta_memo(r, &self.store, &self.policy, &self.metrics, Some(&self.delta_memo))?;
+            let converted = ecds::convert_delta(r, &self.store, &self.policy, &self.metrics)?;
             self.store.update_delta_in_use(converted.resources, &converted.removed);
             Ok(converted.bytes)
         })

@@ -67,8 +67,7 @@ pub struct Module {
     pub sha256: Arc<str>,
 }
 
-/// The distinct modules (sha256) a converted response references: shared by the conversion memo and the
-/// store's in-use set.
+/// The distinct modules (sha256) a converted state-of-the-world response references: the store's in-use set.
 pub type ModuleList = Arc<[Arc<str>]>;
 
 /// Why a module could not be had. `message` is the cause an operator reads, without the resource or URL
@@ -93,24 +92,4 @@ pub trait ModuleSource: Sync {
     /// Answers every request; result `i` answers request `i`. Distinct modules are fetched concurrently
     /// and the call returns only when all are answered.
     fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>>;
-
-    /// A number that changes whenever an answer given as an in-memory hit could change: a module left the
-    /// source, or what a URL resolves to (or a consumer's resource version) changed. A source that does not
-    /// track it never lets [`ModuleSource::reuse`] succeed.
-    fn generation(&self) -> u64 {
-        0
-    }
-
-    /// Lets a conversion reuse earlier hits on `modules` (sha256s) without asking again: if the generation is
-    /// still `generation` and every module is present, records exactly what answering each as a hit would
-    /// (a lookup hit, the module's last use) and returns true; otherwise records nothing and returns false.
-    fn reuse(&self, _modules: &mut dyn Iterator<Item = &str>, _generation: u64) -> bool {
-        false
-    }
-
-    /// Whether `modules` is the very list (the same allocation) the source holds as the state-of-the-world
-    /// in-use set: a repeated push then has nothing to change.
-    fn holds_sotw_in_use(&self, _modules: &ModuleList) -> bool {
-        false
-    }
 }

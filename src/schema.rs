@@ -3,7 +3,7 @@
 //! three things: validation of binary input with the strictness of Go's `proto.Unmarshal` (wire format, wire
 //! types of known fields, UTF-8 of strings; unknown fields allowed), the proto3 JSON mapping from a
 //! `google.protobuf.Struct` to binary (TypedStruct input), and the key checks of that mapping.
-//! Field numbers and names are those of `shared/proto-facts.md`.
+//! Field numbers, names and JSON names are those of the upstream `.proto` files named at each group below.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -102,6 +102,7 @@ const fn wkt(name: &'static str, fields: &'static [FieldDef], wkt: Wkt) -> Messa
 }
 
 // ---- well-known types ----
+// protocolbuffers/protobuf `src/google/protobuf/{any,duration,empty,struct,wrappers}.proto`
 
 pub(crate) static ANY: Message =
     wkt("google.protobuf.Any", &[f(1, "type_url", "typeUrl", Ty::String), f(2, "value", "value", Ty::Bytes)], Wkt::Any);
@@ -143,6 +144,8 @@ static DOUBLE_VALUE: Message = wkt("google.protobuf.DoubleValue", &[f(1, "value"
 static FLOAT_VALUE: Message = wkt("google.protobuf.FloatValue", &[f(1, "value", "value", Ty::Float)], Wkt::Wrapper);
 
 // ---- xDS envelopes ----
+// envoy `api/envoy/service/discovery/v3/discovery.proto`, `api/envoy/config/core/v3/base.proto`
+// (ControlPlane), googleapis `google/rpc/status.proto`
 
 pub(crate) static DISCOVERY_RESPONSE: Message = msg(
     "envoy.service.discovery.v3.DiscoveryResponse",
@@ -210,6 +213,8 @@ static STATUS: Message = msg(
 );
 
 // ---- ECDS resource ----
+// envoy `api/envoy/config/core/v3/extension.proto`; cncf/xds `udpa/type/v1/typed_struct.proto` (the same
+// fields as `xds/type/v3/typed_struct.proto`)
 
 pub(crate) static TYPED_EXTENSION_CONFIG: Message = msg(
     "envoy.config.core.v3.TypedExtensionConfig",
@@ -221,6 +226,8 @@ pub(crate) static TYPED_STRUCT: Message = msg(
 );
 
 // ---- Wasm ----
+// envoy `api/envoy/extensions/filters/{http,network}/wasm/v3/wasm.proto`,
+// `api/envoy/extensions/wasm/v3/wasm.proto`, `api/envoy/config/core/v3/{base,http_uri,backoff}.proto`
 
 pub(crate) static HTTP_WASM: Message =
     msg("envoy.extensions.filters.http.wasm.v3.Wasm", &[f(1, "config", "config", Ty::Message(&PLUGIN_CONFIG))]);
@@ -425,14 +432,6 @@ impl fmt::Display for SchemaError {
 /// allowed (and kept by the rewriters).
 pub(crate) fn validate(msg: &'static Message, buf: &[u8]) -> Result<(), SchemaError> {
     validate_at(msg, buf, 0)
-}
-
-/// Validates one field already read out of a `msg` (unknown numbers are fine), as [`validate`] would.
-pub(crate) fn validate_field_of(msg: &'static Message, field: &wire::Field<'_>) -> Result<(), SchemaError> {
-    match msg.field(field.number) {
-        Some(def) => validate_field(def, field, 0).map_err(|e| e.within(def.name)),
-        None => Ok(()),
-    }
 }
 
 fn validate_at(msg: &'static Message, buf: &[u8], depth: usize) -> Result<(), SchemaError> {

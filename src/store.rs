@@ -741,18 +741,6 @@ struct Job<'a> {
 }
 
 impl ModuleSource for Store {
-    fn generation(&self) -> u64 {
-        Store::generation(self)
-    }
-
-    fn holds_sotw_in_use(&self, modules: &ModuleList) -> bool {
-        Store::holds_sotw_in_use(self, modules)
-    }
-
-    fn reuse(&self, modules: &mut dyn Iterator<Item = &str>, generation: u64) -> bool {
-        Store::reuse(self, modules, generation)
-    }
-
     /// Every request is first answered from the in-memory index on the caller's thread (hits cost no thread).
     /// Identical modules (same sha256, or same URL without one) are answered in request order by one worker;
     /// the misses of distinct modules are resolved concurrently: on the caller's thread when there is one,

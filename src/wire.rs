@@ -48,14 +48,6 @@ impl<'a> Field<'a> {
         std::str::from_utf8(bytes).map_err(|_| WireError(format!("field {} is not valid UTF-8", self.number)))
     }
 
-    /// Whether this is a valid proto3 string ([`Field::string`] without building the error); ASCII, the
-    /// common case, is checked word by word first.
-    #[inline]
-    pub fn is_string(&self) -> bool {
-        self.wire_type == WireType::LengthDelimited
-            && (self.payload.is_ascii() || std::str::from_utf8(self.payload).is_ok())
-    }
-
     pub fn varint(&self) -> Result<u64, WireError> {
         if self.wire_type != WireType::Varint {
             return Err(self.wrong_type("varint"));

@@ -7,6 +7,59 @@ pub use crate::proto::*;
 use crate::proto::async_data_source::Specifier as Code;
 use crate::proto::data_source::Specifier as Local;
 
+/// `AsyncDataSource.remote { http_uri { uri, cluster "_", timeout 30s }, sha256 }`, as istiod writes it.
+pub fn remote_code(uri: &str, sha256: &str) -> AsyncDataSource {
+    AsyncDataSource {
+        specifier: Some(Code::Remote(RemoteDataSource {
+            http_uri: Some(HttpUri {
+                uri: uri.into(),
+                http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster("_".into())),
+                timeout: Some(Duration { seconds: 30, nanos: 0 }),
+            }),
+            sha256: sha256.into(),
+            retry_policy: None,
+        })),
+    }
+}
+
+/// `AsyncDataSource.local { filename }`.
+pub fn local_file(path: &str) -> AsyncDataSource {
+    AsyncDataSource {
+        specifier: Some(Code::Local(DataSource {
+            specifier: Some(Local::Filename(path.into())),
+            ..Default::default()
+        })),
+    }
+}
+
+/// `AsyncDataSource.local { inline_string }`.
+pub fn inline_code(code: &str) -> AsyncDataSource {
+    AsyncDataSource {
+        specifier: Some(Code::Local(DataSource {
+            specifier: Some(Local::InlineString(code.into())),
+            ..Default::default()
+        })),
+    }
+}
+
+impl AsyncDataSource {
+    /// The remote source (panics on anything else).
+    pub fn remote_mut(&mut self) -> &mut RemoteDataSource {
+        match self.specifier.as_mut() {
+            Some(Code::Remote(remote)) => remote,
+            _ => panic!("not remote code"),
+        }
+    }
+}
+
+/// `EnvironmentVariables { key_values, host_env_keys }`.
+pub fn env_vars(pairs: &[(&str, &str)], host_keys: &[&str]) -> EnvironmentVariables {
+    EnvironmentVariables {
+        host_env_keys: host_keys.iter().map(|s| s.to_string()).collect(),
+        key_values: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
 /// A remote HTTP Wasm filter: `vm_config.code.remote { http_uri { uri, cluster "_", timeout 30s }, sha256 }`.
 pub fn remote_wasm(uri: &str, sha256: &str) -> Wasm {
     Wasm {
@@ -16,17 +69,7 @@ pub fn remote_wasm(uri: &str, sha256: &str) -> Wasm {
             vm_config: Some(VmConfig {
                 vm_id: "vm".into(),
                 runtime: "envoy.wasm.runtime.v8".into(),
-                code: Some(AsyncDataSource {
-                    specifier: Some(Code::Remote(RemoteDataSource {
-                        http_uri: Some(HttpUri {
-                            uri: uri.into(),
-                            http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster("_".into())),
-                            timeout: Some(Duration { seconds: 30, nanos: 0 }),
-                        }),
-                        sha256: sha256.into(),
-                        retry_policy: None,
-                    })),
-                }),
+                code: Some(remote_code(uri, sha256)),
                 ..Default::default()
             }),
             ..Default::default()
@@ -70,6 +113,36 @@ impl Wasm {
 
 pub fn any(type_url: &str, msg: &impl Message) -> Any {
     Any { type_url: type_url.into(), value: msg.encode_to_vec() }
+}
+
+/// An `Any` holding these bytes as they are (malformed ones included).
+pub fn any_bytes(type_url: &str, value: Vec<u8>) -> Any {
+    Any { type_url: type_url.into(), value }
+}
+
+/// A JSON object as a `google.protobuf.Struct` (panics on anything but an object).
+pub fn to_struct(json: serde_json::Value) -> Struct {
+    match to_value(json).kind {
+        Some(Kind::StructValue(s)) => s,
+        _ => panic!("not a JSON object"),
+    }
+}
+
+/// A JSON value as a `google.protobuf.Value`.
+pub fn to_value(json: serde_json::Value) -> Value {
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().expect("finite number")),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => {
+            Kind::ListValue(prost_types::ListValue { values: a.into_iter().map(to_value).collect() })
+        }
+        serde_json::Value::Object(o) => {
+            Kind::StructValue(Struct { fields: o.into_iter().map(|(k, v)| (k, to_value(v))).collect() })
+        }
+    };
+    Value { kind: Some(kind) }
 }
 
 pub fn extension(name: &str, typed_config: Any) -> TypedExtensionConfig {

@@ -1,7 +1,7 @@
 //! The test kit of wasm-ecds: one copy of everything the unit tests, the integration tests and the
 //! benchmarks share.
 //!
-//! - [`proto`]: prost types for the ECDS messages (field numbers in `docs/protobuf.md`).
+//! - [`proto`]: prost types for the ECDS messages (field numbers from the upstream `.proto` files named there).
 //! - [`ecds`]: builders of responses and Wasm filters, readers of converted responses, a metric reader.
 //! - [`server`]: a real HTTP/1.1 and HTTPS server on 127.0.0.1, configured per path.
 

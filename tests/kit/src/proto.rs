@@ -1,6 +1,7 @@
-//! Complete prost types for everything a "typical" ECDS response contains (field numbers as in
-//! `docs/protobuf.md`, from the envoyproxy/envoy and cncf/xds `.proto` files). The tests build and read
-//! their messages with them; the benchmarks also use them as a baseline: a full decode and re-encode.
+//! Complete prost types for everything a "typical" ECDS response contains (field numbers from the
+//! envoyproxy/envoy, cncf/xds and google `.proto` files named at each group; the well-known types are
+//! `prost_types`'). The tests build and read their messages with them; the benchmarks also use them as a
+//! baseline: a full decode and re-encode.
 
 #![allow(dead_code, unused_imports, clippy::large_enum_variant)]
 
@@ -8,6 +9,8 @@ use prost::Message;
 pub use prost_types::{value::Kind, Any, Duration, Struct, Value};
 
 // ---- xDS transport ----
+// envoy `api/envoy/service/discovery/v3/discovery.proto`, `api/envoy/config/core/v3/base.proto`
+// (ControlPlane), googleapis `google/rpc/status.proto`
 
 #[derive(Clone, PartialEq, Message)]
 pub struct DiscoveryResponse {
@@ -93,6 +96,8 @@ pub struct Resource {
 }
 
 // ---- ECDS resource ----
+// envoy `api/envoy/config/core/v3/extension.proto`; cncf/xds `udpa/type/v1/typed_struct.proto` (the same
+// fields as `xds/type/v3/typed_struct.proto`)
 
 #[derive(Clone, PartialEq, Message)]
 pub struct TypedExtensionConfig {
@@ -111,6 +116,8 @@ pub struct TypedStruct {
 }
 
 // ---- Wasm ----
+// envoy `api/envoy/extensions/filters/{http,network}/wasm/v3/wasm.proto`,
+// `api/envoy/extensions/wasm/v3/wasm.proto`
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Wasm {
@@ -182,6 +189,7 @@ pub struct ReloadConfig {
 }
 
 // ---- code sources ----
+// envoy `api/envoy/config/core/v3/{base,http_uri,backoff}.proto`, protobuf `google/protobuf/wrappers.proto`
 
 #[derive(Clone, PartialEq, Message)]
 pub struct AsyncDataSource {
@@ -294,7 +302,9 @@ pub struct StringValue {
     pub value: String,
 }
 
-// ---- pass-through payloads (non-Wasm filters) ----
+// ---- RBAC (the fallback filters) and other non-Wasm filters ----
+// envoy `api/envoy/extensions/filters/{http,network}/rbac/v3/rbac.proto`,
+// `api/envoy/extensions/filters/http/router/v3/router.proto`
 
 #[derive(Clone, PartialEq, Message)]
 pub struct HttpRbac {
@@ -304,6 +314,16 @@ pub struct HttpRbac {
     pub rules_stat_prefix: String,
     #[prost(bool, tag = "7")]
     pub track_per_rule_stats: bool,
+}
+
+/// `envoy.extensions.filters.network.rbac.v3.RBAC`, the fields a fallback uses.
+#[derive(Clone, PartialEq, Message)]
+pub struct NetworkRbac {
+    /// An `envoy.config.rbac.v3.RBAC`, kept as bytes: present but empty denies everything.
+    #[prost(bytes = "vec", optional, tag = "1")]
+    pub rules: Option<Vec<u8>>,
+    #[prost(string, tag = "3")]
+    pub stat_prefix: String,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -320,8 +340,10 @@ pub const ECDS_TYPE: &str = "type.googleapis.com/envoy.config.core.v3.TypedExten
 pub const HTTP_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 pub const NETWORK_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";
 pub const TYPED_STRUCT_TYPE: &str = "type.googleapis.com/udpa.type.v1.TypedStruct";
+pub const XDS_TYPED_STRUCT_TYPE: &str = "type.googleapis.com/xds.type.v3.TypedStruct";
 pub const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 pub const HTTP_RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+pub const NETWORK_RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
 pub const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
 /// Baseline (b): decode the whole response into complete prost types (every nested Any included) and
