@@ -578,6 +578,8 @@ mod tests {
         assert!(reason.starts_with(&expected), "{reason:?} does not start with {expected:?}");
     }
 
+    /// A cache seeded read-only (e.g. into an image) opens. Run as root, as in some containers, the modes do
+    /// not bind and this proves less.
     #[test]
     fn a_read_only_cache_dir_opens() {
         use std::os::unix::fs::PermissionsExt;

@@ -1,7 +1,8 @@
 //! What the library says to its host: `log` records go to a callback the host registers (Go, Python, C++
 //! show them their own way), and the panic hook keeps the library's own (caught) panics off stderr. Without
-//! a callback nothing is printed: the library never writes to stdout or stderr. This module knows nothing of
-//! the C ABI's entry points; `ffi` uses it, never the reverse.
+//! a callback nothing is printed: the library never writes to stdout or stderr. The callback's C type and
+//! levels are declared here (the header takes them from here); the entry points are `ffi`'s, which uses this
+//! module, never the reverse.
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_void, CString};
