@@ -1,8 +1,9 @@
 # wasm-ecds: one entry point for building, testing and benchmarking.
 #   make demo    converts Istio's basic-auth walkthrough example end to end against a local server
-#   make test    every test: Rust, C, C++, Go, Python, protobuf fidelity, real Envoy end to end
+#   make test    lint, then every test: Rust, C, C++, Go, Python, protobuf fidelity, real Envoy end to end
+#   make lint    rustfmt and clippy (warnings are errors)
 #   make bench   benchmarks with baselines side by side (BENCHMARKS.md)
-#   make header  regenerates include/wasm_ecds.h (commit it)
+#   make header  copies the header the build generated into include/wasm_ecds.h (commit it)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -10,7 +11,7 @@ REPO := $(abspath .)
 export WASM_ECDS_LIB_DIR ?= $(REPO)/target/release
 CFLAGS_TEST := -std=c11 -Wall -Wextra -Werror -pedantic -g -fsanitize=address,undefined -fno-omit-frame-pointer
 
-.PHONY: all build demo header test test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e bench clean-tests
+.PHONY: all build demo header lint test test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e bench clean-tests
 
 all: build
 
@@ -20,11 +21,20 @@ build:
 demo:
 	cargo run --release --example quickstart
 
+# build.rs writes the header into the build's OUT_DIR only; cargo names that directory in its JSON messages.
 header:
-	env -u CI cargo build --lib
+	out_dir=$$(cargo build --release --lib --message-format=json-render-diagnostics | python3 -c 'import json, sys; \
+	  messages = [json.loads(line) for line in sys.stdin]; \
+	  print(next(m["out_dir"] for m in messages \
+	             if m.get("reason") == "build-script-executed" and "#wasm-ecds@" in m["package_id"]))'); \
+	cp "$$out_dir/wasm_ecds.h" include/wasm_ecds.h
 	@git diff --stat -- include/ || true
 
-test: build test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e
+lint:
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+test: lint build test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e
 	@echo "make test: all suites passed"
 
 test-rust:

@@ -268,6 +268,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    // Modules unused for longer than module_expiry_secs go; this one is fresh and in use, so it stays.
+    println!("== purge now: {} module(s) removed", cache.purge()?);
     println!("== metrics (Prometheus text):\n{}", cache.metrics_text());
     Ok(())
 }

@@ -21,6 +21,8 @@ mod typed_struct;
 mod wire;
 
 use std::fmt;
+use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use ecds::Rejection;
@@ -33,28 +35,55 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Why a cache could not be opened.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum OpenError {
+    /// An option was refused; the message names it. A `ca_file` that cannot be loaded is one.
     Options(OptionsError),
-    /// The cache directory could not be created or used.
-    CacheDir(String),
-    /// The TLS settings (e.g. `ca_file`) could not be loaded.
-    Tls(String),
+    /// The cache directory could not be created, locked or used.
+    CacheDir(CacheDirError),
 }
 
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             OpenError::Options(e) => e.fmt(f),
-            OpenError::CacheDir(m) | OpenError::Tls(m) => f.write_str(m),
+            OpenError::CacheDir(e) => e.fmt(f),
         }
     }
 }
 
-impl std::error::Error for OpenError {}
+impl std::error::Error for OpenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OpenError::Options(e) => e.source(),
+            OpenError::CacheDir(e) => e.source(),
+        }
+    }
+}
 
 impl From<OptionsError> for OpenError {
     fn from(e: OptionsError) -> Self {
         OpenError::Options(e)
+    }
+}
+
+/// An I/O failure in the cache directory: which directory, and (as [`source`](std::error::Error::source))
+/// the operating system's error.
+#[derive(Debug)]
+pub struct CacheDirError {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+impl fmt::Display for CacheDirError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cache directory {}", self.path.display())
+    }
+}
+
+impl std::error::Error for CacheDirError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 
@@ -68,13 +97,17 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Opens (creating if needed) the cache directory and reuses what an earlier process left there.
+    /// Opens (creating if needed) the cache directory and reuses what an earlier process left there. A
+    /// directory that exists but is read-only (a cache seeded into an image) opens too.
+    ///
+    /// [`OpenError::Options`] when `ca_file` cannot be loaded; [`OpenError::CacheDir`] when the directory
+    /// cannot be created or used.
     pub fn new(options: Options) -> Result<Cache, OpenError> {
         let metrics = Arc::new(Metrics::new());
         let fetcher = fetch::Fetcher::new(&fetch::FetchSettings::from_options(&options))
-            .map_err(|e| OpenError::Tls(e.to_string()))?;
+            .map_err(|e| OptionsError(format!("invalid options: {e}")))?;
         let store = store::Store::open(store::StoreSettings::from_options(&options), fetcher, metrics.clone())
-            .map_err(|e| OpenError::CacheDir(format!("cache directory {}: {e}", options.cache_dir.display())))?;
+            .map_err(|source| OpenError::CacheDir(CacheDirError { path: options.cache_dir.clone(), source }))?;
         let policy = ecds::ConversionPolicy {
             default_timeout: options.default_fetch_timeout,
             on_fetch_failure: options.on_fetch_failure,
@@ -139,8 +172,9 @@ impl Cache {
     }
 
     /// Runs a purge now: deletes modules unused for longer than the expiry and not referenced by the latest
-    /// converted ECDS state. Returns how many modules were removed.
-    pub fn purge(&self) -> Result<usize, std::io::Error> {
-        self.store.purge()
+    /// converted ECDS state. Returns how many modules were removed; an error when the cache directory could
+    /// not be written (its index).
+    pub fn purge(&self) -> Result<usize, CacheDirError> {
+        self.store.purge().map_err(|source| CacheDirError { path: self.options.cache_dir.clone(), source })
     }
 }

@@ -22,6 +22,9 @@ pub enum OnFetchFailure {
 /// Validated options of a [`crate::Cache`].
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Where modules are stored; created with mode 0700 if missing. Default: `$XDG_CACHE_HOME/wasm-ecds`,
+    /// else `$HOME/.cache/wasm-ecds`, else (neither set, as in some containers) `wasm-ecds-<uid>` in the
+    /// system's temporary directory (`std::env::temp_dir()`, usually `/tmp`), one per user.
     pub cache_dir: PathBuf,
     pub enable_conversion: bool,
     pub module_expiry: Duration,
@@ -75,9 +78,16 @@ struct RawOptions {
 /// Where the environment comes from; a function so tests can supply their own.
 pub(crate) type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
+/// The built-in defaults, ignoring the Istio environment variables (use [`Options::from_env`] for those);
+/// the cache directory is found as [`Options::cache_dir`] says. Never panics.
 impl Default for Options {
     fn default() -> Self {
-        Options::from_json_with_env("{}", &|_| None).expect("defaults are valid")
+        let cache_location = |name: &str| match name {
+            "XDG_CACHE_HOME" | "HOME" => std::env::var(name).ok(),
+            _ => None,
+        };
+        // Infallible: with no option given and no Istio variable read, nothing can be refused.
+        Options::from_json_with_env("{}", &cache_location).expect("the built-in defaults are valid")
     }
 }
 
@@ -117,7 +127,7 @@ impl Options {
                 return Err(OptionsError("invalid options: cache_dir must not be empty".into()))
             }
             Some(dir) => dir,
-            None => default_cache_dir(env)?,
+            None => default_cache_dir(env),
         };
         let enable_conversion = match raw.enable_conversion {
             Some(v) => v,
@@ -219,14 +229,31 @@ fn positive_error(key: &str) -> OptionsError {
     OptionsError(format!("invalid options: {key} must be greater than 0"))
 }
 
-fn default_cache_dir(env: EnvLookup<'_>) -> Result<PathBuf, OptionsError> {
+/// See [`Options::cache_dir`].
+fn default_cache_dir(env: EnvLookup<'_>) -> PathBuf {
     if let Some(xdg) = env_value(env, "XDG_CACHE_HOME") {
-        return Ok(PathBuf::from(xdg).join("wasm-ecds"));
+        return PathBuf::from(xdg).join("wasm-ecds");
     }
     if let Some(home) = env_value(env, "HOME") {
-        return Ok(PathBuf::from(home).join(".cache").join("wasm-ecds"));
+        return PathBuf::from(home).join(".cache").join("wasm-ecds");
     }
-    Err(OptionsError("no cache_dir given and neither XDG_CACHE_HOME nor HOME is set".into()))
+    std::env::temp_dir().join(format!("wasm-ecds-{}", user_id()))
+}
+
+/// The real user id, so that users sharing a temporary directory do not share a cache.
+#[cfg(unix)]
+fn user_id() -> u32 {
+    extern "C" {
+        fn getuid() -> u32;
+    }
+    // SAFETY: getuid(2) takes nothing, always succeeds and touches no memory of ours; uid_t is 32 bits
+    // wide on every Unix Rust supports.
+    unsafe { getuid() }
+}
+
+#[cfg(not(unix))]
+fn user_id() -> u32 {
+    0
 }
 
 /// A seconds option, else a Go-duration environment variable, else the default. Zero is refused: Istio
@@ -339,6 +366,24 @@ mod tests {
         assert_eq!(o.max_module_bytes, 268_435_456);
         assert_eq!(o.on_fetch_failure, OnFetchFailure::Reject);
         assert!(o.insecure_hosts.is_empty() && o.blocked_cidrs.is_empty());
+    }
+
+    #[test]
+    fn without_xdg_cache_home_or_home_the_cache_is_a_private_temp_dir() {
+        let o = with_env("{}", &[]).unwrap();
+        assert_eq!(o.cache_dir, std::env::temp_dir().join(format!("wasm-ecds-{}", user_id())));
+        let blank = with_env("{}", &[("HOME", " "), ("XDG_CACHE_HOME", "")]).unwrap();
+        assert_eq!(blank.cache_dir, o.cache_dir);
+    }
+
+    #[test]
+    fn default_never_panics_and_uses_the_built_in_values() {
+        let o = Options::default();
+        let name = o.cache_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert!(name.starts_with("wasm-ecds"), "{:?}", o.cache_dir);
+        assert!(o.enable_conversion);
+        assert_eq!(o.module_expiry, Duration::from_secs(86_400));
+        assert_eq!(o.max_attempts, 5);
     }
 
     #[test]

@@ -1,15 +1,14 @@
 //! The library through its Rust API against real HTTP/HTTPS servers on 127.0.0.1: conversion, fetch rules,
 //! the store across restarts, expiry, concurrency, and the counters after each.
 
-
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use wasm_ecds_testkit::ecds::*;
-use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
 use prost::Message;
 use wasm_ecds::{Cache, Options};
+use wasm_ecds_testkit::ecds::*;
+use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
 
 fn open(dir: &Path, extra: serde_json::Value) -> Cache {
     let mut options = serde_json::json!({

@@ -2,14 +2,13 @@
 //! (the test binary re-runs itself as the child processes), and none may see a half-written or foreign
 //! file, none may fail, and no temp file may be left behind.
 
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use wasm_ecds::{Cache, Options};
 use wasm_ecds_testkit::ecds::*;
 use wasm_ecds_testkit::server::{sha256_hex, wasm_module, Route, TestServer};
-use wasm_ecds::{Cache, Options};
 
 const CHILD_ENV: &str = "WASM_ECDS_SHARED_DIR_CHILD";
 

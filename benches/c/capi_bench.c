@@ -50,9 +50,12 @@ int main(int argc, char **argv) {
     char opts[4096];
     snprintf(opts, sizeof opts, "{\"cache_dir\": \"%s\"}", argv[1]);
     double t0 = now_ns();
-    char *error = NULL;
-    cache = wasm_ecds_cache_new(opts, &error);
-    if (!cache) { fprintf(stderr, "cache_new: %s\n", error); return 1; }
+    char *reason = NULL;
+    int32_t status = wasm_ecds_cache_new(opts, &cache, &reason);
+    if (status != WASM_ECDS_OK) {
+        fprintf(stderr, "cache_new failed (%d): %s\n", status, reason ? reason : "?");
+        return 1;
+    }
     run(1);
     double first = (now_ns() - t0) / 1e9;
 

@@ -14,8 +14,9 @@ class Bytes(ctypes.Structure):
 def main():
     lib_path, cache_dir, response_file = sys.argv[1:4]
     lib = ctypes.CDLL(lib_path)
-    lib.wasm_ecds_cache_new.restype = ctypes.c_void_p
-    lib.wasm_ecds_cache_new.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p)]
+    lib.wasm_ecds_cache_new.restype = ctypes.c_int32
+    lib.wasm_ecds_cache_new.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p),
+                                        ctypes.POINTER(ctypes.c_char_p)]
     lib.wasm_ecds_cache_free.argtypes = [ctypes.c_void_p]
     lib.wasm_ecds_convert.restype = ctypes.c_int32
     lib.wasm_ecds_convert.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
@@ -26,10 +27,11 @@ def main():
     with open(response_file, "rb") as f:
         response = f.read()
     t0 = time.perf_counter()
-    err = ctypes.c_char_p()
-    cache = lib.wasm_ecds_cache_new(json.dumps({"cache_dir": cache_dir}).encode(), ctypes.byref(err))
-    if not cache:
-        sys.exit("cache_new: %s" % err.value)
+    cache, reason = ctypes.c_void_p(), ctypes.c_char_p()
+    status = lib.wasm_ecds_cache_new(json.dumps({"cache_dir": cache_dir}).encode(), ctypes.byref(cache),
+                                     ctypes.byref(reason))
+    if status != 0:
+        sys.exit("cache_new failed (%d): %s" % (status, reason.value))
     convert, free = lib.wasm_ecds_convert, lib.wasm_ecds_bytes_free
     n_resp = len(response)
 

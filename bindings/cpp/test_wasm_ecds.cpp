@@ -326,11 +326,35 @@ std::string read_file(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(f), {});
 }
 
+// The local file a converted response points its (only) Wasm filter at.
+std::string local_filename(std::string_view converted) {
+  auto resources = pb::all(converted, 2);
+  if (resources.size() != 1) return {};
+  std::string tec = pb::path(resources[0], {2});
+  std::string vm = pb::path(tec, {2, 2, 1, 3});  // Any.value -> Wasm.config -> PluginConfig.vm_config
+  return pb::path(vm, {3, 1, 1});
+}
+
+// What the C API itself says about a failed NACK, for comparing with what the binding reports.
+std::pair<std::int32_t, std::string> c_nack_failure(std::string_view response, const char* last_acked,
+                                                    const char* detail, bool delta) {
+  wasm_ecds_bytes out{nullptr, 0};
+  char* reason = nullptr;
+  auto data = reinterpret_cast<const std::uint8_t*>(response.data());
+  std::int32_t status = delta ? wasm_ecds_nack_delta(data, response.size(), detail, &out, &reason)
+                              : wasm_ecds_nack(data, response.size(), last_acked, detail, &out, &reason);
+  wasm_ecds_bytes_free(out);
+  std::string text = reason ? reason : "";
+  wasm_ecds_string_free(reason);
+  return {status, text};
+}
+
 // ---- tests -----------------------------------------------------------------------------------------------
 
-void test_version() {
-  CHECK(!wasm_ecds::version().empty());
-  CHECK(wasm_ecds::version().find('.') != std::string_view::npos);
+void test_version_matches_the_header() {
+  std::string major_minor =
+      std::to_string(WASM_ECDS_VERSION_MAJOR) + "." + std::to_string(WASM_ECDS_VERSION_MINOR) + ".";
+  CHECK_MSG(wasm_ecds::version().rfind(major_minor, 0) == 0, std::string(wasm_ecds::version()));
 }
 
 void test_convert_points_at_the_local_file() {
@@ -452,14 +476,50 @@ void test_metrics() {
   CHECK(purged.ok() && *purged == 0);
 }
 
-void test_open_errors_name_the_option() {
+void test_purge_returns_the_number_of_modules_removed() {
+  static_assert(std::is_same_v<decltype(std::declval<wasm_ecds::Cache&>().purge()),
+                               wasm_ecds::Result<std::uint64_t>>);
+  Server server;
+  TempDir dir;
+  std::string old_module = make_module("old");
+  std::string new_module = make_module("new");
+  std::string old_url = server.add("/old.wasm", old_module);
+  std::string new_url = server.add("/new.wasm", new_module);
+  wasm_ecds::Cache cache(
+      wasm_ecds::Options{}.cache_dir(dir.path.string()).max_attempts(1).module_expiry_secs(1));
+
+  auto first = cache.convert(discovery_response(remote_wasm(old_url, sha256_hex(old_module))));
+  CHECK_MSG(first.ok(), first.error().message);
+  // The latest response references only the new module: the old one may go once it has expired.
+  auto second = cache.convert(discovery_response(remote_wasm(new_url, sha256_hex(new_module))));
+  CHECK_MSG(second.ok(), second.error().message);
+  std::string old_file = local_filename(*first);
+  std::string new_file = local_filename(*second);
+  CHECK(!old_file.empty() && !new_file.empty() && old_file != new_file);
+
+  auto fresh = cache.purge();
+  CHECK_MSG(fresh.ok(), fresh.error().message);
+  CHECK(*fresh == 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  auto expired = cache.purge();
+  CHECK_MSG(expired.ok(), expired.error().message);
+  CHECK_MSG(*expired == 1, std::to_string(*expired));
+  CHECK(!fs::exists(old_file));
+  CHECK(fs::exists(new_file));
+}
+
+void test_a_bad_option_is_an_invalid_argument_naming_it() {
   TempDir dir;
   auto bad = wasm_ecds::Cache::open(wasm_ecds::Options{}.cache_dir(dir.path.string()).on_fetch_failure("explode"));
   CHECK(!bad.ok());
   CHECK(bad.status() == wasm_ecds::Status::invalid_argument);
   CHECK_MSG(bad.error().message.find("explode") != std::string::npos, bad.error().message);
   auto unknown = wasm_ecds::Cache::open_json(R"({"cache_size": 3})");
-  CHECK(!unknown.ok() && unknown.error().message.find("cache_size") != std::string::npos);
+  CHECK(unknown.status() == wasm_ecds::Status::invalid_argument);
+  CHECK_MSG(unknown.error().message.find("cache_size") != std::string::npos, unknown.error().message);
+  auto not_json = wasm_ecds::Cache::open_json("{");
+  CHECK(not_json.status() == wasm_ecds::Status::invalid_argument);
+  CHECK(!not_json.error().message.empty());
   bool thrown = false;
   try {
     wasm_ecds::Cache c(wasm_ecds::Options{}.cache_dir(dir.path.string()).max_attempts(0));
@@ -469,6 +529,32 @@ void test_open_errors_name_the_option() {
   }
   CHECK(thrown);
   CHECK(wasm_ecds::Options{}.cache_dir("a\"b\\c").max_attempts(2).json() == R"({"cache_dir":"a\"b\\c","max_attempts":2})");
+}
+
+void test_a_cache_dir_under_a_regular_file_is_an_io_error_naming_the_path() {
+  TempDir dir;
+  fs::path file = dir.path / "not-a-dir";
+  std::ofstream(file) << "x";
+  std::string cache_dir = (file / "cache").string();
+
+  auto opened = wasm_ecds::Cache::open(wasm_ecds::Options{}.cache_dir(cache_dir));
+  CHECK(!opened.ok());
+  CHECK(opened.status() == wasm_ecds::Status::io_error);
+  CHECK_MSG(opened.error().message.find(file.string()) != std::string::npos, opened.error().message);
+
+  bool thrown = false;
+  try {
+    wasm_ecds::Cache c(wasm_ecds::Options{}.cache_dir(cache_dir));
+  } catch (const wasm_ecds::Rejected&) {
+    CHECK(false);
+  } catch (const wasm_ecds::Error& e) {
+    thrown = true;
+    CHECK(e.status() == wasm_ecds::Status::io_error);
+    CHECK(e.message() == opened.error().message);
+    CHECK_MSG(std::string(e.what()).rfind("wasm_ecds: I/O error: ", 0) == 0, e.what());
+  }
+  CHECK(thrown);
+  CHECK(fs::is_regular_file(file));
 }
 
 void test_move_only_and_moved_from_is_safe() {
@@ -482,7 +568,9 @@ void test_move_only_and_moved_from_is_safe() {
   auto out = a.convert("");  // NOLINT
   CHECK(out.status() == wasm_ecds::Status::invalid_argument);
   CHECK(a.metrics().empty());
-  CHECK(!a.purge().ok());
+  auto purged = a.purge();
+  CHECK(purged.status() == wasm_ecds::Status::invalid_argument);
+  CHECK(!purged.error().message.empty());  // the library's reason
   CHECK(!b.metrics().empty());
   TempDir dir2;
   auto c = open_cache(dir2);
@@ -490,11 +578,37 @@ void test_move_only_and_moved_from_is_safe() {
   CHECK(c && !b);
 }
 
-void test_nack_errors() {
-  auto garbage = wasm_ecds::nack(std::string("\xff\xff", 2), "v", "r");
-  CHECK(!garbage.ok() && garbage.status() == wasm_ecds::Status::invalid_argument);
+void test_nack_errors_carry_the_library_reason() {
+  std::string garbage("\xff\xff", 2);
+  auto bad = wasm_ecds::nack(garbage, "v", "r");
+  CHECK(bad.status() == wasm_ecds::Status::invalid_argument);
+  auto [c_status, c_reason] = c_nack_failure(garbage, "v", "r", false);
+  CHECK(c_status == WASM_ECDS_INVALID_ARGUMENT);
+  CHECK(!c_reason.empty());
+  CHECK_MSG(bad.error().message == c_reason, bad.error().message + " vs " + c_reason);
+
+  auto bad_delta = wasm_ecds::nack_delta(garbage, "r");
+  CHECK(bad_delta.status() == wasm_ecds::Status::invalid_argument);
+  auto [c_delta_status, c_delta_reason] = c_nack_failure(garbage, nullptr, "r", true);
+  CHECK(c_delta_status == WASM_ECDS_INVALID_ARGUMENT);
+  CHECK(!c_delta_reason.empty());
+  CHECK_MSG(bad_delta.error().message == c_delta_reason, bad_delta.error().message + " vs " + c_delta_reason);
+
+  bool thrown = false;
+  try {
+    (void)wasm_ecds::nack(garbage, "v", "r").value();
+  } catch (const wasm_ecds::Error& e) {
+    thrown = e.status() == wasm_ecds::Status::invalid_argument && e.message() == c_reason;
+  }
+  CHECK(thrown);
+
+  // Checked by the binding before the call: a NUL would silently cut the C string short.
   auto nul = wasm_ecds::nack("", "v", std::string("a\0b", 3));
-  CHECK(!nul.ok() && nul.status() == wasm_ecds::Status::invalid_argument);
+  CHECK(nul.status() == wasm_ecds::Status::invalid_argument);
+  CHECK_MSG(nul.error().message.find("error_detail") != std::string::npos, nul.error().message);
+}
+
+void test_nack_delta_builds_the_request() {
   auto delta = wasm_ecds::nack_delta(pb::Msg{}.s(4, kEcdsType).s(5, "dn").bytes, "why");
   CHECK(delta.ok());
   CHECK(pb::path(*delta, {6}) == "dn");     // DeltaDiscoveryRequest.response_nonce
@@ -529,15 +643,19 @@ void test_logger_receives_records() {
 
 int main(int argc, char** argv) {
   const std::vector<std::pair<const char*, void (*)()>> tests = {
-      {"version", test_version},
-      {"nack_errors", test_nack_errors},
-      {"open_errors_name_the_option", test_open_errors_name_the_option},
+      {"version_matches_the_header", test_version_matches_the_header},
+      {"nack_errors_carry_the_library_reason", test_nack_errors_carry_the_library_reason},
+      {"nack_delta_builds_the_request", test_nack_delta_builds_the_request},
+      {"a_bad_option_is_an_invalid_argument_naming_it", test_a_bad_option_is_an_invalid_argument_naming_it},
+      {"a_cache_dir_under_a_regular_file_is_an_io_error_naming_the_path",
+       test_a_cache_dir_under_a_regular_file_is_an_io_error_naming_the_path},
       {"move_only_and_moved_from_is_safe", test_move_only_and_moved_from_is_safe},
       {"convert_points_at_the_local_file", test_convert_points_at_the_local_file},
       {"rejection_without_and_with_exceptions", test_rejection_without_and_with_exceptions},
       {"pass_through_is_byte_identical", test_pass_through_is_byte_identical},
       {"sixteen_threads_share_one_download", test_sixteen_threads_share_one_download},
       {"metrics", test_metrics},
+      {"purge_returns_the_number_of_modules_removed", test_purge_returns_the_number_of_modules_removed},
       {"logger_receives_records", test_logger_receives_records},
   };
   int run = 0;

@@ -11,10 +11,13 @@
 //   std::cout << cache->metrics();
 //
 // Every function is usable without exceptions (Result); the *_or_throw variants and Result::value() throw
-// wasm_ecds::Error (wasm_ecds::Rejected for rejections). Bytes are std::string, as in protobuf's C++ API.
+// wasm_ecds::Error (wasm_ecds::Rejected for rejections). Every error carries the C API's status and the
+// library's own reason, unchanged; the only messages this header writes itself are for the checks it makes
+// before calling the library (a NUL byte inside a string). Bytes are std::string, as in protobuf's C++ API.
 // A Cache is move-only and thread-safe (many threads may convert at once); a moved-from Cache reports
 // Status::invalid_argument from every call instead of crashing.
 //
+// Written for the C API of ABI 0.2 (include/wasm_ecds.h with WASM_ECDS_VERSION_MAJOR 0, _MINOR 2).
 // Link: libwasm_ecds.a -lpthread -ldl -lm (or -lwasm_ecds for the shared library).
 
 #ifndef WASM_ECDS_HPP
@@ -42,23 +45,34 @@
 
 #include "wasm_ecds.h"
 
+// While the major version is 0, only a minor version is compatible with itself (see wasm_ecds.h).
+#if WASM_ECDS_VERSION_MAJOR != 0 || WASM_ECDS_VERSION_MINOR != 2
+#error "wasm_ecds.hpp is written for the C API of ABI 0.2 (wasm_ecds.h with WASM_ECDS_VERSION 0.2)"
+#endif
+
 namespace wasm_ecds {
 
-/// The C API's status codes.
+/// The C API's status codes. A status a newer library adds still arrives, as its number.
 enum class Status : std::int32_t {
   ok = WASM_ECDS_OK,
+  /// The response must not reach Envoy; the message is the NACK's error_detail.
   rejected = WASM_ECDS_REJECTED,
+  /// The caller broke the contract: a bad option, a NULL or moved-from cache, an unparsable response.
   invalid_argument = WASM_ECDS_INVALID_ARGUMENT,
+  /// A bug inside the library (a caught panic); the cache is still usable.
   internal_error = WASM_ECDS_INTERNAL_ERROR,
+  /// The cache directory cannot be created, locked or used, or purge could not write its index; the
+  /// message names the path and the OS error.
+  io_error = WASM_ECDS_IO_ERROR,
 };
 
-/// Why a call failed: the status and the library's message (for a rejection, the NACK reason).
+/// Why a call failed: the status and the library's reason (for a rejection, the NACK's error_detail).
 struct ErrorInfo {
   Status status = Status::internal_error;
   std::string message;
 };
 
-/// Thrown by the throwing conveniences.
+/// Thrown by the throwing conveniences; status() tells the kind (Status::io_error, Status::invalid_argument, ...).
 class Error : public std::runtime_error {
  public:
   explicit Error(ErrorInfo info)
@@ -74,7 +88,9 @@ class Error : public std::runtime_error {
       case Status::rejected: return "wasm_ecds: response rejected: " + info.message;
       case Status::invalid_argument: return "wasm_ecds: invalid argument: " + info.message;
       case Status::internal_error: return "wasm_ecds: internal error: " + info.message;
-      default: return "wasm_ecds: " + info.message;
+      case Status::io_error: return "wasm_ecds: I/O error: " + info.message;
+      default:
+        return "wasm_ecds: status " + std::to_string(static_cast<std::int32_t>(info.status)) + ": " + info.message;
     }
   }
   ErrorInfo info_;
@@ -124,7 +140,7 @@ class [[nodiscard]] Result {
   T* operator->() noexcept { return std::get_if<0>(&v_); }
   const T* operator->() const noexcept { return std::get_if<0>(&v_); }
 
-  /// The error; only when !ok() (an empty internal_error otherwise).
+  /// The error; only when !ok() (Status::ok with an empty message otherwise).
   const ErrorInfo& error() const noexcept {
     static const ErrorInfo none{Status::ok, {}};
     const ErrorInfo* e = std::get_if<1>(&v_);
@@ -149,6 +165,11 @@ inline std::string take_bytes(wasm_ecds_bytes b) {
   if (b.data != nullptr && b.len != 0) out.assign(reinterpret_cast<const char*>(b.data), b.len);
   wasm_ecds_bytes_free(b);
   return out;
+}
+
+/// The ErrorInfo of a failed C call: its status and the library's reason (freed here).
+inline ErrorInfo failure(std::int32_t status, char* reason) {
+  return ErrorInfo{static_cast<Status>(status), take_string(reason)};
 }
 
 inline const std::uint8_t* data_of(std::string_view s) noexcept {
@@ -244,32 +265,30 @@ class Options {
   std::vector<std::pair<std::string, std::string>> fields_;
 };
 
-/// The library version, e.g. "0.1.0".
+/// The library version, e.g. "0.2.0".
 inline std::string_view version() noexcept { return wasm_ecds_version(); }
 
 /// A module cache with its counters. Move-only; thread-safe (except that it must not be destroyed or
 /// moved from while another thread uses it).
 class Cache {
  public:
-  /// Opens a cache; an unknown option or a bad value is an invalid_argument error naming it.
+  /// Opens a cache. Errors: invalid_argument for an unknown option or a bad value (the message names it);
+  /// io_error when the cache directory cannot be created, locked or used (the message names the path and
+  /// the OS error); internal_error for a bug inside the library.
   static Result<Cache> open(const Options& options = Options{}) { return open_json(options.json()); }
 
-  /// Opens a cache from a JSON options object ("" or "{}" for defaults).
+  /// Opens a cache from a JSON options object ("" or "{}" for defaults); errors as open.
   static Result<Cache> open_json(std::string_view options_json) {
     auto json = detail::c_string(options_json);
     if (!json) return ErrorInfo{Status::invalid_argument, "options contain a NUL byte"};
-    char* error = nullptr;
-    wasm_ecds_cache* handle = wasm_ecds_cache_new(json->c_str(), &error);
-    std::string message = detail::take_string(error);
-    if (handle == nullptr) {
-      // wasm_ecds_cache_new has no status: a caught panic is told apart by its "internal error" prefix.
-      Status s = message.rfind("internal error", 0) == 0 ? Status::internal_error : Status::invalid_argument;
-      return ErrorInfo{s, std::move(message)};
-    }
+    wasm_ecds_cache* handle = nullptr;
+    char* reason = nullptr;
+    std::int32_t status = wasm_ecds_cache_new(json->c_str(), &handle, &reason);
+    if (status != WASM_ECDS_OK) return detail::failure(status, reason);
     return Cache(handle);
   }
 
-  /// Throwing convenience: opens or throws wasm_ecds::Error.
+  /// Throwing convenience: opens or throws wasm_ecds::Error (status() as for open).
   explicit Cache(const Options& options) : Cache(open(options).value()) {}
 
   Cache(Cache&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
@@ -285,7 +304,8 @@ class Cache {
   ~Cache() { wasm_ecds_cache_free(handle_); }
 
   /// Converts a serialized DiscoveryResponse: the bytes to forward to Envoy, or an error — rejected()
-  /// means "NACK with error().message". Blocks while modules are fetched.
+  /// means "NACK with error().message"; every other error carries the library's status and reason.
+  /// Blocks while modules are fetched.
   Result<std::string> convert(std::string_view response) const {
     return call(wasm_ecds_convert, response);
   }
@@ -311,13 +331,15 @@ class Cache {
   /// The counters in Prometheus text exposition format ("" for a moved-from cache).
   std::string metrics() const { return detail::take_string(wasm_ecds_metrics(handle_)); }
 
-  /// Purges now; the number of modules removed.
-  Result<std::int64_t> purge() const {
-    std::int64_t n = wasm_ecds_purge(handle_);
-    if (n < 0) {
-      return ErrorInfo{static_cast<Status>(n), handle_ ? "purge failed" : "cache is moved-from"};
-    }
-    return n;
+  /// Purges now: deletes modules unused for longer than the expiry that the latest converted ECDS state
+  /// does not reference. The number of modules removed, or an error: io_error when the index could not be
+  /// written (the message names the path and the OS error), invalid_argument for a moved-from cache.
+  Result<std::uint64_t> purge() const {
+    std::uint64_t removed = 0;
+    char* reason = nullptr;
+    std::int32_t status = wasm_ecds_purge(handle_, &removed, &reason);
+    if (status != WASM_ECDS_OK) return detail::failure(status, reason);
+    return removed;
   }
 
   /// The C handle (still owned by this object), for calls this header does not wrap.
@@ -327,13 +349,13 @@ class Cache {
  private:
   explicit Cache(wasm_ecds_cache* handle) noexcept : handle_(handle) {}
 
-  using ConvertFn = int32_t (*)(wasm_ecds_cache*, const std::uint8_t*, std::size_t, wasm_ecds_bytes*, char**);
+  using ConvertFn = decltype(&wasm_ecds_convert);
+  static_assert(std::is_same_v<ConvertFn, decltype(&wasm_ecds_convert_delta)>);
   Result<std::string> call(ConvertFn fn, std::string_view response) const {
     wasm_ecds_bytes out{nullptr, 0};
     char* reason = nullptr;
     std::int32_t status = fn(handle_, detail::data_of(response), response.size(), &out, &reason);
-    std::string message = detail::take_string(reason);
-    if (status != WASM_ECDS_OK) return ErrorInfo{static_cast<Status>(status), std::move(message)};
+    if (status != WASM_ECDS_OK) return detail::failure(status, reason);
     return detail::take_bytes(out);
   }
 
@@ -341,30 +363,32 @@ class Cache {
 };
 
 /// The serialized DiscoveryRequest that NACKs a rejected DiscoveryResponse (type_url, response_nonce,
-/// version_info = last_acked_version, error_detail {code 13, message reason}).
+/// version_info = last_acked_version, error_detail {code 13, message error_detail}). An invalid_argument
+/// error with the library's reason when the response does not parse or a string is not UTF-8.
 inline Result<std::string> nack(std::string_view response, std::string_view last_acked_version,
-                                std::string_view reason) {
+                                std::string_view error_detail) {
   auto version = detail::c_string(last_acked_version);
-  auto why = detail::c_string(reason);
-  if (!version || !why) return ErrorInfo{Status::invalid_argument, "a string contains a NUL byte"};
+  if (!version) return ErrorInfo{Status::invalid_argument, "last_acked_version contains a NUL byte"};
+  auto detail_text = detail::c_string(error_detail);
+  if (!detail_text) return ErrorInfo{Status::invalid_argument, "error_detail contains a NUL byte"};
   wasm_ecds_bytes out{nullptr, 0};
-  std::int32_t status =
-      wasm_ecds_nack(detail::data_of(response), response.size(), version->c_str(), why->c_str(), &out);
-  if (status != WASM_ECDS_OK) {
-    return ErrorInfo{static_cast<Status>(status), "the response is not a valid DiscoveryResponse"};
-  }
+  char* reason = nullptr;
+  std::int32_t status = wasm_ecds_nack(detail::data_of(response), response.size(), version->c_str(),
+                                       detail_text->c_str(), &out, &reason);
+  if (status != WASM_ECDS_OK) return detail::failure(status, reason);
   return detail::take_bytes(out);
 }
 
-/// The serialized DeltaDiscoveryRequest that NACKs a rejected DeltaDiscoveryResponse.
-inline Result<std::string> nack_delta(std::string_view response, std::string_view reason) {
-  auto why = detail::c_string(reason);
-  if (!why) return ErrorInfo{Status::invalid_argument, "reason contains a NUL byte"};
+/// The serialized DeltaDiscoveryRequest that NACKs a rejected DeltaDiscoveryResponse (type_url,
+/// response_nonce, error_detail {code 13, message error_detail}); errors as nack.
+inline Result<std::string> nack_delta(std::string_view response, std::string_view error_detail) {
+  auto detail_text = detail::c_string(error_detail);
+  if (!detail_text) return ErrorInfo{Status::invalid_argument, "error_detail contains a NUL byte"};
   wasm_ecds_bytes out{nullptr, 0};
-  std::int32_t status = wasm_ecds_nack_delta(detail::data_of(response), response.size(), why->c_str(), &out);
-  if (status != WASM_ECDS_OK) {
-    return ErrorInfo{static_cast<Status>(status), "the response is not a valid DeltaDiscoveryResponse"};
-  }
+  char* reason = nullptr;
+  std::int32_t status =
+      wasm_ecds_nack_delta(detail::data_of(response), response.size(), detail_text->c_str(), &out, &reason);
+  if (status != WASM_ECDS_OK) return detail::failure(status, reason);
   return detail::take_bytes(out);
 }
 

@@ -1,7 +1,8 @@
 package wasmecds
 
 // A tiny protobuf encoder/decoder (standard library only) to build ECDS inputs and inspect outputs. Field
-// numbers are those of the public Envoy schema (see shared/proto-facts.md).
+// numbers are those of the public Envoy schema (envoy.service.discovery.v3, envoy.config.core.v3,
+// envoy.extensions.filters.http.wasm.v3, envoy.extensions.wasm.v3).
 
 import (
 	"encoding/binary"

@@ -4,6 +4,24 @@
 // load them from a local, verified on-disk cache, the way the Istio agent does — or returns a *RejectedError
 // whose Reason belongs in the NACK (see Nack).
 //
+// # Errors
+//
+// Every error from the library carries the library's own status and message; the binding neither guesses a
+// status nor writes a message for it. Tell them apart with errors.As and errors.Is:
+//
+//   - *RejectedError (errors.As): the response must not reach Envoy; its Reason goes into the NACK.
+//   - ErrInvalidArgument: the library refused an argument, e.g. an unknown option or a bad value (the message
+//     names it), or NACK input that does not parse.
+//   - ErrIO: the cache directory cannot be created, locked or used, or a purge could not write the cache's
+//     index; the message names the path and the OS error.
+//   - ErrInternal: a bug inside the library (a caught panic); the cache stays usable.
+//   - ErrClosed: the Cache was closed.
+//
+// Every error matching ErrInvalidArgument, ErrIO or ErrInternal is an *Error (errors.As) holding the
+// operation, the C status and the library's message. The binding itself refuses only what it cannot hand to
+// C faithfully (a string with a NUL byte, a duration that is not a whole number of the option's unit), with
+// an *Error matching ErrInvalidArgument that names the argument.
+//
 // Build the library once before building this package:
 //
 //	cargo build --release   # in the repository root: target/release/libwasm_ecds.a
@@ -35,6 +53,13 @@ const (
 	statusRejected        = int32(C.WASM_ECDS_REJECTED)
 	statusInvalidArgument = int32(C.WASM_ECDS_INVALID_ARGUMENT)
 	statusInternalError   = int32(C.WASM_ECDS_INTERNAL_ERROR)
+	statusIOError         = int32(C.WASM_ECDS_IO_ERROR)
+)
+
+// The ABI version of the header this package was compiled against (compared with Version in the tests).
+const (
+	headerVersionMajor = int(C.WASM_ECDS_VERSION_MAJOR)
+	headerVersionMinor = int(C.WASM_ECDS_VERSION_MINOR)
 )
 
 // ErrClosed is returned by every method of a Cache after Close.
@@ -48,6 +73,10 @@ var ErrInvalidArgument = errors.New("wasmecds: invalid argument")
 // usable.
 var ErrInternal = errors.New("wasmecds: internal error")
 
+// ErrIO is matched (errors.Is) by errors where the cache directory cannot be created, locked or used, or
+// where a purge could not write the cache's index. The message names the path and the OS error.
+var ErrIO = errors.New("wasmecds: I/O error")
+
 // RejectedError says that a response must not reach Envoy. Reason is the message for the NACK's
 // error_detail; it names each failing resource, its URL and the cause. Find it with errors.As.
 type RejectedError struct {
@@ -56,38 +85,45 @@ type RejectedError struct {
 
 func (e *RejectedError) Error() string { return "wasmecds: response rejected: " + e.Reason }
 
-// Error is a caller or internal error reported by the library. It matches ErrInvalidArgument or ErrInternal
-// with errors.Is.
+// Error is an error status reported by the library (other than a rejection), with the library's message. It
+// matches ErrInvalidArgument, ErrIO or ErrInternal with errors.Is, according to Status.
 type Error struct {
-	Op      string // the operation, e.g. "open", "convert"
+	Op      string // the operation, e.g. "open", "convert", "purge"
 	Status  int32  // the C status (WASM_ECDS_*)
 	Message string // the library's message
 }
 
-func (e *Error) Error() string { return fmt.Sprintf("wasmecds: %s: %s", e.Op, e.Message) }
+func (e *Error) Error() string {
+	if e.Message == "" {
+		// The library gives a reason with every error status; say so rather than invent one.
+		return fmt.Sprintf("wasmecds: %s: status %d (the library gave no reason)", e.Op, e.Status)
+	}
+	return fmt.Sprintf("wasmecds: %s: %s", e.Op, e.Message)
+}
 
-// Unwrap makes errors.Is(err, ErrInvalidArgument) and errors.Is(err, ErrInternal) work.
+// Unwrap makes errors.Is(err, ErrInvalidArgument), errors.Is(err, ErrIO) and errors.Is(err, ErrInternal)
+// work. A status this binding does not know (added by a newer library) matches none of them.
 func (e *Error) Unwrap() error {
 	switch e.Status {
 	case statusInvalidArgument:
 		return ErrInvalidArgument
+	case statusIOError:
+		return ErrIO
 	case statusInternalError:
 		return ErrInternal
 	}
 	return nil
 }
 
-func statusError(op string, status int32, message string) error {
-	if message == "" {
-		message = fmt.Sprintf("failed with status %d", status)
-	}
+// statusError turns a non-OK status and the library's reason into the Go error.
+func statusError(op string, status int32, reason string) error {
 	if status == statusRejected {
-		return &RejectedError{Reason: message}
+		return &RejectedError{Reason: reason}
 	}
-	return &Error{Op: op, Status: status, Message: message}
+	return &Error{Op: op, Status: status, Message: reason}
 }
 
-// Version is the version of the linked library, e.g. "0.1.0".
+// Version is the version of the linked library, e.g. "0.2.0".
 func Version() string { return C.GoString(C.wasm_ecds_version()) }
 
 // Cache is a module cache with its counters. It is safe for use from many goroutines at once. Close frees
@@ -97,7 +133,9 @@ type Cache struct {
 	ptr *C.wasm_ecds_cache
 }
 
-// Open opens (creating if needed) the cache directory with the given options.
+// Open opens (creating if needed) the cache directory with the given options. A bad option is an error
+// matching ErrInvalidArgument whose message names it; a directory that cannot be created, locked or used is
+// an error matching ErrIO whose message names the path and the OS error.
 func Open(opts Options) (*Cache, error) {
 	js, err := opts.MarshalJSON()
 	if err != nil {
@@ -105,15 +143,11 @@ func Open(opts Options) (*Cache, error) {
 	}
 	cjs := C.CString(string(js))
 	defer C.free(unsafe.Pointer(cjs))
-	var cerr *C.char
-	ptr := C.wasm_ecds_cache_new(cjs, &cerr)
-	message := takeString(cerr)
-	if ptr == nil {
-		// wasm_ecds_cache_new has no status: a caught panic is told apart by its "internal error" prefix.
-		status := statusInvalidArgument
-		if strings.HasPrefix(message, "internal error") {
-			status = statusInternalError
-		}
+	var ptr *C.wasm_ecds_cache
+	var reason *C.char
+	status := int32(C.wasm_ecds_cache_new(cjs, &ptr, &reason))
+	message := takeString(reason)
+	if status != statusOK {
 		return nil, statusError("open", status, message)
 	}
 	c := &Cache{ptr: ptr}
@@ -180,56 +214,67 @@ func (c *Cache) Metrics() string {
 }
 
 // Purge deletes, now, modules unused for longer than the expiry and no longer referenced by the latest
-// converted ECDS state. It returns how many modules it removed.
+// converted ECDS state. It returns how many modules it removed; an error matching ErrIO says the cache's
+// index could not be written.
 func (c *Cache) Purge() (int, error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.ptr == nil {
 		return 0, ErrClosed
 	}
-	n := int64(C.wasm_ecds_purge(c.ptr))
-	if n < 0 {
-		return 0, statusError("purge", int32(n), "")
+	var removed C.uint64_t
+	var reason *C.char
+	status := int32(C.wasm_ecds_purge(c.ptr, &removed, &reason))
+	message := takeString(reason)
+	if status != statusOK {
+		return 0, statusError("purge", status, message)
 	}
-	return int(n), nil
+	return int(removed), nil
 }
 
 // Nack builds the serialized DiscoveryRequest that NACKs a rejected DiscoveryResponse: its type_url,
-// response_nonce = its nonce, version_info = lastAcked, error_detail {code: 13, message: reason}.
-func Nack(resp []byte, lastAcked, reason string) ([]byte, error) {
-	cv, err := cString("lastAcked", lastAcked)
+// response_nonce = its nonce, version_info = lastAcked, error_detail {code: 13, message: errorDetail}. Pass
+// the RejectedError's Reason as errorDetail. A response that does not parse is an error matching
+// ErrInvalidArgument with the library's message.
+func Nack(resp []byte, lastAcked, errorDetail string) ([]byte, error) {
+	cv, err := cString("nack", "lastAcked", lastAcked)
 	if err != nil {
 		return nil, err
 	}
 	defer C.free(unsafe.Pointer(cv))
-	cr, err := cString("reason", reason)
+	cd, err := cString("nack", "errorDetail", errorDetail)
 	if err != nil {
 		return nil, err
 	}
-	defer C.free(unsafe.Pointer(cr))
+	defer C.free(unsafe.Pointer(cd))
 	data, n := inputBytes(resp)
 	var out C.wasm_ecds_bytes
-	status := C.wasm_ecds_nack(data, n, cv, cr, &out)
+	var reason *C.char
+	status := int32(C.wasm_ecds_nack(data, n, cv, cd, &out, &reason))
 	runtime.KeepAlive(resp)
-	if int32(status) != statusOK {
-		return nil, statusError("nack", int32(status), "the response is not a valid DiscoveryResponse")
+	message := takeString(reason)
+	if status != statusOK {
+		return nil, statusError("nack", status, message)
 	}
 	return takeBytes(out), nil
 }
 
-// NackDelta builds the serialized DeltaDiscoveryRequest that NACKs a rejected DeltaDiscoveryResponse.
-func NackDelta(resp []byte, reason string) ([]byte, error) {
-	cr, err := cString("reason", reason)
+// NackDelta builds the serialized DeltaDiscoveryRequest that NACKs a rejected DeltaDiscoveryResponse: its
+// type_url, response_nonce = its nonce, error_detail {code: 13, message: errorDetail}.
+func NackDelta(resp []byte, errorDetail string) ([]byte, error) {
+	cd, err := cString("nack_delta", "errorDetail", errorDetail)
 	if err != nil {
 		return nil, err
 	}
-	defer C.free(unsafe.Pointer(cr))
+	defer C.free(unsafe.Pointer(cd))
 	data, n := inputBytes(resp)
 	var out C.wasm_ecds_bytes
-	status := C.wasm_ecds_nack_delta(data, n, cr, &out)
+	var reason *C.char
+	status := int32(C.wasm_ecds_nack_delta(data, n, cd, &out, &reason))
 	runtime.KeepAlive(resp)
-	if int32(status) != statusOK {
-		return nil, statusError("nack_delta", int32(status), "the response is not a valid DeltaDiscoveryResponse")
+	message := takeString(reason)
+	if status != statusOK {
+		return nil, statusError("nack_delta", status, message)
 	}
 	return takeBytes(out), nil
 }
@@ -243,10 +288,11 @@ func inputBytes(b []byte) (*C.uint8_t, C.size_t) {
 	return (*C.uint8_t)(unsafe.Pointer(&b[0])), C.size_t(len(b))
 }
 
-// cString copies s for C; a NUL inside would silently truncate it, so it is an error instead.
-func cString(name, s string) (*C.char, error) {
+// cString copies s for C. A NUL inside would silently truncate it, so the binding refuses it itself, as the
+// library would refuse a bad argument: an *Error matching ErrInvalidArgument that names the parameter.
+func cString(op, name, s string) (*C.char, error) {
 	if strings.IndexByte(s, 0) >= 0 {
-		return nil, &Error{Op: name, Status: statusInvalidArgument, Message: name + " contains a NUL byte"}
+		return nil, &Error{Op: op, Status: statusInvalidArgument, Message: name + " contains a NUL byte"}
 	}
 	return C.CString(s), nil
 }

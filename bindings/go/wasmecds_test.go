@@ -6,9 +6,11 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -112,6 +114,18 @@ func vmConfig(t *testing.T, resp []byte, i int) []byte {
 func TestVersion(t *testing.T) {
 	if !regexp.MustCompile(`^\d+\.\d+\.\d+`).MatchString(Version()) {
 		t.Fatalf("Version() = %q", Version())
+	}
+}
+
+func TestLinkedLibraryHasTheHeadersABI(t *testing.T) {
+	// The header's functions changed signature in 0.2 under the same names: a library of another 0.x
+	// would link and then misbehave, so the linked library must be the header's major.minor.
+	want := fmt.Sprintf("%d.%d.", headerVersionMajor, headerVersionMinor)
+	if !strings.HasPrefix(Version(), want) {
+		t.Fatalf("linked library %q, header %s*", Version(), want)
+	}
+	if headerVersionMajor != 0 || headerVersionMinor != 2 {
+		t.Fatalf("header is ABI %d.%d, this binding follows 0.2", headerVersionMajor, headerVersionMinor)
 	}
 }
 
@@ -258,12 +272,36 @@ func TestNack(t *testing.T) {
 	}
 }
 
-func TestNackErrors(t *testing.T) {
-	if _, err := Nack([]byte{0xff, 0xff}, "v", "r"); !errors.Is(err, ErrInvalidArgument) {
-		t.Fatalf("Nack(garbage) = %v", err)
+func TestNackOfAMalformedResponseCarriesTheLibrarysReason(t *testing.T) {
+	for _, tc := range []struct {
+		op, what string
+		nack     func() ([]byte, error)
+	}{
+		{"nack", "malformed DiscoveryResponse", func() ([]byte, error) { return Nack([]byte{0xff, 0xff}, "v", "r") }},
+		{"nack_delta", "malformed DeltaDiscoveryResponse", func() ([]byte, error) { return NackDelta([]byte{0xff, 0xff}, "r") }},
+	} {
+		_, err := tc.nack()
+		var e *Error
+		if !errors.As(err, &e) || !errors.Is(err, ErrInvalidArgument) {
+			t.Fatalf("%s(garbage) = %v (%T), want an *Error matching ErrInvalidArgument", tc.op, err, err)
+		}
+		if e.Op != tc.op || e.Status != statusInvalidArgument {
+			t.Fatalf("%s(garbage): Op %q, Status %d", tc.op, e.Op, e.Status)
+		}
+		if !strings.Contains(e.Message, tc.what) || err.Error() != "wasmecds: "+tc.op+": "+e.Message {
+			t.Fatalf("%s(garbage): message %q is not the library's reason", tc.op, err)
+		}
 	}
-	if _, err := Nack(nil, "v", "r\x00x"); !errors.Is(err, ErrInvalidArgument) {
-		t.Fatalf("Nack(NUL reason) = %v", err)
+}
+
+func TestNackRefusesANulByteInTheErrorDetail(t *testing.T) {
+	_, err := Nack(discoveryResponse("v9", "n", ecdsTypeURL), "v", "r\x00x")
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "errorDetail") {
+		t.Fatalf("Nack(NUL error detail) = %v", err)
+	}
+	_, err = NackDelta(deltaResponse("dn", nil), "r\x00x")
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "errorDetail") {
+		t.Fatalf("NackDelta(NUL error detail) = %v", err)
 	}
 }
 
@@ -279,6 +317,71 @@ func TestOpenErrorsNameTheOption(t *testing.T) {
 	_, err = Open(Options{CacheDir: t.TempDir(), ModuleExpiry: 1500 * time.Millisecond})
 	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "ModuleExpiry") {
 		t.Fatalf("Open(fractional expiry) = %v", err)
+	}
+}
+
+func TestOpenWithABadOptionIsAnInvalidArgumentFromTheLibrary(t *testing.T) {
+	_, err := Open(Options{CacheDir: t.TempDir(), OnFetchFailure: "explode"})
+	var e *Error
+	if !errors.As(err, &e) || e.Op != "open" || e.Status != statusInvalidArgument || e.Message == "" {
+		t.Fatalf("Open(bad option) = %v (%T), want an *Error with status %d and the library's reason", err, err, statusInvalidArgument)
+	}
+	if !errors.Is(err, ErrInvalidArgument) || errors.Is(err, ErrIO) || errors.Is(err, ErrInternal) {
+		t.Fatalf("Open(bad option) = %v matches the wrong sentinel", err)
+	}
+}
+
+func TestOpenUnderARegularFileIsAnIOErrorNamingThePath(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "not-a-directory")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(file, "cache")
+	c, err := Open(Options{CacheDir: dir})
+	if err == nil {
+		c.Close()
+		t.Fatalf("Open(%q) succeeded", dir)
+	}
+	if !errors.Is(err, ErrIO) {
+		t.Fatalf("Open(cache dir under a file) = %v (%T), want ErrIO", err, err)
+	}
+	if errors.Is(err, ErrInvalidArgument) || errors.Is(err, ErrInternal) {
+		t.Fatalf("Open(cache dir under a file) = %v matches another sentinel too", err)
+	}
+	var e *Error
+	if !errors.As(err, &e) || e.Op != "open" || e.Status != statusIOError {
+		t.Fatalf("Open(cache dir under a file) = %#v", err)
+	}
+	if !strings.Contains(e.Message, dir) {
+		t.Fatalf("message %q does not name the path %q", e.Message, dir)
+	}
+}
+
+func TestErrorMatchesTheSentinelOfItsStatus(t *testing.T) {
+	for status, want := range map[int32]error{
+		statusInvalidArgument: ErrInvalidArgument,
+		statusIOError:         ErrIO,
+		statusInternalError:   ErrInternal,
+	} {
+		err := statusError("op", status, "the library's reason")
+		for _, sentinel := range []error{ErrInvalidArgument, ErrIO, ErrInternal} {
+			if got := errors.Is(err, sentinel); got != (sentinel == want) {
+				t.Errorf("status %d: errors.Is(err, %v) = %v", status, sentinel, got)
+			}
+		}
+		if err.Error() != "wasmecds: op: the library's reason" {
+			t.Errorf("status %d: Error() = %q", status, err)
+		}
+	}
+	var rejected *RejectedError
+	if err := statusError("convert", statusRejected, "why"); !errors.As(err, &rejected) || rejected.Reason != "why" {
+		t.Errorf("a rejection is %v (%T)", err, err)
+	}
+	// A status added by a newer library matches no sentinel but keeps its number and reason.
+	var e *Error
+	err := statusError("op", -99, "new")
+	if !errors.As(err, &e) || e.Status != -99 || errors.Is(err, ErrInvalidArgument) || errors.Is(err, ErrIO) || errors.Is(err, ErrInternal) {
+		t.Errorf("unknown status: %v", err)
 	}
 }
 
@@ -473,10 +576,45 @@ func TestCloseWhileInUse(t *testing.T) {
 	wg.Wait()
 }
 
-func TestPurge(t *testing.T) {
+func TestPurgeOfAFreshCacheRemovesNothing(t *testing.T) {
 	c := openCache(t)
 	if n, err := c.Purge(); err != nil || n != 0 {
 		t.Fatalf("Purge = %d, %v", n, err)
+	}
+}
+
+func TestPurgeCountsTheExpiredModulesNoLongerReferenced(t *testing.T) {
+	srv := newModuleServer(t)
+	mod := module("purge")
+	url := srv.add("/purge.wasm", mod)
+	c, err := Open(Options{CacheDir: t.TempDir(), ModuleExpiry: time.Second, PurgeInterval: time.Hour, MaxAttempts: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	out, err := c.Convert(remoteResponse(url, mod, "", nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	filename := str(vmConfig(t, out, 0), 3, 1, 1)
+	time.Sleep(1100 * time.Millisecond) // past the one-second expiry
+
+	// The latest response still references the module: it stays.
+	if n, err := c.Purge(); err != nil || n != 0 {
+		t.Fatalf("Purge while referenced = %d, %v", n, err)
+	}
+	// The next response no longer does: the expired module goes, and is counted.
+	if _, err := c.Convert(discoveryResponse("v2", "n2", ecdsTypeURL, extensionConfig("local", localWasm("local", "/etc/istio/x.wasm")))); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Purge(); err != nil || n != 1 {
+		t.Fatalf("Purge after the reference went = %d, %v, want 1", n, err)
+	}
+	if _, err := os.Stat(filename); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("module file %q: %v, want it gone", filename, err)
+	}
+	if n, err := c.Purge(); err != nil || n != 0 {
+		t.Fatalf("second Purge = %d, %v", n, err)
 	}
 }
 

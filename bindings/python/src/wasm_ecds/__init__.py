@@ -15,7 +15,9 @@ Example::
             upstream_request = wasm_ecds.nack(response_bytes, last_acked_version, rejected.reason)
         print(cache.metrics())
 
-The library's log records go to the :mod:`logging` logger ``wasm_ecds``.
+Every error the library reports is raised as the :class:`WasmEcdsError` subclass of its status (see
+:data:`ERRORS`), carrying that ``status`` and the library's own ``reason``. The library's log records go to the
+:mod:`logging` logger ``wasm_ecds``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Callable, Optional, Union
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Type, Union
 
 from . import _native
 
@@ -36,8 +39,10 @@ __all__ = [
     "Rejected",
     "InvalidArgumentError",
     "InternalError",
+    "CacheIOError",
     "ClosedError",
     "LibraryNotFound",
+    "ERRORS",
     "nack",
     "nack_delta",
     "version",
@@ -45,7 +50,7 @@ __all__ = [
     "TRACE",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
@@ -56,26 +61,63 @@ logger = logging.getLogger("wasm_ecds")
 
 
 class WasmEcdsError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
 
+    :attr:`status` is the library's ``WASM_ECDS_*`` status (``None`` when the binding itself raised the error,
+    as for :class:`ClosedError`); :attr:`reason` is the library's message, and ``str(error)``.
+    """
 
-class Rejected(WasmEcdsError):
-    """The response must not reach Envoy. :attr:`reason` is the message for the NACK's ``error_detail``."""
+    #: The ``WASM_ECDS_*`` status this class stands for; ``None`` for errors raised by the binding itself.
+    status: Optional[int] = None
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, status: Optional[int] = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        if status is not None:
+            self.status = status
 
     def __str__(self) -> str:
         return self.reason
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status!r}, reason={self.reason!r})"
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.reason, self.status))
+
+
+class Rejected(WasmEcdsError):
+    """``WASM_ECDS_REJECTED``: the response must not reach Envoy. :attr:`reason` is the message for the NACK's
+    ``error_detail`` (see :func:`nack`)."""
+
+    status = _native.REJECTED
+
 
 class InvalidArgumentError(WasmEcdsError, ValueError):
-    """The library refused an argument (bad option, unparsable NACK input, ...); the message says which."""
+    """``WASM_ECDS_INVALID_ARGUMENT``: the library refused an argument (an unknown option or a bad value, a
+    response a NACK cannot be built for, ...); the reason says which."""
+
+    status = _native.INVALID_ARGUMENT
 
 
 class InternalError(WasmEcdsError):
-    """A bug inside the library (a caught panic). The cache stays usable."""
+    """``WASM_ECDS_INTERNAL_ERROR``: a bug inside the library (a caught panic). The cache stays usable."""
+
+    status = _native.INTERNAL_ERROR
+
+
+class CacheIOError(WasmEcdsError, OSError):
+    """``WASM_ECDS_IO_ERROR``: the cache directory cannot be created, locked or used, or :meth:`Cache.purge`
+    could not write the cache's index. An :class:`OSError`; the reason names the path and the OS error."""
+
+    status = _native.IO_ERROR
+
+
+#: The exception class raised for each non-OK ``WASM_ECDS_*`` status. A status missing here (one added by a
+#: newer library) raises :class:`WasmEcdsError` itself, with that ``status``.
+ERRORS: Mapping[int, Type[WasmEcdsError]] = MappingProxyType(
+    {cls.status: cls for cls in (Rejected, InvalidArgumentError, InternalError, CacheIOError)}
+)
 
 
 class ClosedError(WasmEcdsError, ValueError):
@@ -193,15 +235,14 @@ def _as_c_string(value: Any, name: str) -> bytes:
     return value.encode("utf-8", errors="strict")
 
 
-def _raise_for(status: int, reason: Optional[str], what: str) -> None:
-    message = reason or f"{what} failed with status {status}"
-    if status == _native.REJECTED:
-        raise Rejected(message)
-    if status == _native.INVALID_ARGUMENT:
-        raise InvalidArgumentError(message)
-    if status == _native.INTERNAL_ERROR:
-        raise InternalError(message)
-    raise WasmEcdsError(f"{what}: unexpected status {status}: {message}")
+def _error_for(status: int, reason: Optional[str]) -> WasmEcdsError:
+    """The exception for a non-OK status and the library's reason (which it sets with every non-OK status)."""
+    return ERRORS.get(status, WasmEcdsError)(reason or "", status)
+
+
+def _reason_out() -> "ctypes._Pointer[ctypes.c_char]":
+    """A NULL ``char *`` for a ``char **reason`` out-parameter."""
+    return _native.CString()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,7 +250,7 @@ def _raise_for(status: int, reason: Optional[str], what: str) -> None:
 
 
 def version() -> str:
-    """The version of the loaded libwasm_ecds, e.g. ``"0.1.0"``."""
+    """The version of the loaded libwasm_ecds, e.g. ``"0.2.0"``."""
     raw = _lib().wasm_ecds_version()
     return raw.decode("utf-8") if raw else ""
 
@@ -222,13 +263,14 @@ class Cache:
     ``http_request_timeout_ms``, ``max_attempts``, ``retry_initial_backoff_ms``, ``retry_max_backoff_ms``,
     ``max_module_bytes``, ``insecure_hosts``, ``ca_file``, ``blocked_cidrs``, ``on_fetch_failure``). ``None``
     means "the default" (environment fallback included). An unknown key or a bad value raises
-    :class:`InvalidArgumentError` (a ``ValueError``) naming it.
+    :class:`InvalidArgumentError` (a ``ValueError``) naming it; a cache directory that cannot be created, locked
+    or used raises :class:`CacheIOError` (an ``OSError``) naming the path and the OS error.
 
     Use it as a context manager, or call :meth:`close`. Calls after :meth:`close` raise :class:`ClosedError`.
     """
 
     def __init__(self, cache_dir: Union[str, "os.PathLike[str]", None] = None, **options: Any) -> None:
-        self._handle: Optional[int] = None
+        self._handle: Optional["ctypes._Pointer[_native.wasm_ecds_cache]"] = None
         self._cond = threading.Condition(threading.Lock())
         self._active = 0
         lib = _lib()
@@ -244,20 +286,18 @@ class Cache:
             raise TypeError(f"options must be JSON-serializable: {e}") from None
         if "\0" in options_json:
             raise ValueError("options must not contain NUL characters")
-        error = ctypes.c_void_p()
-        handle = lib.wasm_ecds_cache_new(options_json.encode("utf-8"), ctypes.byref(error))
-        message = _native.take_string(lib, error.value)
-        if not handle:
-            # wasm_ecds_cache_new has no status: a caught panic is told apart by its "internal error" prefix.
-            if message and message.startswith("internal error"):
-                raise InternalError(message)
-            raise InvalidArgumentError(message or "wasm_ecds_cache_new failed")
+        handle = _native.CachePtr()
+        reason = _reason_out()
+        status = lib.wasm_ecds_cache_new(options_json.encode("utf-8"), ctypes.byref(handle), ctypes.byref(reason))
+        message = _native.take_string(lib, reason)
+        if status != _native.OK:
+            raise _error_for(status, message)
         self._handle = handle
         self._lib = lib
 
     # -- lifetime ---------------------------------------------------------------------------------------------
 
-    def _enter(self) -> int:
+    def _enter(self) -> "ctypes._Pointer[_native.wasm_ecds_cache]":
         with self._cond:
             if self._handle is None:
                 raise ClosedError("the cache is closed")
@@ -306,32 +346,32 @@ class Cache:
 
     # -- conversion -------------------------------------------------------------------------------------------
 
-    def _convert_with(self, fn: Callable[..., int], data: Any, what: str) -> bytes:
+    def _convert_with(self, fn: Callable[..., int], data: Any) -> bytes:
         payload = _as_bytes(data, "data")
         handle = self._enter()
         try:
             out = _native.Bytes()
-            reason = ctypes.c_void_p()
-            status = fn(handle, payload, len(payload), ctypes.byref(out), ctypes.byref(reason))
-            message = _native.take_string(self._lib, reason.value)
+            reason = _reason_out()
+            status = fn(handle, _native.as_u8_ptr(payload), len(payload), ctypes.byref(out), ctypes.byref(reason))
+            message = _native.take_string(self._lib, reason)
             if status == _native.OK:
                 return _native.take_bytes(self._lib, out)
         finally:
             self._leave()
-        _raise_for(status, message, what)
-        raise AssertionError("unreachable")
+        raise _error_for(status, message)
 
     def convert(self, data: BytesLike) -> bytes:
         """Converts a serialized ``envoy.service.discovery.v3.DiscoveryResponse``.
 
         Returns the bytes to forward to Envoy. Raises :class:`Rejected` when the response must not reach Envoy
-        (send :func:`nack` upstream instead). Blocks while modules are fetched; the GIL is released meanwhile.
+        (send :func:`nack` upstream instead), or the :data:`ERRORS` class of any other status the library
+        returns. Blocks while modules are fetched; the GIL is released meanwhile.
         """
-        return self._convert_with(self._lib.wasm_ecds_convert, data, "convert")
+        return self._convert_with(self._lib.wasm_ecds_convert, data)
 
     def convert_delta(self, data: BytesLike) -> bytes:
         """As :meth:`convert`, for a serialized ``DeltaDiscoveryResponse`` (removed names pass through)."""
-        return self._convert_with(self._lib.wasm_ecds_convert_delta, data, "convert_delta")
+        return self._convert_with(self._lib.wasm_ecds_convert_delta, data)
 
     # -- observability and maintenance -----------------------------------------------------------------------
 
@@ -347,15 +387,21 @@ class Cache:
         return text
 
     def purge(self) -> int:
-        """Deletes modules unused for longer than the expiry and no longer referenced; returns how many."""
+        """Deletes modules unused for longer than the expiry and no longer referenced; returns how many.
+
+        Raises :class:`CacheIOError` (an ``OSError``) when the cache's index cannot be written.
+        """
         handle = self._enter()
         try:
-            removed = int(self._lib.wasm_ecds_purge(handle))
+            removed = ctypes.c_uint64()
+            reason = _reason_out()
+            status = self._lib.wasm_ecds_purge(handle, ctypes.byref(removed), ctypes.byref(reason))
+            message = _native.take_string(self._lib, reason)
         finally:
             self._leave()
-        if removed < 0:
-            _raise_for(removed, None, "purge")
-        return removed
+        if status != _native.OK:
+            raise _error_for(status, message)
+        return removed.value
 
 
 def nack(response: BytesLike, last_acked_version: str, reason: str) -> bytes:
@@ -363,26 +409,39 @@ def nack(response: BytesLike, last_acked_version: str, reason: str) -> bytes:
 
     It carries the response's ``type_url``, ``response_nonce`` = its nonce, ``version_info`` =
     ``last_acked_version`` and ``error_detail {code: 13, message: reason}``. Raises
-    :class:`InvalidArgumentError` when ``response`` does not parse.
+    :class:`InvalidArgumentError`, with the library's reason, when ``response`` does not parse.
     """
     payload = _as_bytes(response, "response")
     version_c = _as_c_string(last_acked_version, "last_acked_version")
-    reason_c = _as_c_string(reason, "reason")
+    detail_c = _as_c_string(reason, "reason")
     lib = _lib()
     out = _native.Bytes()
-    status = lib.wasm_ecds_nack(payload, len(payload), version_c, reason_c, ctypes.byref(out))
+    error = _reason_out()
+    status = lib.wasm_ecds_nack(
+        _native.as_u8_ptr(payload), len(payload), version_c, detail_c, ctypes.byref(out), ctypes.byref(error)
+    )
+    message = _native.take_string(lib, error)
     if status != _native.OK:
-        _raise_for(status, "wasm_ecds_nack: the response is not a valid DiscoveryResponse", "nack")
+        raise _error_for(status, message)
     return _native.take_bytes(lib, out)
 
 
 def nack_delta(response: BytesLike, reason: str) -> bytes:
-    """The serialized ``DeltaDiscoveryRequest`` that NACKs a rejected ``DeltaDiscoveryResponse``."""
+    """The serialized ``DeltaDiscoveryRequest`` that NACKs a rejected ``DeltaDiscoveryResponse``.
+
+    It carries the response's ``type_url``, ``response_nonce`` = its nonce and
+    ``error_detail {code: 13, message: reason}``. Raises :class:`InvalidArgumentError`, with the library's
+    reason, when ``response`` does not parse.
+    """
     payload = _as_bytes(response, "response")
-    reason_c = _as_c_string(reason, "reason")
+    detail_c = _as_c_string(reason, "reason")
     lib = _lib()
     out = _native.Bytes()
-    status = lib.wasm_ecds_nack_delta(payload, len(payload), reason_c, ctypes.byref(out))
+    error = _reason_out()
+    status = lib.wasm_ecds_nack_delta(
+        _native.as_u8_ptr(payload), len(payload), detail_c, ctypes.byref(out), ctypes.byref(error)
+    )
+    message = _native.take_string(lib, error)
     if status != _native.OK:
-        _raise_for(status, "wasm_ecds_nack_delta: the response is not a valid DeltaDiscoveryResponse", "nack_delta")
+        raise _error_for(status, message)
     return _native.take_bytes(lib, out)

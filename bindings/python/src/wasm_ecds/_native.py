@@ -17,6 +17,13 @@ OK = 0
 REJECTED = 1
 INVALID_ARGUMENT = -1
 INTERNAL_ERROR = -2
+IO_ERROR = -3
+
+# The C ABI this module declares (WASM_ECDS_VERSION_MAJOR / _MINOR of the header it follows). Before 1.0 a new
+# minor version may change signatures, so a 0.x library must match the minor exactly; from 1.0 on, a library
+# of the same major with this minor or a later one is compatible (functions and statuses are only added).
+ABI_MAJOR = 0
+ABI_MINOR = 2
 
 # Log levels (WASM_ECDS_LOG_* in the header).
 LOG_OFF = 0
@@ -32,6 +39,18 @@ elif sys.platform == "win32":
     LIBRARY_NAME = "wasm_ecds.dll"
 else:
     LIBRARY_NAME = "libwasm_ecds.so"
+
+
+class wasm_ecds_cache(ctypes.Structure):  # noqa: N801 - the C name
+    """``wasm_ecds_cache``: opaque; only ever handled through :data:`CachePtr`."""
+
+
+#: ``wasm_ecds_cache *``
+CachePtr = ctypes.POINTER(wasm_ecds_cache)
+
+#: ``char *`` owned by the library: read with ``ctypes.string_at``, freed with ``wasm_ecds_string_free``.
+#: (A ``c_char_p`` would be converted to ``bytes`` and the pointer to free lost.)
+CString = ctypes.POINTER(ctypes.c_char)
 
 
 class Bytes(ctypes.Structure):
@@ -80,45 +99,80 @@ def candidate_paths() -> List[Path]:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    c_void_p, c_char_p, c_size_t = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
-    # Strings the library allocates are received as c_void_p so that they can be freed afterwards
-    # (a c_char_p result would be converted to bytes and the pointer lost).
-    out_str = ctypes.POINTER(ctypes.c_void_p)
+    """Declares every prototype of ``include/wasm_ecds.h`` (ABI 0.2), argument for argument."""
+    c_char_p, c_size_t, c_int32, c_void_p = ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_void_p
+    u8_ptr = ctypes.POINTER(ctypes.c_uint8)  # const uint8_t *
+    reason_out = ctypes.POINTER(CString)  # char **reason
+    bytes_out = ctypes.POINTER(Bytes)  # wasm_ecds_bytes *out
 
+    # const char *wasm_ecds_version(void)  -- static, never freed
     lib.wasm_ecds_version.argtypes = []
     lib.wasm_ecds_version.restype = c_char_p
 
-    lib.wasm_ecds_cache_new.argtypes = [c_char_p, out_str]
-    lib.wasm_ecds_cache_new.restype = c_void_p
+    # int32_t wasm_ecds_cache_new(const char *options_json, wasm_ecds_cache **out, char **reason)
+    lib.wasm_ecds_cache_new.argtypes = [c_char_p, ctypes.POINTER(CachePtr), reason_out]
+    lib.wasm_ecds_cache_new.restype = c_int32
 
-    lib.wasm_ecds_cache_free.argtypes = [c_void_p]
+    # void wasm_ecds_cache_free(wasm_ecds_cache *cache)
+    lib.wasm_ecds_cache_free.argtypes = [CachePtr]
     lib.wasm_ecds_cache_free.restype = None
 
-    for name in ("wasm_ecds_convert", "wasm_ecds_convert_delta"):
-        fn = getattr(lib, name)
-        fn.argtypes = [c_void_p, c_char_p, c_size_t, ctypes.POINTER(Bytes), out_str]
-        fn.restype = ctypes.c_int32
+    # int32_t wasm_ecds_convert[_delta](const wasm_ecds_cache *cache, const uint8_t *response,
+    #                                   size_t response_len, wasm_ecds_bytes *out, char **reason)
+    for fn in (lib.wasm_ecds_convert, lib.wasm_ecds_convert_delta):
+        fn.argtypes = [CachePtr, u8_ptr, c_size_t, bytes_out, reason_out]
+        fn.restype = c_int32
 
-    lib.wasm_ecds_nack.argtypes = [c_char_p, c_size_t, c_char_p, c_char_p, ctypes.POINTER(Bytes)]
-    lib.wasm_ecds_nack.restype = ctypes.c_int32
+    # int32_t wasm_ecds_nack(const uint8_t *response, size_t response_len, const char *last_acked_version,
+    #                        const char *error_detail, wasm_ecds_bytes *out, char **reason)
+    lib.wasm_ecds_nack.argtypes = [u8_ptr, c_size_t, c_char_p, c_char_p, bytes_out, reason_out]
+    lib.wasm_ecds_nack.restype = c_int32
 
-    lib.wasm_ecds_nack_delta.argtypes = [c_char_p, c_size_t, c_char_p, ctypes.POINTER(Bytes)]
-    lib.wasm_ecds_nack_delta.restype = ctypes.c_int32
+    # int32_t wasm_ecds_nack_delta(const uint8_t *response, size_t response_len, const char *error_detail,
+    #                              wasm_ecds_bytes *out, char **reason)
+    lib.wasm_ecds_nack_delta.argtypes = [u8_ptr, c_size_t, c_char_p, bytes_out, reason_out]
+    lib.wasm_ecds_nack_delta.restype = c_int32
 
-    lib.wasm_ecds_metrics.argtypes = [c_void_p]
-    lib.wasm_ecds_metrics.restype = c_void_p
+    # char *wasm_ecds_metrics(const wasm_ecds_cache *cache)
+    lib.wasm_ecds_metrics.argtypes = [CachePtr]
+    lib.wasm_ecds_metrics.restype = CString
 
-    lib.wasm_ecds_purge.argtypes = [c_void_p]
-    lib.wasm_ecds_purge.restype = ctypes.c_int64
+    # int32_t wasm_ecds_purge(const wasm_ecds_cache *cache, uint64_t *removed, char **reason)
+    lib.wasm_ecds_purge.argtypes = [CachePtr, ctypes.POINTER(ctypes.c_uint64), reason_out]
+    lib.wasm_ecds_purge.restype = c_int32
 
+    # void wasm_ecds_bytes_free(wasm_ecds_bytes bytes)
     lib.wasm_ecds_bytes_free.argtypes = [Bytes]
     lib.wasm_ecds_bytes_free.restype = None
 
-    lib.wasm_ecds_string_free.argtypes = [c_void_p]
+    # void wasm_ecds_string_free(char *s)
+    lib.wasm_ecds_string_free.argtypes = [CString]
     lib.wasm_ecds_string_free.restype = None
 
-    lib.wasm_ecds_set_log_callback.argtypes = [LOG_CALLBACK, ctypes.c_int32, c_void_p]
-    lib.wasm_ecds_set_log_callback.restype = ctypes.c_int32
+    # int32_t wasm_ecds_set_log_callback(wasm_ecds_log_callback callback, int32_t max_level, void *user_data)
+    lib.wasm_ecds_set_log_callback.argtypes = [LOG_CALLBACK, c_int32, c_void_p]
+    lib.wasm_ecds_set_log_callback.restype = c_int32
+
+
+def abi_compatible(version: str) -> bool:
+    """Whether a library reporting ``version`` (``wasm_ecds_version()``) has the ABI :func:`_declare` declares."""
+    parts = version.split("-", 1)[0].split("+", 1)[0].split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return False
+    if major != ABI_MAJOR:
+        return False
+    return minor == ABI_MINOR if major == 0 else minor >= ABI_MINOR
+
+
+def _library_version(lib: ctypes.CDLL) -> str:
+    # wasm_ecds_version has had the same signature since 0.1, so it is safe to ask before declaring the rest.
+    fn = lib.wasm_ecds_version
+    fn.argtypes = []
+    fn.restype = ctypes.c_char_p
+    raw = fn()
+    return raw.decode("utf-8", errors="replace") if raw else ""
 
 
 _lib: Optional[ctypes.CDLL] = None
@@ -145,6 +199,11 @@ def load() -> ctypes.CDLL:
             except OSError as e:
                 tried.append(f"{path} ({e})")
                 continue
+            found = _library_version(lib)
+            if not abi_compatible(found):
+                # Calling it through these prototypes would pass the wrong arguments: never use it.
+                tried.append(f"{path} (version {found or '?'}; this binding needs ABI {ABI_MAJOR}.{ABI_MINOR})")
+                continue
             _declare(lib)
             _lib, _lib_path = lib, path
             return lib
@@ -159,7 +218,12 @@ def library_path() -> Optional[Path]:
     return _lib_path
 
 
-def take_string(lib: ctypes.CDLL, ptr: Optional[int]) -> Optional[str]:
+def as_u8_ptr(data: bytes) -> "ctypes._Pointer[ctypes.c_uint8]":
+    """A ``const uint8_t *`` to ``data``'s own buffer (no copy); it keeps ``data`` alive."""
+    return ctypes.cast(data, ctypes.POINTER(ctypes.c_uint8))
+
+
+def take_string(lib: ctypes.CDLL, ptr: "Optional[ctypes._Pointer[ctypes.c_char]]") -> Optional[str]:
     """Copies a library-owned C string and frees it. None for NULL."""
     if not ptr:
         return None
