@@ -5,7 +5,6 @@
 //! `code.local.filename` pointing at the stored file — or a [`Rejection`] whose reason goes into the NACK.
 //! Everything is blocking and thread-safe; no thread outlives a call. The C ABI lives in [`ffi`].
 
-mod clock;
 mod ecds;
 mod fetch;
 pub mod ffi;
@@ -24,6 +23,7 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub use ecds::Rejection;
 pub use metrics::{ConversionResult, FetchResult, Metrics};
@@ -152,12 +152,13 @@ impl Cache {
         if !self.options.enable_conversion {
             return Ok(response.to_vec());
         }
-        let clock = self.store.clock();
-        let now = clock.now();
-        // The duration excludes a purge, as before: read the clock again only when one ran.
-        let start = if self.store.purge_if_due_at(now) { clock.now() } else { now };
+        let mut start = Instant::now();
+        // The duration is the conversion's own: a purge that ran first is not part of it.
+        if self.store.purge_if_due() {
+            start = Instant::now();
+        }
         let result = convert(response);
-        let elapsed = clock.now().since(start);
+        let elapsed = start.elapsed();
         self.metrics.observe_conversion_duration(elapsed);
         match &result {
             Ok(_) => log::debug!("converted ECDS response in {elapsed:?}"),

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::clock::{Clock, Stamp};
 use crate::fetch::{new_temp_file, Downloaded, FetchError, Fetcher, TEMP_PREFIX};
 use crate::metrics::{FetchResult, Metrics};
 use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource, PullPolicy};
@@ -201,11 +200,9 @@ pub(crate) struct Store {
     dir: PathBuf,
     modules_dir: PathBuf,
     module_expiry: Duration,
-    purge_interval_ns: u64,
-    /// `purge_if_due_at` compares its clock reading with this (nanoseconds since open).
-    next_purge_ns: AtomicU64,
-    /// Started at open.
-    clock: Clock,
+    purge_interval: Duration,
+    /// When [`Store::purge_if_due`] purges next (`None`: never, the interval is too long to add).
+    next_purge: Mutex<Option<Instant>>,
     fetcher: Box<dyn ModuleFetcher>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
@@ -244,14 +241,12 @@ impl Store {
 
         let state = load_state(&dir, &modules_dir);
         metrics.set_cache_entries(state.entry_count());
-        let purge_interval_ns = u64::try_from(settings.purge_interval.as_nanos()).unwrap_or(u64::MAX);
         Ok(Store {
             dir,
             modules_dir,
             module_expiry: settings.module_expiry,
-            purge_interval_ns,
-            next_purge_ns: AtomicU64::new(purge_interval_ns),
-            clock: Clock::new(),
+            purge_interval: settings.purge_interval,
+            next_purge: Mutex::new(Instant::now().checked_add(settings.purge_interval)),
             fetcher,
             metrics,
             sotw_in_use_at: AtomicUsize::new(list_address(&state.sotw_in_use)),
@@ -605,26 +600,21 @@ impl Store {
         }
     }
 
-    /// The clock started at open, which [`Store::purge_if_due_at`] reads.
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
-    /// Purges when `purge_interval` has passed since the last purge (cheap otherwise: no syscall), given the
-    /// caller's reading of [`Store::clock`] (one per convert call is enough). Returns whether it purged.
-    pub fn purge_if_due_at(&self, now: Stamp) -> bool {
-        let due = self.next_purge_ns.load(Ordering::Relaxed);
-        if now.nanos() < due {
+    /// Purges when `purge_interval` has passed since open or the last purge: the library has no thread of
+    /// its own, so every convert call asks. Returns whether it purged.
+    pub fn purge_if_due(&self) -> bool {
+        let mut next = self.next_purge.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if next.is_none_or(|due| now < due) {
             return false;
         }
-        let next = now.nanos().saturating_add(self.purge_interval_ns);
-        if self.next_purge_ns.compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            if let Err(e) = self.purge() {
-                log::warn!("purging the module cache in {} failed: {e}", self.dir.display());
-            }
-            return true;
+        // Set before purging, so that concurrent callers do not purge too.
+        *next = now.checked_add(self.purge_interval);
+        drop(next);
+        if let Err(e) = self.purge() {
+            log::warn!("purging the module cache in {} failed: {e}", self.dir.display());
         }
-        false
+        true
     }
 
     /// Deletes modules unused for longer than the expiry that the latest ECDS state does not reference.
@@ -1728,15 +1718,15 @@ mod tests {
         f.fetcher.serve("http://x/a.wasm", &wasm("a"));
         let m = f.store().get(&req("http://x/a.wasm")).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        f.store().purge_if_due_at(f.store().clock().now());
+        assert!(!f.store().purge_if_due());
         assert!(Path::new(&*m.path).exists(), "purged before the interval passed");
         std::thread::sleep(Duration::from_millis(350));
-        f.store().purge_if_due_at(f.store().clock().now());
+        assert!(f.store().purge_if_due());
         assert!(!Path::new(&*m.path).exists(), "not purged after the interval");
         // The next one is again an interval away.
         let m = f.store().get(&req("http://x/a.wasm")).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        f.store().purge_if_due_at(f.store().clock().now());
+        assert!(!f.store().purge_if_due());
         assert!(Path::new(&*m.path).exists());
     }
 

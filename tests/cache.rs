@@ -73,8 +73,7 @@ fn remote_module_is_fetched_verified_stored_and_counted() {
 
 #[test]
 fn conversion_duration_is_the_time_the_call_took() {
-    // The first call is timed by the monotonic clock, the later ones (once the clock is 20 ms old) by the TSC
-    // where the kernel keeps time with it: both must observe what the caller waited.
+    // Each call observes what the caller waited (at least the server's delay), in milliseconds.
     const SUM: &str = "istio_agent_wasm_config_conversion_duration_sum";
     const LE_32: &str = r#"istio_agent_wasm_config_conversion_duration_bucket{le="32"}"#;
     let server = TestServer::http();

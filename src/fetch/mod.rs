@@ -223,8 +223,8 @@ pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
 #[cfg(test)]
 mod tests {
-    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
     use super::*;
+    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
 
     fn settings() -> FetchSettings {
         FetchSettings {

@@ -185,9 +185,9 @@ impl<R: Read> Read for ExactLen<'_, R> {
 mod tests {
     use std::io::Write;
 
-    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module};
     use super::super::{FetchErrorKind, COPY_BUFFER_BYTES};
     use super::*;
+    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module};
 
     fn stage(dir: &Path, bytes: &[u8]) -> Staged {
         let mut file = new_temp_file(dir).unwrap();
