@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,10 +59,6 @@ const INDEX_FILE: &str = "index.json";
 const MODULES_DIR: &str = "modules";
 const INDEX_VERSION: u32 = 1;
 
-fn list_address(list: &ModuleList) -> usize {
-    Arc::as_ptr(list).cast::<()>() as usize
-}
-
 /// A verified module this process serves. Holds a shared `flock` on the file for as long as it lives.
 struct Entry {
     module: Module,
@@ -73,11 +69,7 @@ struct Entry {
 
 impl Entry {
     fn touch(&self) {
-        self.touch_at(now_ms());
-    }
-
-    fn touch_at(&self, now: u64) {
-        self.last_used.fetch_max(now, Ordering::Relaxed);
+        self.last_used.fetch_max(now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -119,17 +111,9 @@ struct State {
     sotw_in_use: ModuleList,
     delta_in_use: HashMap<String, Arc<str>>,
     flights: HashMap<FlightKey, Arc<Flight>>,
-    /// Changes whenever something a hit depends on changes: a module leaves `modules`, or the URL map
-    /// (checksum a URL resolved to, resource version per consumer) changes. While it stands still, a request
-    /// answered as a hit at this generation is answered the same way again, with no change to the state.
-    generation: u64,
 }
 
 impl State {
-    fn bump(&mut self) {
-        self.generation = self.generation.wrapping_add(1);
-    }
-
     fn entry_count(&self) -> usize {
         self.modules.len() + self.pending.len()
     }
@@ -142,7 +126,6 @@ impl State {
             }
             let restored = self.restored_urls.remove(&sha256_hex(req.url.as_bytes()))?;
             self.urls.insert(req.url.clone(), restored);
-            self.bump();
         }
         let entry = self.urls.get_mut(req.url.as_str())?;
         let stored_rv = entry.rv_by_resource.get(req.resource_name.as_str());
@@ -153,7 +136,6 @@ impl State {
         };
         if stored_rv.map(String::as_str) != Some(req.resource_version.as_str()) {
             entry.rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
-            self.bump();
         }
         found
     }
@@ -166,24 +148,17 @@ impl State {
         }
         match self.urls.get_mut(req.url.as_str()) {
             Some(entry) => {
-                let mut changed = false;
                 if entry.checksum != *sha {
                     entry.checksum = sha.clone();
-                    changed = true;
                 }
                 if entry.rv_by_resource.get(req.resource_name.as_str()) != Some(&req.resource_version) {
                     entry.rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
-                    changed = true;
-                }
-                if changed {
-                    self.bump();
                 }
             }
             None => {
                 let mut rv_by_resource = HashMap::new();
                 rv_by_resource.insert(req.resource_name.clone(), req.resource_version.clone());
                 self.urls.insert(req.url.clone(), UrlEntry { checksum: sha.clone(), rv_by_resource });
-                self.bump();
             }
         }
     }
@@ -192,7 +167,6 @@ impl State {
     fn forget_urls_of(&mut self, sha: &str) {
         self.urls.retain(|_, u| &*u.checksum != sha);
         self.restored_urls.retain(|_, u| &*u.checksum != sha);
-        self.bump();
     }
 }
 
@@ -206,9 +180,6 @@ pub(crate) struct Store {
     fetcher: Box<dyn ModuleFetcher>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
-    /// The address of `State::sotw_in_use`, so that a repeated push handing back the very list in use needs no
-    /// lock (see [`Store::set_sotw_in_use`]).
-    sotw_in_use_at: AtomicUsize,
     /// Serialises index writes (the state lock is held only to snapshot).
     index_lock: Mutex<()>,
     /// Fetch threads `get_all` has started (for tests and diagnostics).
@@ -249,7 +220,6 @@ impl Store {
             next_purge: Mutex::new(Instant::now().checked_add(settings.purge_interval)),
             fetcher,
             metrics,
-            sotw_in_use_at: AtomicUsize::new(list_address(&state.sotw_in_use)),
             state: Mutex::new(state),
             index_lock: Mutex::new(()),
             threads_spawned: AtomicU64::new(0),
@@ -262,35 +232,6 @@ impl Store {
 
     fn module_path(&self, sha: &str) -> PathBuf {
         self.modules_dir.join(format!("{sha}.wasm"))
-    }
-
-    /// The state's generation (see `State::generation`).
-    pub fn generation(&self) -> u64 {
-        self.state().generation
-    }
-
-    /// Records hits on `modules` exactly as [`Store::get`] would for requests it answers from memory (one
-    /// lookup hit each, last use touched) — provided the generation is still `generation` and every module
-    /// is in memory; otherwise records nothing and returns false.
-    pub fn reuse(&self, modules: &mut dyn Iterator<Item = &str>, generation: u64) -> bool {
-        let st = self.state();
-        if st.generation != generation {
-            return false;
-        }
-        // While the generation stands no module has left, so all are there (checked all the same; touching
-        // one before finding another missing is harmless: a real lookup of it would have touched it too).
-        let now = now_ms();
-        let mut hits = 0;
-        for m in modules {
-            match st.modules.get(m) {
-                Some(entry) => entry.touch_at(now),
-                None => return false,
-            }
-            hits += 1;
-        }
-        drop(st);
-        self.metrics.record_lookups(true, hits);
-        true
     }
 
     /// How many fetch threads `get_all` has started so far.
@@ -562,22 +503,9 @@ impl Store {
     }
 
     /// The latest converted state-of-the-world response references exactly these modules.
-    /// Whether `modules` is the list in use now. `modules` keeps its allocation alive, so an equal address
-    /// can only be that same list.
-    pub fn holds_sotw_in_use(&self, modules: &ModuleList) -> bool {
-        self.sotw_in_use_at.load(Ordering::Acquire) == list_address(modules)
-    }
-
     pub fn set_sotw_in_use(&self, modules: ModuleList) {
-        // A push answered from the conversion memo may hand back the very list already in use.
-        if self.holds_sotw_in_use(&modules) {
-            return;
-        }
-        let mut st = self.state();
-        // Published before the old list can be freed (and its address reused), under the lock.
-        self.sotw_in_use_at.store(list_address(&modules), Ordering::Release);
-        let old = std::mem::replace(&mut st.sotw_in_use, modules);
-        drop(st);
+        let old = std::mem::replace(&mut self.state().sotw_in_use, modules);
+        // The old list is freed outside the lock.
         drop(old);
     }
 
@@ -655,9 +583,6 @@ impl Store {
             }
             for (sha, _) in &victims {
                 st.forget_urls_of(sha);
-            }
-            if !victims.is_empty() {
-                st.bump();
             }
             self.metrics.set_cache_entries(st.entry_count());
         }
@@ -1617,7 +1542,7 @@ mod tests {
     }
 
     #[test]
-    fn the_sotw_in_use_list_is_replaced_unless_it_is_the_very_same_list() {
+    fn a_new_sotw_in_use_list_replaces_the_old_one() {
         let f = fixture_with(Duration::ZERO, Duration::from_secs(3600));
         let mut mods = Vec::new();
         for name in ["a", "b"] {
@@ -1627,15 +1552,12 @@ mod tests {
         }
         let first: ModuleList = vec![mods[0].sha256.clone()].into();
         f.store().set_sotw_in_use(first.clone());
-        f.store().set_sotw_in_use(first.clone()); // the memo handing back the same list: no change
-                                                  // An equal list in another allocation, then a different one: each replaces the set.
-        f.store().set_sotw_in_use(vec![mods[0].sha256.clone()].into());
         f.store().set_sotw_in_use(vec![mods[1].sha256.clone()].into());
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(f.store().purge().unwrap(), 1);
         assert!(!Path::new(&*mods[0].path).exists());
         assert!(Path::new(&*mods[1].path).exists());
-        // The first list again (still alive, so its address cannot be reused): it is in use once more.
+        // The first list again: the second module is no longer in use.
         f.store().set_sotw_in_use(first);
         assert_eq!(f.store().purge().unwrap(), 1);
         assert!(!Path::new(&*mods[1].path).exists());
@@ -1853,31 +1775,6 @@ mod tests {
         assert!(f.store().get_all(&requests).iter().all(Result::is_ok));
         assert_eq!(f.fetcher.calls(), 23);
         assert_eq!(f.store().threads_spawned(), 8);
-    }
-
-    #[test]
-    fn reuse_counts_and_touches_like_a_hit_while_the_generation_stands() {
-        let f = fixture_with(Duration::from_millis(1), Duration::from_secs(3600));
-        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
-        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
-        let g = f.store().generation();
-        f.store().state().modules[&m.sha256].last_used.store(0, Ordering::Relaxed);
-        let before = lookups(&f.metrics);
-        assert!(f.store().reuse(&mut std::iter::once(&*m.sha256), g));
-        assert_eq!(lookups(&f.metrics), (before.0 + 1, before.1));
-        assert!(f.store().state().modules[&m.sha256].last_used.load(Ordering::Relaxed) > 0, "touched");
-        assert!(!f.store().reuse(&mut std::iter::once(&*m.sha256), g + 1));
-        assert!(!f.store().reuse(&mut std::iter::once("0".repeat(64).as_str()), g));
-        assert_eq!(lookups(&f.metrics), (before.0 + 1, before.1), "a refused reuse records nothing");
-        // a hit changes nothing; a new resource version of a checksum-less URL does; a purge does
-        f.store().get(&req("http://x/a.wasm")).unwrap();
-        assert_eq!(f.store().generation(), g);
-        f.store().get(&ModuleRequest { resource_version: "2".into(), ..req("http://x/a.wasm") }).unwrap();
-        let g2 = f.store().generation();
-        assert_ne!(g2, g);
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(f.store().purge().unwrap(), 1);
-        assert_ne!(f.store().generation(), g2);
     }
 
     #[test]
