@@ -104,9 +104,8 @@ impl Cache {
     /// cannot be created or used.
     pub fn new(options: Options) -> Result<Cache, OpenError> {
         let metrics = Arc::new(Metrics::new());
-        let fetcher = fetch::Fetcher::new(&fetch::FetchSettings::from_options(&options))
-            .map_err(|e| OptionsError(format!("invalid options: {e}")))?;
-        let store = store::Store::open(store::StoreSettings::from_options(&options), fetcher, metrics.clone())
+        let fetcher = fetch::Fetcher::new(&options).map_err(|e| OptionsError(format!("invalid options: {e}")))?;
+        let store = store::Store::open(&options, fetcher, metrics.clone())
             .map_err(|source| OpenError::CacheDir(CacheDirError { path: options.cache_dir.clone(), source }))?;
         let policy = ecds::ConversionPolicy {
             default_timeout: options.default_fetch_timeout,

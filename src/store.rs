@@ -30,19 +30,6 @@ use crate::metrics::{FetchResult, Metrics};
 use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource, PullPolicy};
 use crate::options::Options;
 
-#[derive(Debug, Clone)]
-pub(crate) struct StoreSettings {
-    pub dir: PathBuf,
-    pub module_expiry: Duration,
-    pub purge_interval: Duration,
-}
-
-impl StoreSettings {
-    pub fn from_options(o: &Options) -> StoreSettings {
-        StoreSettings { dir: o.cache_dir.clone(), module_expiry: o.module_expiry, purge_interval: o.purge_interval }
-    }
-}
-
 /// What the store needs from a fetcher; lets tests serve modules without a network.
 pub(crate) trait ModuleFetcher: Send + Sync {
     /// Fetches `url` into a temp file in `temp_dir` (see [`new_temp_file`]), all within `deadline`.
@@ -187,18 +174,19 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub fn open(settings: StoreSettings, fetcher: Fetcher, metrics: Arc<Metrics>) -> io::Result<Store> {
-        Store::open_with(settings, Box::new(fetcher), metrics)
+    /// Opens (creating if needed) `options.cache_dir`; uses `module_expiry` and `purge_interval` too.
+    pub fn open(options: &Options, fetcher: Fetcher, metrics: Arc<Metrics>) -> io::Result<Store> {
+        Store::open_with(options, Box::new(fetcher), metrics)
     }
 
     /// Opens the store with any fetcher (tests use an in-process one).
     pub(crate) fn open_with(
-        settings: StoreSettings,
+        options: &Options,
         fetcher: Box<dyn ModuleFetcher>,
         metrics: Arc<Metrics>,
     ) -> io::Result<Store> {
-        create_private_dir(&settings.dir)?;
-        let dir = fs::canonicalize(&settings.dir)?;
+        create_private_dir(&options.cache_dir)?;
+        let dir = fs::canonicalize(&options.cache_dir)?;
         if dir.to_str().is_none() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -215,9 +203,9 @@ impl Store {
         Ok(Store {
             dir,
             modules_dir,
-            module_expiry: settings.module_expiry,
-            purge_interval: settings.purge_interval,
-            next_purge: Mutex::new(Instant::now().checked_add(settings.purge_interval)),
+            module_expiry: options.module_expiry,
+            purge_interval: options.purge_interval,
+            next_purge: Mutex::new(Instant::now().checked_add(options.purge_interval)),
             fetcher,
             metrics,
             state: Mutex::new(state),
@@ -1161,8 +1149,14 @@ mod tests {
         dir: tempfile::TempDir,
     }
 
-    fn settings(dir: &Path, expiry: Duration, interval: Duration) -> StoreSettings {
-        StoreSettings { dir: dir.to_path_buf(), module_expiry: expiry, purge_interval: interval }
+    /// Options for a store in `dir`; the rest are the defaults (the environment is not read).
+    fn options(dir: &Path, expiry: Duration, interval: Duration) -> Options {
+        Options {
+            cache_dir: dir.to_path_buf(),
+            module_expiry: expiry,
+            purge_interval: interval,
+            ..Options::from_json_with_env(r#"{"cache_dir": "/unused"}"#, &|_| None).unwrap()
+        }
     }
 
     fn fixture() -> Fixture {
@@ -1174,7 +1168,7 @@ mod tests {
         let fetcher = Arc::new(TestFetcher::default());
         let metrics = Arc::new(Metrics::new());
         let store = Store::open_with(
-            settings(&dir.path().join("cache"), expiry, interval),
+            &options(&dir.path().join("cache"), expiry, interval),
             Box::new(Shared(fetcher.clone())),
             metrics.clone(),
         )
@@ -1197,7 +1191,7 @@ mod tests {
             let fetcher = Arc::new(TestFetcher::default());
             let metrics = Arc::new(Metrics::new());
             let store = Store::open_with(
-                settings(&self.cache_dir(), Duration::from_secs(3600), Duration::from_secs(3600)),
+                &options(&self.cache_dir(), Duration::from_secs(3600), Duration::from_secs(3600)),
                 Box::new(Shared(fetcher.clone())),
                 metrics.clone(),
             )
@@ -1593,7 +1587,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         // A restarted store with zero expiry sees the module as old (not freshly loaded) and purges it.
         let store = Store::open_with(
-            settings(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
+            &options(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
             Box::new(Shared(Arc::new(TestFetcher::default()))),
             Arc::new(Metrics::new()),
         )
@@ -1610,7 +1604,7 @@ mod tests {
         f.store().set_sotw_in_use(vec![m.sha256.clone()].into());
         // A neighbour with zero expiry, that knows the module from the index but does not use it.
         let neighbour = Store::open_with(
-            settings(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
+            &options(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
             Box::new(Shared(Arc::new(TestFetcher::default()))),
             Arc::new(Metrics::new()),
         )
@@ -1624,7 +1618,7 @@ mod tests {
         f.close();
         // Once nobody holds it, a purge deletes it.
         let last = Store::open_with(
-            settings(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
+            &options(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
             Box::new(Shared(Arc::new(TestFetcher::default()))),
             Arc::new(Metrics::new()),
         )
