@@ -14,9 +14,10 @@ use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 use ureq::unversioned::transport::DefaultConnector;
 use ureq::{Agent, Proxy};
 
-use super::{copy_hashed, new_temp_file, CopyError, FetchError, FetchErrorKind, Staged};
+use super::{copy_hashed, CopyError, FetchError, FetchErrorKind, Staged};
 use crate::guard::{AddressPolicy, GuardedResolver};
 use crate::options::Options;
+use crate::store::files::new_temp_file;
 
 /// Redirects followed per request, as Go's default client.
 const MAX_REDIRECTS: u32 = 10;

@@ -183,20 +183,12 @@ pub(crate) fn copy_hashed(
     Ok((hex::encode(hasher.finalize()), len))
 }
 
-/// Creates a temp file in `dir` named `.tmp-<pid>-<random>`: the pid lets a later process tell a crashed
-/// writer's leftovers (pid gone) from a live neighbour's download in a shared cache directory.
-pub(crate) fn new_temp_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
-    tempfile::Builder::new().prefix(&format!("{TEMP_PREFIX}{}-", std::process::id())).tempfile_in(dir)
-}
-
-/// Prefix of every temp file the library writes.
-pub(crate) const TEMP_PREFIX: &str = ".tmp-";
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::store::files::{new_temp_file, TEMP_PREFIX};
     use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
 
     /// Every option a fetch reads, set for these tests; the rest are the defaults (the environment is not read).

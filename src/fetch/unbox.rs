@@ -15,7 +15,8 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use super::{copy_hashed, new_temp_file, CopyError, FetchError, Staged, WASM_MAGIC};
+use super::{copy_hashed, CopyError, FetchError, Staged, WASM_MAGIC};
+use crate::store::files::new_temp_file;
 
 /// Layers of gzip/tar unwrapped at most.
 const MAX_DEPTH: usize = 8;
