@@ -14,8 +14,26 @@ pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
 /// Creates a temp file in `dir` named `.tmp-<pid>-<random>`: the pid lets a later process tell a crashed
 /// writer's leftovers (pid gone) from a live neighbour's download in a shared cache directory.
+///
+/// A directory this process may not write to (a cache seeded into a read-only container image) fails with
+/// an error that says so: the modules already there are still served, only nothing new can be stored.
 pub(crate) fn new_temp_file(dir: &Path) -> io::Result<NamedTempFile> {
-    tempfile::Builder::new().prefix(&format!("{TEMP_PREFIX}{}-", std::process::id())).tempfile_in(dir)
+    tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+        .tempfile_in(dir)
+        .map_err(read_only_error)
+}
+
+/// Names the cause of an error that creating a file in the cache directory ended with, when it is that the
+/// directory is read-only for this process: EACCES or EPERM (`PermissionDenied`), or EROFS
+/// (`ReadOnlyFilesystem`). Other errors are returned as they are.
+fn read_only_error(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+            io::Error::new(e.kind(), format!("the cache directory is read-only ({e})"))
+        }
+        _ => e,
+    }
 }
 
 /// Creates `dir` (and its parents) readable by this user only; an existing directory is left as it is.
@@ -239,6 +257,25 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = fs::metadata(f.cache_dir()).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o700);
+        }
+    }
+
+    #[test]
+    fn a_read_only_directory_is_named_as_the_cause() {
+        // EACCES, EROFS, EPERM: what creating a file in a directory this process may not write to fails with.
+        for errno in [13, 30, 1] {
+            let e = read_only_error(io::Error::from_raw_os_error(errno));
+            let os = io::Error::from_raw_os_error(errno).to_string();
+            assert_eq!(e.to_string(), format!("the cache directory is read-only ({os})"), "errno {errno}");
+            assert_eq!(e.kind(), io::Error::from_raw_os_error(errno).kind());
+        }
+        // tempfile adds the path to the error it reports, keeping its kind.
+        let e = read_only_error(io::Error::new(io::ErrorKind::PermissionDenied, "denied at path \"/x/.tmp-1\""));
+        assert_eq!(e.to_string(), "the cache directory is read-only (denied at path \"/x/.tmp-1\")");
+        // Anything else is not about the directory being read-only.
+        for errno in [2, 28] {
+            let os = io::Error::from_raw_os_error(errno).to_string();
+            assert_eq!(read_only_error(io::Error::from_raw_os_error(errno)).to_string(), os);
         }
     }
 
