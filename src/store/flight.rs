@@ -1,6 +1,6 @@
 //! Single-flight: concurrent requests for the same module wait for one resolution (one download) instead of
-//! each downloading it. (Istio's cache has no such thing: concurrent misses each download.) A request is the
-//! same module as another when it names the same sha256, or, without one, the same URL.
+//! each downloading it (Istio's cache, `pkg/wasm/cache.go`, has none: concurrent misses each download). A
+//! request is the same module as another when it names the same sha256, or, without one, the same URL.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};

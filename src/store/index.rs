@@ -1,6 +1,6 @@
 //! `index.json`: what a later process needs to reuse the modules in the cache directory — each module's last
-//! use (so expiry survives a restart) and what each checksum-less URL resolved to. (Istio keeps this in
-//! memory only and downloads every module again after a restart.)
+//! use (so expiry survives a restart) and what each checksum-less URL resolved to. (Istio's cache,
+//! `pkg/wasm/cache.go`, keeps this in memory only and downloads every module again after a restart.)
 
 use std::collections::BTreeMap;
 use std::fs;
