@@ -191,7 +191,7 @@ mod tests {
     use crate::store::files::{new_temp_file, TEMP_PREFIX};
     use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
 
-    /// Every option a fetch reads, set for these tests; the rest are the defaults (the environment is not read).
+    /// Every option a fetch reads, set for these tests; the rest are the built-in defaults.
     fn options() -> Options {
         Options {
             http_request_timeout: Duration::from_secs(5),
@@ -202,7 +202,7 @@ mod tests {
             insecure_hosts: Vec::new(),
             ca_file: None,
             blocked_cidrs: Vec::new(),
-            ..Options::from_json_with_env(r#"{"cache_dir": "/unused"}"#, &|_| None).unwrap()
+            ..Options::default()
         }
     }
 

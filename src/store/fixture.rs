@@ -81,14 +81,9 @@ pub(super) struct Fixture {
     dir: tempfile::TempDir,
 }
 
-/// Options for a store in `dir`; the rest are the defaults (the environment is not read).
+/// Options for a store in `dir`; the rest are the built-in defaults.
 pub(super) fn options(dir: &Path, expiry: Duration, interval: Duration) -> Options {
-    Options {
-        cache_dir: dir.to_path_buf(),
-        module_expiry: expiry,
-        purge_interval: interval,
-        ..Options::from_json_with_env(r#"{"cache_dir": "/unused"}"#, &|_| None).unwrap()
-    }
+    Options { cache_dir: dir.to_path_buf(), module_expiry: expiry, purge_interval: interval, ..Options::default() }
 }
 
 pub(super) fn fixture() -> Fixture {
