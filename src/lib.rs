@@ -5,7 +5,6 @@
 //! `code.local.filename` pointing at the stored file — or a [`Rejection`] whose reason goes into the NACK.
 //! Everything is blocking and thread-safe; no thread outlives a call. The C ABI lives in [`ffi`].
 
-mod clock;
 mod ecds;
 mod fetch;
 pub mod ffi;
@@ -24,6 +23,7 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub use ecds::Rejection;
 pub use metrics::{ConversionResult, FetchResult, Metrics};
@@ -104,9 +104,8 @@ impl Cache {
     /// cannot be created or used.
     pub fn new(options: Options) -> Result<Cache, OpenError> {
         let metrics = Arc::new(Metrics::new());
-        let fetcher = fetch::Fetcher::new(&fetch::FetchSettings::from_options(&options))
-            .map_err(|e| OptionsError(format!("invalid options: {e}")))?;
-        let store = store::Store::open(store::StoreSettings::from_options(&options), fetcher, metrics.clone())
+        let fetcher = fetch::Fetcher::new(&options).map_err(|e| OptionsError(format!("invalid options: {e}")))?;
+        let store = store::Store::open(&options, fetcher, metrics.clone())
             .map_err(|source| OpenError::CacheDir(CacheDirError { path: options.cache_dir.clone(), source }))?;
         let policy = ecds::ConversionPolicy {
             default_timeout: options.default_fetch_timeout,
@@ -152,12 +151,11 @@ impl Cache {
         if !self.options.enable_conversion {
             return Ok(response.to_vec());
         }
-        let clock = self.store.clock();
-        let now = clock.now();
-        // The duration excludes a purge, as before: read the clock again only when one ran.
-        let start = if self.store.purge_if_due_at(now) { clock.now() } else { now };
+        // A purge that is due runs first; the observed duration is the conversion's own.
+        self.store.purge_if_due();
+        let start = Instant::now();
         let result = convert(response);
-        let elapsed = clock.now().since(start);
+        let elapsed = start.elapsed();
         self.metrics.observe_conversion_duration(elapsed);
         match &result {
             Ok(_) => log::debug!("converted ECDS response in {elapsed:?}"),

@@ -73,8 +73,7 @@ fn remote_module_is_fetched_verified_stored_and_counted() {
 
 #[test]
 fn conversion_duration_is_the_time_the_call_took() {
-    // The first call is timed by the monotonic clock, the later ones (once the clock is 20 ms old) by the TSC
-    // where the kernel keeps time with it: both must observe what the caller waited.
+    // Each call observes what the caller waited (at least the server's delay), in milliseconds.
     const SUM: &str = "istio_agent_wasm_config_conversion_duration_sum";
     const LE_32: &str = r#"istio_agent_wasm_config_conversion_duration_bucket{le="32"}"#;
     let server = TestServer::http();
@@ -340,6 +339,101 @@ fn crash_leftover_temp_files_are_removed_at_start() {
     std::fs::write(&stale, b"half a module").unwrap();
     drop(open(dir.path(), serde_json::json!({})));
     assert!(!stale.exists(), "{stale:?} survived a restart");
+}
+
+/// A cache directory that exists but is read-only (a cache seeded into a container image) opens and serves
+/// the modules it holds; a download that would have to store a new one is rejected with a reason that says
+/// the directory is read-only. Directory permissions do not stop root, so as root this test runs itself
+/// again as an unprivileged user (uid 65534) and passes only if that run passed.
+#[cfg(unix)]
+#[test]
+fn read_only_cache_dir_serves_its_modules_and_says_why_it_cannot_store_more() {
+    const NAME: &str = "read_only_cache_dir_serves_its_modules_and_says_why_it_cannot_store_more";
+    const AS_UNPRIVILEGED: &str = "WASM_ECDS_TEST_AS_UNPRIVILEGED";
+    if !directory_permissions_bind() {
+        assert!(std::env::var_os(AS_UNPRIVILEGED).is_none(), "directory permissions do not bind even as uid 65534");
+        run_as_unprivileged_user(NAME, AS_UNPRIVILEGED);
+        return;
+    }
+    let server = TestServer::http();
+    let held = wasm_module(100);
+    let new = wasm_module(200);
+    server.route("/held.wasm", Route::bytes(held.clone()));
+    server.route("/new.wasm", Route::bytes(new.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let seeded = convert_one(&open(&cache_dir, serde_json::json!({})), &server.url("/held.wasm"), "nil").unwrap();
+
+    let _read_only = ReadOnly::set(&[cache_dir.clone(), cache_dir.join("modules")]);
+    let cache = open(&cache_dir, serde_json::json!({}));
+    assert_eq!(sample(&cache, ENTRIES), 1.0);
+    assert_eq!(convert_one(&cache, &server.url("/held.wasm"), "nil").unwrap(), seeded);
+    assert_eq!(convert_one(&cache, &server.url("/held.wasm"), &sha256_hex(&held)).unwrap(), seeded);
+    assert_eq!(server.requests("/held.wasm"), 1, "served from the directory");
+
+    let reason = convert_one(&cache, &server.url("/new.wasm"), &sha256_hex(&new)).unwrap_err();
+    let expected = format!(
+        "cannot create a temp file in {}: the cache directory is read-only (Permission denied",
+        cache_dir.canonicalize().unwrap().display()
+    );
+    assert!(reason.contains(&expected), "{reason}");
+    assert_eq!(sample(&cache, FETCH_DOWNLOAD_FAILURE), 1.0);
+    assert_eq!(sample(&cache, ENTRIES), 1.0);
+}
+
+/// Whether a directory without write permission stops this process from creating a file in it (not for
+/// root, which has CAP_DAC_OVERRIDE).
+#[cfg(unix)]
+fn directory_permissions_bind() -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let _read_only = ReadOnly::set(&[dir.path().to_path_buf()]);
+    std::fs::File::create(dir.path().join("probe")).is_err()
+}
+
+/// Runs the test `name` of this binary again as uid/gid 65534 (`nobody`), with `marker` set in its
+/// environment, and fails unless it ran and passed.
+#[cfg(unix)]
+fn run_as_unprivileged_user(name: &str, marker: &str) {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads=1"])
+        .env(marker, "1")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run the test as uid 65534");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "as uid 65534 ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
+/// Makes directories read-only for as long as it lives (then writable by their owner again, so that the
+/// temp directory can be removed).
+#[cfg(unix)]
+struct ReadOnly(Vec<PathBuf>);
+
+#[cfg(unix)]
+impl ReadOnly {
+    fn set(dirs: &[PathBuf]) -> ReadOnly {
+        use std::os::unix::fs::PermissionsExt;
+        for d in dirs {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o500)).unwrap();
+        }
+        ReadOnly(dirs.to_vec())
+    }
+}
+
+#[cfg(unix)]
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        for d in &self.0 {
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+        }
+    }
 }
 
 #[test]

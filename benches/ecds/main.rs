@@ -285,8 +285,7 @@ fn micro(args: &Args) -> serde_json::Value {
     })
 }
 
-/// The cheapest timestamp a call can take: the TSC on x86_64 (one `rdtsc`, as the library reads it where the
-/// kernel keeps time with the TSC), the monotonic clock elsewhere.
+/// The cheapest timestamp a call can take: the TSC on x86_64 (one `rdtsc`), the monotonic clock elsewhere.
 fn cheapest_clock() -> u64 {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `rdtsc` exists on every x86_64 CPU and has no preconditions.

@@ -14,12 +14,14 @@ use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 use ureq::unversioned::transport::DefaultConnector;
 use ureq::{Agent, Proxy};
 
-use super::{copy_hashed, new_temp_file, CopyError, FetchError, FetchErrorKind, FetchSettings, Staged};
+use super::{copy_hashed, CopyError, FetchError, FetchErrorKind, Staged};
 use crate::guard::{AddressPolicy, GuardedResolver};
+use crate::options::Options;
+use crate::store::files::new_temp_file;
 
 /// Redirects followed per request, as Go's default client.
 const MAX_REDIRECTS: u32 = 10;
-/// Per-attempt timeout when the settings say zero (Istio's `NewHTTPFetcher` does the same).
+/// Per-attempt timeout when the options say zero (Istio's `NewHTTPFetcher` does the same).
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) struct HttpFetcher {
@@ -51,32 +53,29 @@ enum AttemptError {
 impl HttpFetcher {
     /// Clients that use the proxy named by `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (first set wins, as
     /// ureq reads them) except for hosts in `NO_PROXY`.
-    pub fn new(settings: &FetchSettings) -> Result<HttpFetcher, FetchError> {
-        HttpFetcher::with_proxy(settings, Proxy::try_from_env())
+    pub fn new(options: &Options) -> Result<HttpFetcher, FetchError> {
+        HttpFetcher::with_proxy(options, Proxy::try_from_env())
     }
 
-    pub fn with_proxy(settings: &FetchSettings, proxy: Option<Proxy>) -> Result<HttpFetcher, FetchError> {
-        let ca_certs = match settings.ca_file.as_deref() {
+    pub fn with_proxy(options: &Options, proxy: Option<Proxy>) -> Result<HttpFetcher, FetchError> {
+        let ca_certs = match options.ca_file.as_deref() {
             Some(path) => ca_file_certs(path)?,
             None => Vec::new(),
         };
-        let policy = AddressPolicy::new(settings.blocked_cidrs.clone());
-        let request_timeout = if settings.http_request_timeout.is_zero() {
-            DEFAULT_REQUEST_TIMEOUT
-        } else {
-            settings.http_request_timeout
-        };
+        let policy = AddressPolicy::new(options.blocked_cidrs.clone());
+        let request_timeout =
+            if options.http_request_timeout.is_zero() { DEFAULT_REQUEST_TIMEOUT } else { options.http_request_timeout };
         Ok(HttpFetcher {
             agents: OnceLock::new(),
             ca_certs,
             proxy,
             policy,
-            insecure_hosts: Arc::new(settings.insecure_hosts.clone()),
+            insecure_hosts: Arc::new(options.insecure_hosts.clone()),
             request_timeout,
-            max_attempts: settings.max_attempts.max(1),
-            initial_backoff: settings.retry_initial_backoff,
-            max_backoff: settings.retry_max_backoff,
-            max_module_bytes: settings.max_module_bytes,
+            max_attempts: options.max_attempts.max(1),
+            initial_backoff: options.retry_initial_backoff,
+            max_backoff: options.retry_max_backoff,
+            max_module_bytes: options.max_module_bytes,
         })
     }
 

@@ -4,40 +4,11 @@ mod http;
 mod unbox;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-use ipnet::IpNet;
+use std::path::Path;
+use std::time::Instant;
 
 use crate::metrics::FetchResult;
 use crate::options::Options;
-
-#[derive(Debug, Clone)]
-pub(crate) struct FetchSettings {
-    pub http_request_timeout: Duration,
-    pub max_attempts: u32,
-    pub retry_initial_backoff: Duration,
-    pub retry_max_backoff: Duration,
-    pub max_module_bytes: u64,
-    pub insecure_hosts: Vec<String>,
-    pub ca_file: Option<PathBuf>,
-    pub blocked_cidrs: Vec<IpNet>,
-}
-
-impl FetchSettings {
-    pub fn from_options(o: &Options) -> FetchSettings {
-        FetchSettings {
-            http_request_timeout: o.http_request_timeout,
-            max_attempts: o.max_attempts,
-            retry_initial_backoff: o.retry_initial_backoff,
-            retry_max_backoff: o.retry_max_backoff,
-            max_module_bytes: o.max_module_bytes,
-            insecure_hosts: o.insecure_hosts.clone(),
-            ca_file: o.ca_file.clone(),
-            blocked_cidrs: o.blocked_cidrs.clone(),
-        }
-    }
-}
 
 /// A fetched module: a temp file (deleted on drop unless persisted) holding the final, unboxed bytes.
 pub(crate) struct Downloaded {
@@ -96,8 +67,8 @@ pub(crate) struct Fetcher {
 
 impl Fetcher {
     /// Builds the HTTP clients; fails only when the TLS settings (`ca_file`) cannot be loaded.
-    pub fn new(settings: &FetchSettings) -> Result<Fetcher, FetchError> {
-        Ok(Fetcher { http: http::HttpFetcher::new(settings)?, max_module_bytes: settings.max_module_bytes })
+    pub fn new(options: &Options) -> Result<Fetcher, FetchError> {
+        Ok(Fetcher { http: http::HttpFetcher::new(options)?, max_module_bytes: options.max_module_bytes })
     }
 
     /// Fetches `url` into a temp file in `temp_dir`, unboxing gzip/tar, all within `deadline`.
@@ -212,22 +183,17 @@ pub(crate) fn copy_hashed(
     Ok((hex::encode(hasher.finalize()), len))
 }
 
-/// Creates a temp file in `dir` named `.tmp-<pid>-<random>`: the pid lets a later process tell a crashed
-/// writer's leftovers (pid gone) from a live neighbour's download in a shared cache directory.
-pub(crate) fn new_temp_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
-    tempfile::Builder::new().prefix(&format!("{TEMP_PREFIX}{}-", std::process::id())).tempfile_in(dir)
-}
-
-/// Prefix of every temp file the library writes.
-pub(crate) const TEMP_PREFIX: &str = ".tmp-";
-
 #[cfg(test)]
 mod tests {
-    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
-    use super::*;
+    use std::time::Duration;
 
-    fn settings() -> FetchSettings {
-        FetchSettings {
+    use super::*;
+    use crate::store::files::{new_temp_file, TEMP_PREFIX};
+    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
+
+    /// Every option a fetch reads, set for these tests; the rest are the built-in defaults.
+    fn options() -> Options {
+        Options {
             http_request_timeout: Duration::from_secs(5),
             max_attempts: 3,
             retry_initial_backoff: Duration::from_millis(10),
@@ -236,6 +202,7 @@ mod tests {
             insecure_hosts: Vec::new(),
             ca_file: None,
             blocked_cidrs: Vec::new(),
+            ..Options::default()
         }
     }
 
@@ -251,13 +218,13 @@ mod tests {
     }
 
     /// Fetches `url` with `s` into a fresh temp dir; the dir is returned so it outlives the result.
-    fn fetch_with(s: &FetchSettings, url: &str) -> (tempfile::TempDir, Result<Downloaded, FetchError>) {
+    fn fetch_with(s: &Options, url: &str) -> (tempfile::TempDir, Result<Downloaded, FetchError>) {
         let dir = tempfile::tempdir().unwrap();
         let result = Fetcher::new(s).unwrap().fetch(url, in_10s(), dir.path());
         (dir, result)
     }
 
-    fn fetch_err(s: &FetchSettings, url: &str) -> FetchError {
+    fn fetch_err(s: &Options, url: &str) -> FetchError {
         let (dir, result) = fetch_with(s, url);
         let err = result.err().expect("fetch should fail");
         assert!(files(dir.path()).is_empty(), "temp files left behind: {:?}", files(dir.path()));
@@ -276,7 +243,7 @@ mod tests {
         let server = TestServer::http();
         let module = wasm_module(100_000);
         server.route("/m.wasm", Route::bytes(module.clone()));
-        let (dir, result) = fetch_with(&settings(), &server.url("/m.wasm?v=1#frag"));
+        let (dir, result) = fetch_with(&options(), &server.url("/m.wasm?v=1#frag"));
         let d = result.unwrap();
         assert_module(&d, &module);
         assert!(d.is_wasm);
@@ -294,7 +261,7 @@ mod tests {
         server.route("/short", Route::bytes(b"\0asm\x01".to_vec()));
         server.route("/html", Route::bytes(b"<html>not a module</html>".to_vec()));
         for path in ["/short", "/html"] {
-            let (_dir, result) = fetch_with(&settings(), &server.url(path));
+            let (_dir, result) = fetch_with(&options(), &server.url(path));
             let d = result.unwrap();
             assert!(!d.is_wasm, "{path}");
         }
@@ -303,7 +270,7 @@ mod tests {
     #[test]
     fn not_found_is_not_retried() {
         let server = TestServer::http();
-        let err = fetch_err(&settings(), &server.url("/missing.wasm"));
+        let err = fetch_err(&options(), &server.url("/missing.wasm"));
         assert_eq!(err.kind, FetchErrorKind::Download);
         assert_eq!(
             err.message,
@@ -318,7 +285,7 @@ mod tests {
         let server = TestServer::http();
         let module = wasm_module(10);
         server.route("/m.wasm", Route::bytes(module.clone()).fail_first(&[503, 502]));
-        let (_dir, result) = fetch_with(&settings(), &server.url("/m.wasm"));
+        let (_dir, result) = fetch_with(&options(), &server.url("/m.wasm"));
         assert_module(&result.unwrap(), &module);
         assert_eq!(server.requests("/m.wasm"), 3);
     }
@@ -329,7 +296,7 @@ mod tests {
         for code in [501, 505, 511, 400, 403, 429, 204, 304] {
             let path = format!("/s{code}");
             server.route(&path, Route::status(code));
-            let err = fetch_err(&settings(), &server.url(&path));
+            let err = fetch_err(&options(), &server.url(&path));
             assert_eq!(
                 err.message,
                 format!(
@@ -344,7 +311,7 @@ mod tests {
     fn retries_run_out() {
         let server = TestServer::http();
         server.route("/m.wasm", Route::status(500));
-        let s = FetchSettings { max_attempts: 4, ..settings() };
+        let s = Options { max_attempts: 4, ..options() };
         let err = fetch_err(&s, &server.url("/m.wasm"));
         assert_eq!(err.kind, FetchErrorKind::Download);
         assert_eq!(
@@ -358,11 +325,11 @@ mod tests {
     fn deadline_bounds_the_whole_fetch() {
         let server = TestServer::http();
         server.route("/m.wasm", Route::status(503));
-        let s = FetchSettings {
+        let s = Options {
             max_attempts: 5,
             retry_initial_backoff: Duration::from_millis(500),
             retry_max_backoff: Duration::from_secs(60),
-            ..settings()
+            ..options()
         };
         let dir = tempfile::tempdir().unwrap();
         let fetcher = Fetcher::new(&s).unwrap();
@@ -387,7 +354,7 @@ mod tests {
         let server = TestServer::http();
         server.route("/m.wasm", Route::bytes(wasm_module(1)));
         let dir = tempfile::tempdir().unwrap();
-        let err = Fetcher::new(&settings()).unwrap().fetch(&server.url("/m.wasm"), Instant::now(), dir.path()).err();
+        let err = Fetcher::new(&options()).unwrap().fetch(&server.url("/m.wasm"), Instant::now(), dir.path()).err();
         assert_eq!(err.unwrap().message, "wasm module download failed after 1 attempts, last error: deadline exceeded");
         assert_eq!(server.total_requests(), 0);
     }
@@ -397,7 +364,7 @@ mod tests {
         let server = TestServer::http();
         server.route("/slow", Route::bytes(wasm_module(10)).delay(Duration::from_secs(3)));
         server.route("/trickle", Route::bytes(wasm_module(2000)).trickle(100, Duration::from_millis(100)));
-        let s = FetchSettings { http_request_timeout: Duration::from_millis(300), max_attempts: 2, ..settings() };
+        let s = Options { http_request_timeout: Duration::from_millis(300), max_attempts: 2, ..options() };
         for path in ["/slow", "/trickle"] {
             let start = Instant::now();
             let err = fetch_err(&s, &server.url(path));
@@ -414,7 +381,7 @@ mod tests {
         server.route("/slow", Route::bytes(wasm_module(10)).delay(Duration::from_secs(5)));
         let dir = tempfile::tempdir().unwrap();
         let start = Instant::now();
-        let err = Fetcher::new(&settings())
+        let err = Fetcher::new(&options())
             .unwrap()
             .fetch(&server.url("/slow"), start + Duration::from_millis(400), dir.path())
             .err()
@@ -437,10 +404,10 @@ mod tests {
             server.route(&format!("/r{i}"), Route::redirect(code, location));
         }
         // /r1 … /r10 → m.wasm: ten redirects.
-        let (_dir, result) = fetch_with(&settings(), &server.url("/r1"));
+        let (_dir, result) = fetch_with(&options(), &server.url("/r1"));
         assert_module(&result.unwrap(), &module);
         // /r0 … /r10 → m.wasm: eleven.
-        let s = FetchSettings { max_attempts: 1, ..settings() };
+        let s = Options { max_attempts: 1, ..options() };
         let err = fetch_err(&s, &server.url("/r0"));
         assert_eq!(err.message, "wasm module download failed after 1 attempts, last error: stopped after 10 redirects");
     }
@@ -449,7 +416,7 @@ mod tests {
     fn truncated_body_is_retried() {
         let server = TestServer::http();
         server.route("/m.wasm", Route::bytes(wasm_module(100_000)).truncate(50_000));
-        let s = FetchSettings { max_attempts: 2, ..settings() };
+        let s = Options { max_attempts: 2, ..options() };
         let err = fetch_err(&s, &server.url("/m.wasm"));
         assert_eq!(err.kind, FetchErrorKind::Download);
         assert_eq!(
@@ -463,7 +430,7 @@ mod tests {
     fn connection_closed_without_response_is_retried() {
         let server = TestServer::http();
         server.route("/m.wasm", Route::hang_up());
-        let err = fetch_err(&settings(), &server.url("/m.wasm"));
+        let err = fetch_err(&options(), &server.url("/m.wasm"));
         assert!(
             err.message.starts_with("wasm module download failed after 3 attempts, last error: "),
             "{}",
@@ -479,7 +446,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let s = FetchSettings { max_attempts: 2, ..settings() };
+        let s = Options { max_attempts: 2, ..options() };
         let err = fetch_err(&s, &format!("http://127.0.0.1:{port}/m.wasm"));
         assert!(
             err.message.starts_with("wasm module download failed after 2 attempts, last error: "),
@@ -496,7 +463,7 @@ mod tests {
         server.route("/announced", Route::bytes(module.clone()));
         // Compressed on the wire: no usable Content-Length, the cap applies while streaming.
         server.route("/streamed", Route::bytes(module.clone()).gzip_encoding());
-        let s = FetchSettings { max_module_bytes: 1000, ..settings() };
+        let s = Options { max_module_bytes: 1000, ..options() };
         for path in ["/announced", "/streamed"] {
             let err = fetch_err(&s, &server.url(path));
             assert_eq!(err.kind, FetchErrorKind::TooLarge, "{path}");
@@ -505,7 +472,7 @@ mod tests {
             assert_eq!(server.requests(path), 1, "{path}: not retried");
         }
         // Exactly at the limit is fine.
-        let s = FetchSettings { max_module_bytes: module.len() as u64, ..settings() };
+        let s = Options { max_module_bytes: module.len() as u64, ..options() };
         let (_dir, result) = fetch_with(&s, &server.url("/announced"));
         assert_module(&result.unwrap(), &module);
     }
@@ -515,7 +482,7 @@ mod tests {
         let server = TestServer::http();
         let module = wasm_module(30_000);
         server.route("/m.wasm", Route::bytes(module.clone()).gzip_encoding());
-        let (_dir, result) = fetch_with(&settings(), &server.url("/m.wasm"));
+        let (_dir, result) = fetch_with(&options(), &server.url("/m.wasm"));
         assert_module(&result.unwrap(), &module);
     }
 
@@ -527,7 +494,7 @@ mod tests {
         server.route("/m.tar", Route::bytes(tar(&[("any-name.bin", &module), ("plugin.wasm", b"second")])));
         server.route("/m.tar.gz", Route::bytes(gzip(&tar(&[("./plugin.wasm", &module)]))));
         for path in ["/m.wasm.gz", "/m.tar", "/m.tar.gz"] {
-            let (dir, result) = fetch_with(&settings(), &server.url(path));
+            let (dir, result) = fetch_with(&options(), &server.url(path));
             let d = result.unwrap();
             assert_module(&d, &module);
             // Intermediate layers are gone; only the final file is left.
@@ -544,7 +511,7 @@ mod tests {
         server.route("/broken.gz", Route::bytes(broken.clone()));
         server.route("/garbage.gz", Route::bytes(garbage.clone()));
         for (path, body) in [("/broken.gz", &broken), ("/garbage.gz", &garbage)] {
-            let (dir, result) = fetch_with(&settings(), &server.url(path));
+            let (dir, result) = fetch_with(&options(), &server.url(path));
             let d = result.unwrap();
             assert_module(&d, body);
             assert!(!d.is_wasm);
@@ -558,7 +525,7 @@ mod tests {
         let module = wasm_module(20_000);
         server.route("/m.wasm", Route::bytes(module.clone()));
         let ca_dir = tempfile::tempdir().unwrap();
-        let s = FetchSettings { ca_file: Some(server.write_ca_file(ca_dir.path())), ..settings() };
+        let s = Options { ca_file: Some(server.write_ca_file(ca_dir.path())), ..options() };
         let (_dir, result) = fetch_with(&s, &server.url("/m.wasm"));
         assert_module(&result.unwrap(), &module);
         // localhost is in the certificate too.
@@ -571,17 +538,14 @@ mod tests {
     fn https_self_signed_is_rejected_without_ca_file() {
         let server = TestServer::https();
         server.route("/m.wasm", Route::bytes(wasm_module(10)));
-        let s = FetchSettings { max_attempts: 2, ..settings() };
+        let s = Options { max_attempts: 2, ..options() };
         let err = fetch_err(&s, &server.url("/m.wasm"));
         assert_eq!(err.kind, FetchErrorKind::Download);
         assert!(err.message.starts_with("wasm module download failed after 2 attempts"), "{}", err.message);
         assert!(err.message.to_lowercase().contains("certificate"), "{}", err.message);
         // Another host being insecure does not help.
-        let s = FetchSettings {
-            max_attempts: 1,
-            insecure_hosts: vec!["127.0.0.1:1".into(), "localhost".into()],
-            ..settings()
-        };
+        let s =
+            Options { max_attempts: 1, insecure_hosts: vec!["127.0.0.1:1".into(), "localhost".into()], ..options() };
         fetch_err(&s, &server.url("/m.wasm"));
     }
 
@@ -591,19 +555,19 @@ mod tests {
         let module = wasm_module(10);
         server.route("/m.wasm", Route::bytes(module.clone()));
         for entry in [format!("127.0.0.1:{}", server.port()), "*".to_string()] {
-            let s = FetchSettings { insecure_hosts: vec!["other.example".into(), entry.clone()], ..settings() };
+            let s = Options { insecure_hosts: vec!["other.example".into(), entry.clone()], ..options() };
             let (_dir, result) = fetch_with(&s, &server.url("/m.wasm"));
             assert_module(&result.unwrap(), &module);
         }
         // The bare host does not match a URL that names a port (Istio compares `host[:port]` as written).
-        let s = FetchSettings { insecure_hosts: vec!["127.0.0.1".into()], max_attempts: 1, ..settings() };
+        let s = Options { insecure_hosts: vec!["127.0.0.1".into()], max_attempts: 1, ..options() };
         fetch_err(&s, &server.url("/m.wasm"));
     }
 
     #[test]
     fn ca_file_errors_fail_new() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = FetchSettings { ca_file: Some(dir.path().join("nope.pem")), ..settings() };
+        let missing = Options { ca_file: Some(dir.path().join("nope.pem")), ..options() };
         let err = Fetcher::new(&missing).err().unwrap();
         assert!(err.message.starts_with("cannot load ca_file"), "{}", err.message);
         for (name, text) in [
@@ -613,7 +577,7 @@ mod tests {
         ] {
             let path = dir.path().join(name);
             std::fs::write(&path, text).unwrap();
-            let s = FetchSettings { ca_file: Some(path), ..settings() };
+            let s = Options { ca_file: Some(path), ..options() };
             assert!(Fetcher::new(&s).is_err(), "{name}");
         }
     }
@@ -622,7 +586,7 @@ mod tests {
     fn blocked_address_is_refused() {
         let server = TestServer::http();
         server.route("/m.wasm", Route::bytes(wasm_module(10)));
-        let s = FetchSettings { max_attempts: 1, blocked_cidrs: vec!["127.0.0.0/8".parse().unwrap()], ..settings() };
+        let s = Options { max_attempts: 1, blocked_cidrs: vec!["127.0.0.0/8".parse().unwrap()], ..options() };
         let err = fetch_err(&s, &server.url("/m.wasm"));
         assert_eq!(err.kind, FetchErrorKind::Download);
         assert_eq!(
@@ -636,7 +600,7 @@ mod tests {
     fn redirect_to_blocked_address_is_refused() {
         let server = TestServer::http();
         server.route("/m.wasm", Route::redirect(302, "http://169.254.169.254/latest/meta-data/"));
-        let s = FetchSettings { max_attempts: 1, ..settings() };
+        let s = Options { max_attempts: 1, ..options() };
         let err = fetch_err(&s, &server.url("/m.wasm"));
         assert_eq!(
             err.message,
@@ -645,7 +609,7 @@ mod tests {
     }
 
     /// A fetcher whose clients go through `proxy` (the environment is process-global; tests set it here).
-    fn fetcher_with_proxy(s: &FetchSettings, proxy: &str) -> Fetcher {
+    fn fetcher_with_proxy(s: &Options, proxy: &str) -> Fetcher {
         let proxy = ureq::Proxy::new(proxy).unwrap();
         Fetcher { http: http::HttpFetcher::with_proxy(s, Some(proxy)).unwrap(), max_module_bytes: s.max_module_bytes }
     }
@@ -654,7 +618,7 @@ mod tests {
     fn proxy_is_used_and_guarded() {
         // The test server is no proxy: it answers the CONNECT with 404, which shows the request went there.
         let proxy = TestServer::http();
-        let s = FetchSettings { max_attempts: 1, ..settings() };
+        let s = Options { max_attempts: 1, ..options() };
         let dir = tempfile::tempdir().unwrap();
         let f = fetcher_with_proxy(&s, &proxy.base_url());
         let err = f.fetch("http://wasm.example.invalid/m.wasm", in_10s(), dir.path()).err().unwrap();
@@ -665,7 +629,7 @@ mod tests {
         );
         assert_eq!(proxy.total_requests(), 1);
         // The proxy's own address is checked too.
-        let s = FetchSettings { blocked_cidrs: vec!["127.0.0.0/8".parse().unwrap()], ..s };
+        let s = Options { blocked_cidrs: vec!["127.0.0.0/8".parse().unwrap()], ..s };
         let f = fetcher_with_proxy(&s, &proxy.base_url());
         let err = f.fetch("http://wasm.example.invalid/m.wasm", in_10s(), dir.path()).err().unwrap();
         assert_eq!(
@@ -680,7 +644,7 @@ mod tests {
     fn unsupported_schemes_make_no_request() {
         let server = TestServer::http();
         let port = server.port();
-        let f = Fetcher::new(&settings()).unwrap();
+        let f = Fetcher::new(&options()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         for (url, scheme) in [
             (format!("ftp://127.0.0.1:{port}/m.wasm"), "ftp"),
@@ -700,7 +664,7 @@ mod tests {
 
     #[test]
     fn invalid_urls() {
-        let f = Fetcher::new(&settings()).unwrap();
+        let f = Fetcher::new(&options()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         for url in ["http://", "http:///m.wasm", "https://exa mple.com/m.wasm", "1http://x/"] {
             let err = f.fetch(url, in_10s(), dir.path()).err().unwrap();
@@ -716,7 +680,7 @@ mod tests {
         server.route("/m.wasm", Route::bytes(wasm_module(10)));
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("does-not-exist");
-        let err = Fetcher::new(&settings()).unwrap().fetch(&server.url("/m.wasm"), in_10s(), &missing).err().unwrap();
+        let err = Fetcher::new(&options()).unwrap().fetch(&server.url("/m.wasm"), in_10s(), &missing).err().unwrap();
         assert_eq!(err.kind, FetchErrorKind::Io);
         assert!(err.message.contains("No such file or directory"), "{}", err.message);
         assert_eq!(server.requests("/m.wasm"), 1, "not retried");

@@ -15,7 +15,8 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use super::{copy_hashed, new_temp_file, CopyError, FetchError, Staged, WASM_MAGIC};
+use super::{copy_hashed, CopyError, FetchError, Staged, WASM_MAGIC};
+use crate::store::files::new_temp_file;
 
 /// Layers of gzip/tar unwrapped at most.
 const MAX_DEPTH: usize = 8;
@@ -185,9 +186,9 @@ impl<R: Read> Read for ExactLen<'_, R> {
 mod tests {
     use std::io::Write;
 
-    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module};
     use super::super::{FetchErrorKind, COPY_BUFFER_BYTES};
     use super::*;
+    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module};
 
     fn stage(dir: &Path, bytes: &[u8]) -> Staged {
         let mut file = new_temp_file(dir).unwrap();

@@ -1,0 +1,347 @@
+//! Files in the cache directory: temp files, and module files that are verified, locked, put in place and
+//! deleted so that neighbouring processes sharing the directory never see a half-written file, and never
+//! lose a file they serve.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tempfile::NamedTempFile;
+
+/// Prefix of every temp file the library writes.
+pub(crate) const TEMP_PREFIX: &str = ".tmp-";
+
+/// Creates a temp file in `dir` named `.tmp-<pid>-<random>`: the pid lets a later process tell a crashed
+/// writer's leftovers (pid gone) from a live neighbour's download in a shared cache directory.
+///
+/// A directory this process may not write to (a cache seeded into a read-only container image) fails with
+/// an error that says so: the modules already there are still served, only nothing new can be stored.
+pub(crate) fn new_temp_file(dir: &Path) -> io::Result<NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+        .tempfile_in(dir)
+        .map_err(read_only_error)
+}
+
+/// Names the cause of an error that creating a file in the cache directory ended with, when it is that the
+/// directory is read-only for this process: EACCES or EPERM (`PermissionDenied`), or EROFS
+/// (`ReadOnlyFilesystem`). Other errors are returned as they are.
+fn read_only_error(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+            io::Error::new(e.kind(), format!("the cache directory is read-only ({e})"))
+        }
+        _ => e,
+    }
+}
+
+/// Creates `dir` (and its parents) readable by this user only; an existing directory is left as it is.
+pub(super) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+/// Removes `.tmp-<pid>-…` files whose writer process is gone. Without `/proc` nothing is removed.
+pub(super) fn remove_stale_temp_files(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => log::info!("removed {} left by a crashed process", entry.path().display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove stale temp file {}: {e}", entry.path().display()),
+        }
+    }
+}
+
+pub(super) enum Verify {
+    /// The file is not there (or was replaced while we looked).
+    Gone,
+    /// Its content hashes to something else (the actual sha256, and the open file).
+    Mismatch(String, File),
+    Io(io::Error),
+}
+
+/// Opens a module file, takes a shared lock on it and checks its hash. The returned file keeps the lock.
+pub(super) fn open_verified(path: &Path, sha: &str) -> Result<File, Verify> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Verify::Gone),
+        Err(e) => return Err(Verify::Io(e)),
+    };
+    // Blocks only while a neighbour's purge holds it exclusively (briefly, before deleting it).
+    file.lock_shared().map_err(Verify::Io)?;
+    if !same_file(&file, path) {
+        return Err(Verify::Gone);
+    }
+    let actual = hash_reader(&mut file).map_err(Verify::Io)?;
+    if actual == sha {
+        Ok(file)
+    } else {
+        Err(Verify::Mismatch(actual, file))
+    }
+}
+
+/// Moves a complete download of the module `sha` to `path`, its final name: fsync, rename (never over an
+/// existing file that is intact), fsync the directory. Returns the module file, holding a shared lock.
+pub(super) fn persist_module(file: NamedTempFile, path: &Path, sha: &str) -> io::Result<File> {
+    file.as_file().sync_all()?;
+    // Lock the inode before it becomes visible, so no neighbour's purge can take it in between.
+    match file.as_file().try_lock_shared() {
+        Ok(()) | Err(fs::TryLockError::WouldBlock) => {}
+        Err(fs::TryLockError::Error(e)) => return Err(e),
+    }
+    let mut temp = file;
+    for _ in 0..3 {
+        match temp.persist_noclobber(path) {
+            Ok(persisted) => {
+                sync_parent(path);
+                return Ok(persisted);
+            }
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
+                // Someone (maybe another process) stored it already; use theirs if it is intact.
+                temp = e.file;
+                match open_verified(path, sha) {
+                    Ok(existing) => return Ok(existing),
+                    Err(Verify::Mismatch(..)) => {
+                        let persisted = temp.persist(path).map_err(|e| e.error)?;
+                        sync_parent(path);
+                        return Ok(persisted);
+                    }
+                    Err(Verify::Gone) => continue,
+                    Err(Verify::Io(e)) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e.error),
+        }
+    }
+    Err(io::Error::other(format!("{} kept changing while it was being stored", path.display())))
+}
+
+/// Deletes a module file unless another process holds a lock on it. Returns whether it was deleted.
+pub(super) fn delete_module_file(path: &Path, open: Option<File>) -> bool {
+    let file = match open {
+        Some(f) => f,
+        None => match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+            Err(e) => {
+                log::warn!("cannot open {} to delete it: {e}", path.display());
+                return false;
+            }
+        },
+    };
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            log::debug!("not deleting {}: another process uses it", path.display());
+            return false;
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            log::warn!("cannot lock {} to delete it: {e}", path.display());
+            return false;
+        }
+    }
+    if !same_file(&file, path) {
+        return false;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => {
+            log::warn!("cannot delete {}: {e}", path.display());
+            false
+        }
+    }
+}
+
+/// Whether `path` still names the inode `file` has open.
+fn same_file(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        path.exists()
+    }
+}
+
+/// Makes a rename into `dir` durable.
+pub(super) fn sync_dir(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        log::warn!("cannot fsync {}: {e}", dir.display());
+    }
+}
+
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        sync_dir(dir);
+    }
+}
+
+fn hash_reader(r: &mut impl Read) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+pub(super) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// 64 lower-case hex digits: the only strings that may become part of a file name.
+pub(super) fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::{FetchResult, Metrics};
+    use crate::store::fixture::{fixture, lookups, options, req, req_sha, wasm, Shared, TestFetcher};
+    use crate::store::Store;
+
+    #[test]
+    fn dead_writers_temp_files_are_removed_live_ones_kept() {
+        let f = fixture();
+        // A pid above the kernel's maximum (4194304) cannot be alive.
+        let dead = f.cache_dir().join(format!("{TEMP_PREFIX}4194305-abc"));
+        let live = f.cache_dir().join(format!("{TEMP_PREFIX}{}-def", std::process::id()));
+        let other = f.cache_dir().join("unrelated");
+        for p in [&dead, &live, &other] {
+            fs::write(p, b"partial").unwrap();
+        }
+        let (_store, _, _) = f.reopen();
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert!(other.exists());
+    }
+
+    #[test]
+    fn cache_dir_is_private_and_created() {
+        let f = fixture();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(f.cache_dir()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+    }
+
+    #[test]
+    fn a_read_only_directory_is_named_as_the_cause() {
+        // EACCES, EROFS, EPERM: what creating a file in a directory this process may not write to fails with.
+        for errno in [13, 30, 1] {
+            let e = read_only_error(io::Error::from_raw_os_error(errno));
+            let os = io::Error::from_raw_os_error(errno).to_string();
+            assert_eq!(e.to_string(), format!("the cache directory is read-only ({os})"), "errno {errno}");
+            assert_eq!(e.kind(), io::Error::from_raw_os_error(errno).kind());
+        }
+        // tempfile adds the path to the error it reports, keeping its kind.
+        let e = read_only_error(io::Error::new(io::ErrorKind::PermissionDenied, "denied at path \"/x/.tmp-1\""));
+        assert_eq!(e.to_string(), "the cache directory is read-only (denied at path \"/x/.tmp-1\")");
+        // Anything else is not about the directory being read-only.
+        for errno in [2, 28] {
+            let os = io::Error::from_raw_os_error(errno).to_string();
+            assert_eq!(read_only_error(io::Error::from_raw_os_error(errno)).to_string(), os);
+        }
+    }
+
+    #[test]
+    fn corrupted_module_is_refetched_after_restart() {
+        let mut f = fixture();
+        let body = wasm("a");
+        f.fetcher.serve("http://x/a.wasm", &body);
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.close();
+        fs::write(&*m.path, b"\0asm\x01\0\0\0tampered").unwrap();
+
+        let (store, fetcher, metrics) = f.reopen();
+        fetcher.serve("http://x/a.wasm", &body);
+        let again = store.get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(again, m);
+        assert_eq!(fetcher.calls(), 1);
+        assert_eq!(fs::read(&*m.path).unwrap(), body);
+        assert_eq!(metrics.fetches(FetchResult::Success), 1);
+        assert_eq!(lookups(&metrics), (0, 2));
+
+        // Same with a sha-given request and a truncated file.
+        drop(store);
+        fs::write(&*m.path, b"").unwrap();
+        let (store, fetcher, _) = f.reopen();
+        fetcher.serve("http://x/a.wasm", &body);
+        store.get(&req_sha("http://x/a.wasm", &sha256_hex(&body))).unwrap();
+        assert_eq!(fetcher.calls(), 1);
+        assert_eq!(fs::read(&*m.path).unwrap(), body);
+    }
+
+    #[test]
+    fn module_held_by_another_process_is_not_deleted() {
+        let mut f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.store().set_sotw_in_use(vec![m.sha256.clone()].into());
+        // A neighbour with zero expiry, that knows the module from the index but does not use it.
+        let neighbour = Store::open_with(
+            &options(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
+            Box::new(Shared(Arc::new(TestFetcher::default()))),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(neighbour.purge().unwrap(), 0);
+        assert!(Path::new(&*m.path).exists());
+        // Still served by the first store, from memory.
+        assert_eq!(f.store().get(&req("http://x/a.wasm")).unwrap(), m);
+        drop(neighbour);
+        f.close();
+        // Once nobody holds it, a purge deletes it.
+        let last = Store::open_with(
+            &options(&f.cache_dir(), Duration::ZERO, Duration::from_secs(3600)),
+            Box::new(Shared(Arc::new(TestFetcher::default()))),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(last.purge().unwrap(), 1);
+        assert!(!Path::new(&*m.path).exists());
+    }
+
+    #[test]
+    fn sha256_hex_is_lower_case() {
+        assert!(is_sha256_hex(&sha256_hex(b"")));
+        assert!(!is_sha256_hex(&sha256_hex(b"").to_ascii_uppercase()));
+    }
+}

@@ -1,0 +1,932 @@
+//! The on-disk, content-addressed module store: answers module requests from memory, disk or the network
+//! (one download per module however many ask at once), expires unused modules and keeps the ones the latest
+//! ECDS state references. Owns the cache directory; never touches the network itself (that is `fetch`).
+//!
+//! Layout under the (canonicalized) cache directory:
+//!
+//! * `modules/<sha256>.wasm` — one file per module; the name derives only from the module's hex digest.
+//! * `index.json` — what a later process needs to reuse the modules ([`index`]).
+//! * `.tmp-<pid>-<random>` — downloads and index writes in progress; renamed into place when complete.
+//!
+//! Multi-process safety: files only ever appear under their final name by an atomic rename of a complete,
+//! synced file. A process holds a shared `flock` on every module file it serves from memory (so its
+//! stat-free hit path can trust the file is there); a purge deletes a file only while holding an exclusive
+//! lock on it, which it cannot get while any other process holds a shared one ([`files`]).
+
+pub(crate) mod files;
+#[cfg(test)]
+mod fixture;
+mod flight;
+mod index;
+mod urls;
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::fetch::{Downloaded, FetchError, Fetcher};
+use crate::metrics::{FetchResult, Metrics};
+use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource};
+use crate::options::Options;
+use files::{
+    create_private_dir, delete_module_file, is_sha256_hex, open_verified, persist_module, remove_stale_temp_files,
+    Verify,
+};
+use flight::{Flight, FlightGuard, FlightKey, Outcome};
+use index::{load_state, IndexFile};
+use urls::{ignore_resource_version, UrlMap};
+
+/// What the store needs from a fetcher; lets tests serve modules without a network.
+pub(crate) trait ModuleFetcher: Send + Sync {
+    /// Fetches `url` into a temp file in `temp_dir` (see [`files::new_temp_file`]), all within `deadline`.
+    fn fetch(&self, url: &str, deadline: Instant, temp_dir: &Path) -> Result<Downloaded, FetchError>;
+}
+
+impl ModuleFetcher for Fetcher {
+    fn fetch(&self, url: &str, deadline: Instant, temp_dir: &Path) -> Result<Downloaded, FetchError> {
+        Fetcher::fetch(self, url, deadline, temp_dir)
+    }
+}
+
+const MODULES_DIR: &str = "modules";
+
+/// A verified module this process serves. Holds a shared `flock` on the file for as long as it lives.
+struct Entry {
+    module: Module,
+    /// Milliseconds since the Unix epoch.
+    last_used: AtomicU64,
+    lock: File,
+}
+
+impl Entry {
+    fn touch(&self) {
+        self.last_used.fetch_max(now_ms(), Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Verified modules by sha256.
+    modules: HashMap<Arc<str>, Arc<Entry>>,
+    /// Modules known from the index or found on disk, not yet verified in this process: sha256 → last use.
+    pending: HashMap<Arc<str>, u64>,
+    urls: UrlMap,
+    /// Distinct modules the latest SotW conversion references.
+    sotw_in_use: ModuleList,
+    delta_in_use: HashMap<String, Arc<str>>,
+    flights: HashMap<FlightKey, Arc<Flight>>,
+}
+
+impl State {
+    fn entry_count(&self) -> usize {
+        self.modules.len() + self.pending.len()
+    }
+}
+
+pub(crate) struct Store {
+    dir: PathBuf,
+    modules_dir: PathBuf,
+    module_expiry: Duration,
+    purge_interval: Duration,
+    /// When [`Store::purge_if_due`] purges next (`None`: never, the interval is too long to add).
+    next_purge: Mutex<Option<Instant>>,
+    fetcher: Box<dyn ModuleFetcher>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    /// Serialises index writes (the state lock is held only to snapshot).
+    index_lock: Mutex<()>,
+    /// Fetch threads `get_all` has started (for tests and diagnostics).
+    threads_spawned: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) `options.cache_dir`; uses `module_expiry` and `purge_interval` too.
+    pub fn open(options: &Options, fetcher: Fetcher, metrics: Arc<Metrics>) -> io::Result<Store> {
+        Store::open_with(options, Box::new(fetcher), metrics)
+    }
+
+    /// Opens the store with any fetcher (tests use an in-process one).
+    pub(crate) fn open_with(
+        options: &Options,
+        fetcher: Box<dyn ModuleFetcher>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Store> {
+        create_private_dir(&options.cache_dir)?;
+        let dir = fs::canonicalize(&options.cache_dir)?;
+        if dir.to_str().is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cache directory {} is not valid UTF-8", dir.display()),
+            ));
+        }
+        let modules_dir = dir.join(MODULES_DIR);
+        create_private_dir(&modules_dir)?;
+        remove_stale_temp_files(&dir);
+        remove_stale_temp_files(&modules_dir);
+
+        let state = load_state(&dir, &modules_dir);
+        metrics.set_cache_entries(state.entry_count());
+        Ok(Store {
+            dir,
+            modules_dir,
+            module_expiry: options.module_expiry,
+            purge_interval: options.purge_interval,
+            next_purge: Mutex::new(Instant::now().checked_add(options.purge_interval)),
+            fetcher,
+            metrics,
+            state: Mutex::new(state),
+            index_lock: Mutex::new(()),
+            threads_spawned: AtomicU64::new(0),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn module_path(&self, sha: &str) -> PathBuf {
+        self.modules_dir.join(format!("{sha}.wasm"))
+    }
+
+    /// How many fetch threads `get_all` has started so far.
+    #[cfg(test)]
+    fn threads_spawned(&self) -> u64 {
+        self.threads_spawned.load(Ordering::Relaxed)
+    }
+
+    /// Answers one request from memory, disk or the network, as Istio's `Get` (`pkg/wasm/cache.go`) does,
+    /// with one download per module however many ask at once.
+    pub fn get(&self, req: &ModuleRequest) -> Result<Module, ModuleError> {
+        match self.lookup(req) {
+            Lookup::Hit(module) => Ok(module),
+            Lookup::Miss(pending) => self.finish(req, pending),
+        }
+    }
+
+    /// The in-memory part of [`Store::get`]: a hit is answered (touched, counted) at once; otherwise the
+    /// request joins or leads a flight, to be completed by [`Store::finish`]. Never blocks beyond the
+    /// state lock.
+    fn lookup<'a>(&'a self, req: &'a ModuleRequest) -> Lookup<'a> {
+        let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
+        let expected: Option<Cow<'a, str>> = match req.sha256.as_deref() {
+            None | Some("") | Some("nil") => None,
+            Some(s) if s.bytes().any(|b| b.is_ascii_uppercase()) => Some(Cow::Owned(s.to_ascii_lowercase())),
+            Some(s) => Some(Cow::Borrowed(s)),
+        };
+        let ignore_rv = ignore_resource_version(req.pull_policy, &req.url);
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let candidate = match expected {
+            Some(_) => None,
+            None => st.urls.lookup_url(req, ignore_rv),
+        };
+        let key = expected.as_deref().or(candidate.as_deref());
+        if let Some(entry) = key.and_then(|k| st.modules.get(k)) {
+            entry.touch();
+            let module = entry.module.clone();
+            st.urls.refresh_url(req, &module.sha256);
+            drop(guard);
+            self.metrics.record_lookup(true);
+            return Lookup::Hit(module);
+        }
+        let fkey = match &expected {
+            Some(e) => FlightKey::Sha(e.to_string()),
+            None => FlightKey::Url(req.url.clone()),
+        };
+        let (flight, leader) = flight::join(self, &mut st.flights, fkey);
+        Lookup::Miss(Pending { flight, leader, expected, candidate, deadline })
+    }
+
+    /// The rest of a [`Store::get`] that missed: lead the flight (reuse from disk or download) or follow it.
+    fn finish(&self, req: &ModuleRequest, pending: Pending<'_>) -> Result<Module, ModuleError> {
+        let Pending { flight, leader, expected, candidate, deadline } = pending;
+        match leader {
+            Some(mut guard) => {
+                let outcome = self.resolve(req, expected.as_deref(), candidate, deadline);
+                guard.publish(outcome.clone());
+                outcome.result
+            }
+            None => self.follow(&flight, req, deadline),
+        }
+    }
+
+    /// Waits for the leader of `flight`, bounded by this request's own deadline.
+    fn follow(&self, flight: &Flight, req: &ModuleRequest, deadline: Instant) -> Result<Module, ModuleError> {
+        let Some(outcome) = flight.wait(deadline) else {
+            self.metrics.record_lookup(false);
+            return Err(ModuleError {
+                counted_as: None,
+                message: format!("timed out after {:?} waiting for a concurrent fetch of the module", req.timeout),
+            });
+        };
+        self.metrics.record_lookup(!outcome.fetched);
+        if let Ok(module) = &outcome.result {
+            let mut st = self.state();
+            if let Some(entry) = st.modules.get(&*module.sha256) {
+                entry.touch();
+            }
+            st.urls.refresh_url(req, &module.sha256);
+        }
+        outcome.result
+    }
+
+    /// The leader's work: reuse a known module (verifying it first if needed), else download.
+    fn resolve(
+        &self,
+        req: &ModuleRequest,
+        expected: Option<&str>,
+        candidate: Option<Arc<str>>,
+        deadline: Instant,
+    ) -> Outcome {
+        let known = expected.filter(|s| is_sha256_hex(s)).or(candidate.as_deref());
+        if let Some(sha) = known {
+            if let Some(module) = self.load_existing(sha) {
+                self.state().urls.refresh_url(req, &module.sha256);
+                self.metrics.record_lookup(true);
+                return Outcome { result: Ok(module), fetched: false };
+            }
+        }
+        self.metrics.record_lookup(false);
+        Outcome { result: self.fetch_and_install(req, expected, deadline), fetched: true }
+    }
+
+    /// A module already in memory, or on disk and verified now. A file that fails verification is deleted.
+    fn load_existing(&self, sha: &str) -> Option<Module> {
+        {
+            let mut st = self.state();
+            if let Some(entry) = st.modules.get(sha) {
+                entry.touch();
+                return Some(entry.module.clone());
+            }
+            st.pending.remove(sha);
+        }
+        let path = self.module_path(sha);
+        match open_verified(&path, sha) {
+            Ok(file) => Some(self.insert_verified(sha, file)),
+            Err(Verify::Gone) => {
+                let mut st = self.state();
+                st.urls.forget_urls_of(sha);
+                self.metrics.set_cache_entries(st.entry_count());
+                None
+            }
+            Err(Verify::Mismatch(actual, file)) => {
+                log::warn!("module file {} is corrupt (its sha256 is {actual}); deleting it", path.display());
+                delete_module_file(&path, Some(file));
+                let mut st = self.state();
+                st.urls.forget_urls_of(sha);
+                self.metrics.set_cache_entries(st.entry_count());
+                None
+            }
+            Err(Verify::Io(e)) => {
+                log::warn!("cannot read module file {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    fn fetch_and_install(
+        &self,
+        req: &ModuleRequest,
+        expected: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Module, ModuleError> {
+        let fail = |counted_as: Option<FetchResult>, message: String| {
+            if let Some(result) = counted_as {
+                self.metrics.record_fetch(result);
+            }
+            Err(ModuleError { counted_as, message })
+        };
+        let downloaded = match self.fetcher.fetch(&req.url, deadline, &self.dir) {
+            Ok(d) => d,
+            Err(e) => return fail(e.counted_as(), e.message),
+        };
+        let actual = downloaded.sha256.to_ascii_lowercase();
+        if !is_sha256_hex(&actual) {
+            return fail(Some(FetchResult::DownloadFailure), format!("fetcher reported an invalid sha256 {actual:?}"));
+        }
+        match expected {
+            Some(want) => {
+                if want != actual {
+                    return fail(
+                        Some(FetchResult::ChecksumMismatched),
+                        format!("checksum mismatch: want {want}, got {actual}"),
+                    );
+                }
+            }
+            None => {
+                // As Istio's `Get` (`pkg/wasm/cache.go`): look up again with the downloaded checksum. A hit
+                // is served as it is and not counted as a remote fetch.
+                let mut st = self.state();
+                if let Some(entry) = st.modules.get(actual.as_str()) {
+                    entry.touch();
+                    let module = entry.module.clone();
+                    st.urls.refresh_url(req, &module.sha256);
+                    drop(st);
+                    self.metrics.record_lookup(true);
+                    return Ok(module);
+                }
+                drop(st);
+                self.metrics.record_lookup(false);
+            }
+        }
+        if !downloaded.is_wasm {
+            return fail(Some(FetchResult::FetchFailure), format!("fetched Wasm binary from {} is invalid", req.url));
+        }
+        let size = downloaded.len;
+        match self.install(downloaded.file, &actual) {
+            Ok(module) => {
+                log::info!("stored module {} ({size} bytes) from {}", module.sha256, req.url);
+                self.metrics.record_fetch(FetchResult::Success);
+                self.state().urls.refresh_url(req, &module.sha256);
+                if let Err(e) = self.write_index() {
+                    log::warn!("cannot write the module index in {}: {e}", self.dir.display());
+                }
+                Ok(module)
+            }
+            Err(e) => fail(Some(FetchResult::DownloadFailure), format!("cannot store the module: {e}")),
+        }
+    }
+
+    /// Puts a complete download in place (see [`persist_module`]) and serves it from now on.
+    fn install(&self, file: tempfile::NamedTempFile, sha: &str) -> io::Result<Module> {
+        let file = persist_module(file, &self.module_path(sha), sha)?;
+        Ok(self.insert_verified(sha, file))
+    }
+
+    fn insert_verified(&self, sha: &str, lock: File) -> Module {
+        let mut st = self.state();
+        if let Some(entry) = st.modules.get(sha) {
+            entry.touch();
+            return entry.module.clone();
+        }
+        let sha: Arc<str> = Arc::from(sha);
+        let path: Arc<str> = Arc::from(self.module_path(&sha).to_str().unwrap_or_default());
+        let module = Module { path, sha256: sha.clone() };
+        st.pending.remove(&sha);
+        st.modules.insert(sha, Arc::new(Entry { module: module.clone(), last_used: AtomicU64::new(now_ms()), lock }));
+        self.metrics.set_cache_entries(st.entry_count());
+        module
+    }
+
+    /// The latest converted state-of-the-world response references exactly these modules.
+    pub fn set_sotw_in_use(&self, modules: ModuleList) {
+        self.state().sotw_in_use = modules;
+    }
+
+    /// A converted delta response: `resources` were added or updated (with their module, if any), `removed`
+    /// are gone.
+    pub fn update_delta_in_use(&self, resources: Vec<(String, Option<Arc<str>>)>, removed: &[String]) {
+        let mut st = self.state();
+        for (name, module) in resources {
+            match module {
+                Some(sha) => {
+                    st.delta_in_use.insert(name, sha);
+                }
+                None => {
+                    st.delta_in_use.remove(&name);
+                }
+            }
+        }
+        for name in removed {
+            st.delta_in_use.remove(name);
+        }
+    }
+
+    /// Purges when `purge_interval` has passed since open or the last purge. Istio purges on a ticker
+    /// (`pkg/wasm/cache.go`); this library has no thread of its own, so every convert call asks. Returns
+    /// whether it purged.
+    pub fn purge_if_due(&self) -> bool {
+        let mut next = self.next_purge.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if next.is_none_or(|due| now < due) {
+            return false;
+        }
+        // Set before purging, so that concurrent callers do not purge too.
+        *next = now.checked_add(self.purge_interval);
+        drop(next);
+        if let Err(e) = self.purge() {
+            log::warn!("purging the module cache in {} failed: {e}", self.dir.display());
+        }
+        true
+    }
+
+    /// Deletes modules unused for longer than the expiry that the latest ECDS state does not reference.
+    /// Returns how many module files were deleted. A file another process holds stays on disk (this process
+    /// forgets it). Writes the index (with the current last-use times).
+    pub fn purge(&self) -> io::Result<usize> {
+        let now = now_ms();
+        let expiry = duration_ms(self.module_expiry);
+        let expired = |last: u64| now.saturating_sub(last) > expiry;
+        let mut victims: Vec<(Arc<str>, Option<File>)> = Vec::new();
+        {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let mut protected: HashSet<&str> = st.sotw_in_use.iter().map(|s| &**s).collect();
+            protected.extend(st.delta_in_use.values().map(|s| &**s));
+            let dead_modules: Vec<Arc<str>> = st
+                .modules
+                .iter()
+                .filter(|(sha, e)| expired(e.last_used.load(Ordering::Relaxed)) && !protected.contains(&***sha))
+                .map(|(sha, _)| sha.clone())
+                .collect();
+            let dead_pending: Vec<Arc<str>> = st
+                .pending
+                .iter()
+                .filter(|(sha, last)| expired(**last) && !protected.contains(&***sha))
+                .map(|(sha, _)| sha.clone())
+                .collect();
+            for sha in dead_modules {
+                if let Some(entry) = st.modules.remove(&sha) {
+                    // The last Arc is ours unless a caller is mid-hit; then the lock is released when it is done.
+                    let lock = Arc::try_unwrap(entry).ok().map(|e| e.lock);
+                    victims.push((sha, lock));
+                }
+            }
+            for sha in dead_pending {
+                st.pending.remove(&sha);
+                victims.push((sha, None));
+            }
+            for (sha, _) in &victims {
+                st.urls.forget_urls_of(sha);
+            }
+            self.metrics.set_cache_entries(st.entry_count());
+        }
+        let mut deleted = 0;
+        for (sha, lock) in victims {
+            if delete_module_file(&self.module_path(&sha), lock) {
+                deleted += 1;
+            }
+        }
+        self.write_index()?;
+        Ok(deleted)
+    }
+
+    /// Writes the index (see [`IndexFile::write`]); one writer at a time, the state locked only to copy it.
+    fn write_index(&self) -> io::Result<()> {
+        let _serial = self.index_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = IndexFile::of(&self.state());
+        index.write(&self.dir)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Persist the last-use times that hits updated only in memory.
+        if let Err(e) = self.write_index() {
+            log::warn!("cannot write the module index in {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// At most this many threads (the caller's included) resolve the misses of one `get_all` call.
+const MAX_FETCH_WORKERS: usize = 8;
+
+/// The misses of one group of identical requests: the first one's pending lookup, then the rest of the group.
+struct Job<'a> {
+    group: &'a [usize],
+    pending: Pending<'a>,
+}
+
+impl ModuleSource for Store {
+    /// Every request is first answered from the in-memory index on the caller's thread (hits cost no thread).
+    /// Identical modules (same sha256, or same URL without one) are answered in request order by one worker;
+    /// the misses of distinct modules are resolved concurrently: on the caller's thread when there is one,
+    /// else by up to [`MAX_FETCH_WORKERS`] workers (the caller and scoped threads that end before this
+    /// returns) each taking the next miss.
+    fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>> {
+        let mut results: Vec<Option<Result<Module, ModuleError>>> = vec![None; requests.len()];
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut jobs: Vec<Mutex<Option<Job<'_>>>> = Vec::new();
+        if requests.len() == 1 {
+            results[0] = Some(self.get(&requests[0]));
+        } else {
+            let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
+            for (i, req) in requests.iter().enumerate() {
+                let key = match req.sha256.as_deref() {
+                    None | Some("") | Some("nil") => (false, req.url.as_str()),
+                    Some(s) => (true, s),
+                };
+                let g = *by_key.entry(key).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push(i);
+            }
+            let groups = &groups;
+            for group in groups {
+                for (n, &i) in group.iter().enumerate() {
+                    match self.lookup(&requests[i]) {
+                        Lookup::Hit(module) => results[i] = Some(Ok(module)),
+                        Lookup::Miss(pending) => {
+                            jobs.push(Mutex::new(Some(Job { group: &group[n..], pending })));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let run = |job: Job<'_>| -> Vec<(usize, Result<Module, ModuleError>)> {
+            let Job { group, pending } = job;
+            let mut done = Vec::with_capacity(group.len());
+            done.push((group[0], self.finish(&requests[group[0]], pending)));
+            for &i in &group[1..] {
+                done.push((i, self.get(&requests[i])));
+            }
+            done
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || -> Vec<(usize, Result<Module, ModuleError>)> {
+            let mut done = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(slot) = jobs.get(n) else { break };
+                if let Some(job) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    done.extend(run(job));
+                }
+            }
+            done
+        };
+        match jobs.len() {
+            0 => {}
+            1 => {
+                for (i, r) in work() {
+                    results[i] = Some(r);
+                }
+            }
+            n => std::thread::scope(|scope| {
+                let mut handles = Vec::new();
+                for _ in 1..n.min(MAX_FETCH_WORKERS) {
+                    match std::thread::Builder::new().name("wasm-ecds-fetch".into()).spawn_scoped(scope, work) {
+                        Ok(h) => {
+                            self.threads_spawned.fetch_add(1, Ordering::Relaxed);
+                            handles.push(h);
+                        }
+                        Err(e) => {
+                            log::warn!("cannot start a fetch thread ({e}); fetching in the caller's thread");
+                            break;
+                        }
+                    }
+                }
+                for (i, r) in work() {
+                    results[i] = Some(r);
+                }
+                for h in handles {
+                    match h.join() {
+                        Ok(done) => {
+                            for (i, r) in done {
+                                results[i] = Some(r);
+                            }
+                        }
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+            }),
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(ModuleError { counted_as: None, message: "internal error: no result".into() }))
+            })
+            .collect()
+    }
+}
+
+/// What [`Store::lookup`] found.
+enum Lookup<'a> {
+    Hit(Module),
+    Miss(Pending<'a>),
+}
+
+/// A request that missed the in-memory index: the flight it leads (with the guard that completes it even if
+/// the work is never done) or follows.
+struct Pending<'a> {
+    flight: Arc<Flight>,
+    leader: Option<FlightGuard<'a>>,
+    expected: Option<Cow<'a, str>>,
+    candidate: Option<Arc<str>>,
+    deadline: Instant,
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn system_time_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(duration_ms).unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    system_time_ms(SystemTime::now())
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use files::sha256_hex;
+    use fixture::{fixture, fixture_with, lookups, req, req_sha, wasm};
+
+    #[test]
+    fn miss_then_hit_counts_and_content_addressed_path() {
+        let f = fixture();
+        let body = wasm("a");
+        f.fetcher.serve("http://x/a.wasm", &body);
+        let m = f.store().get(&req_sha("http://x/a.wasm", &sha256_hex(&body))).unwrap();
+        assert_eq!(&*m.sha256, sha256_hex(&body));
+        let canonical = fs::canonicalize(f.cache_dir()).unwrap();
+        assert_eq!(Path::new(&*m.path), canonical.join("modules").join(format!("{}.wasm", m.sha256)));
+        assert!(Path::new(&*m.path).is_absolute());
+        assert_eq!(fs::read(&*m.path).unwrap(), body);
+        assert_eq!(lookups(&f.metrics), (0, 1));
+        assert_eq!(f.metrics.fetches(FetchResult::Success), 1);
+        assert_eq!(f.metrics.cache_entries(), 1);
+
+        let again = f.store().get(&req_sha("http://x/a.wasm", &sha256_hex(&body))).unwrap();
+        assert_eq!(again, m);
+        assert_eq!(lookups(&f.metrics), (1, 1));
+        assert_eq!(f.fetcher.calls(), 1);
+        assert!(f.temp_files().is_empty());
+    }
+
+    #[test]
+    fn checksum_less_miss_counts_two_lookups() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        f.store().get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(lookups(&f.metrics), (0, 2));
+        f.store().get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(lookups(&f.metrics), (1, 2));
+        assert_eq!(f.fetcher.calls(), 1);
+    }
+
+    #[test]
+    fn sha_given_is_served_whatever_url_names_it() {
+        let f = fixture();
+        let body = wasm("a");
+        let sha = sha256_hex(&body);
+        f.fetcher.serve("http://x/a.wasm", &body);
+        let a = f.store().get(&req_sha("http://x/a.wasm", &sha)).unwrap();
+        let b = f.store().get(&req_sha("http://mirror/other.wasm", &sha)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(f.fetcher.calls(), 1);
+        // Upper-case checksums are the same module.
+        let c = f.store().get(&req_sha("http://y/z", &sha.to_ascii_uppercase())).unwrap();
+        assert_eq!(a, c);
+        assert_eq!(f.fetcher.calls(), 1);
+    }
+
+    #[test]
+    fn same_content_under_two_urls_is_one_file() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        f.fetcher.serve("http://y/a.wasm", &wasm("a"));
+        let a = f.store().get(&req("http://x/a.wasm")).unwrap();
+        let b = f.store().get(&req("http://y/a.wasm")).unwrap();
+        assert_eq!(a, b);
+        // The second URL downloaded, found the checksum in the store (second lookup hit): no success count.
+        assert_eq!(f.fetcher.calls(), 2);
+        assert_eq!(f.metrics.fetches(FetchResult::Success), 1);
+        assert_eq!(lookups(&f.metrics), (1, 3));
+        assert_eq!(f.metrics.cache_entries(), 1);
+    }
+
+    #[test]
+    fn checksum_mismatch_counts_and_leaves_nothing() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let want = sha256_hex(b"something else");
+        let err = f.store().get(&req_sha("http://x/a.wasm", &want)).unwrap_err();
+        assert_eq!(err.counted_as, Some(FetchResult::ChecksumMismatched));
+        assert_eq!(err.message, format!("checksum mismatch: want {want}, got {}", sha256_hex(&wasm("a"))));
+        assert_eq!(f.metrics.fetches(FetchResult::ChecksumMismatched), 1);
+        assert_eq!(f.metrics.fetches(FetchResult::Success), 0);
+        assert_eq!(f.metrics.cache_entries(), 0);
+        assert!(f.temp_files().is_empty());
+        assert_eq!(fs::read_dir(f.cache_dir().join(MODULES_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn malformed_checksum_never_reaches_a_path() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        for bad in ["../../etc/passwd", "abc", &"g".repeat(64)] {
+            let err = f.store().get(&req_sha("http://x/a.wasm", bad)).unwrap_err();
+            assert_eq!(err.counted_as, Some(FetchResult::ChecksumMismatched), "{bad}");
+        }
+        assert_eq!(f.fetcher.calls(), 3);
+    }
+
+    #[test]
+    fn invalid_wasm_counts_fetch_failure() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", b"<html>not wasm</html>");
+        let err = f.store().get(&req("http://x/a.wasm")).unwrap_err();
+        assert_eq!(err.counted_as, Some(FetchResult::FetchFailure));
+        assert_eq!(err.message, "fetched Wasm binary from http://x/a.wasm is invalid");
+        assert_eq!(f.metrics.fetches(FetchResult::FetchFailure), 1);
+        assert!(f.temp_files().is_empty());
+        assert_eq!(f.metrics.cache_entries(), 0);
+    }
+
+    #[test]
+    fn download_failure_is_counted_once() {
+        let f = fixture();
+        let err = f.store().get(&req("http://x/missing.wasm")).unwrap_err();
+        assert_eq!(err.counted_as, Some(FetchResult::DownloadFailure));
+        assert!(err.message.contains("404"));
+        assert_eq!(f.metrics.fetches(FetchResult::DownloadFailure), 1);
+        assert!(f.temp_files().is_empty());
+    }
+
+    #[test]
+    fn purge_deletes_expired_modules_except_those_in_use() {
+        let f = fixture_with(Duration::ZERO, Duration::from_secs(3600));
+        let mut mods = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            let url = format!("http://x/{name}.wasm");
+            f.fetcher.serve(&url, &wasm(name));
+            mods.push(f.store().get(&req(&url)).unwrap());
+        }
+        assert_eq!(f.metrics.cache_entries(), 4);
+        f.store().set_sotw_in_use(vec![mods[0].sha256.clone()].into());
+        f.store().update_delta_in_use(
+            vec![("r1".into(), Some(mods[1].sha256.clone())), ("r2".into(), Some(mods[2].sha256.clone()))],
+            &[],
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert!(!Path::new(&*mods[3].path).exists());
+        assert_eq!(f.metrics.cache_entries(), 3);
+
+        // r1 cleared by an update without module, r2 removed: only the SotW module stays protected.
+        f.store().update_delta_in_use(vec![("r1".into(), None)], &["r2".to_string()]);
+        assert_eq!(f.store().purge().unwrap(), 2);
+        assert!(Path::new(&*mods[0].path).exists());
+        assert!(!Path::new(&*mods[1].path).exists());
+        assert_eq!(f.metrics.cache_entries(), 1);
+
+        // Its URL-map entry went with it: the next request downloads again.
+        let calls = f.fetcher.calls();
+        f.store().get(&req("http://x/b.wasm")).unwrap();
+        assert_eq!(f.fetcher.calls(), calls + 1);
+
+        f.store().set_sotw_in_use(Vec::new().into());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 2);
+        assert_eq!(f.metrics.cache_entries(), 0);
+    }
+
+    #[test]
+    fn a_new_sotw_in_use_list_replaces_the_old_one() {
+        let f = fixture_with(Duration::ZERO, Duration::from_secs(3600));
+        let mut mods = Vec::new();
+        for name in ["a", "b"] {
+            let url = format!("http://x/{name}.wasm");
+            f.fetcher.serve(&url, &wasm(name));
+            mods.push(f.store().get(&req(&url)).unwrap());
+        }
+        let first: ModuleList = vec![mods[0].sha256.clone()].into();
+        f.store().set_sotw_in_use(first.clone());
+        f.store().set_sotw_in_use(vec![mods[1].sha256.clone()].into());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert!(!Path::new(&*mods[0].path).exists());
+        assert!(Path::new(&*mods[1].path).exists());
+        // The first list again: the second module is no longer in use.
+        f.store().set_sotw_in_use(first);
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert!(!Path::new(&*mods[1].path).exists());
+    }
+
+    #[test]
+    fn hit_path_does_not_touch_the_disk() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        // Nothing but this process's own purge deletes a file it serves (the shared lock keeps
+        // neighbours off), so a hit trusts memory: removing the file behind its back goes unnoticed.
+        fs::remove_file(&*m.path).unwrap();
+        assert_eq!(f.store().get(&req("http://x/a.wasm")).unwrap(), m);
+        assert_eq!(f.fetcher.calls(), 1);
+    }
+
+    #[test]
+    fn purge_keeps_fresh_modules() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        assert_eq!(f.store().purge().unwrap(), 0);
+        assert!(Path::new(&*m.path).exists());
+    }
+
+    #[test]
+    fn purge_if_due_respects_the_interval() {
+        let f = fixture_with(Duration::ZERO, Duration::from_millis(300));
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!f.store().purge_if_due());
+        assert!(Path::new(&*m.path).exists(), "purged before the interval passed");
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(f.store().purge_if_due());
+        assert!(!Path::new(&*m.path).exists(), "not purged after the interval");
+        // The next one is again an interval away.
+        let m = f.store().get(&req("http://x/a.wasm")).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!f.store().purge_if_due());
+        assert!(Path::new(&*m.path).exists());
+    }
+
+    #[test]
+    fn get_all_fetches_distinct_modules_concurrently() {
+        let f = fixture();
+        f.fetcher.set_delay(Duration::from_millis(200));
+        let mut requests = Vec::new();
+        for i in 0..8 {
+            let url = format!("http://x/{i}.wasm");
+            f.fetcher.serve(&url, &wasm(&i.to_string()));
+            requests.push(req(&url));
+        }
+        // Duplicates (same URL for another resource) are answered without another download.
+        requests.push(ModuleRequest { resource_name: "dup".into(), ..req("http://x/3.wasm") });
+        let results = f.store().get_all(&requests);
+        assert_eq!(results.len(), 9);
+        for (i, r) in results.iter().enumerate().take(8) {
+            assert_eq!(&*r.as_ref().unwrap().sha256, sha256_hex(&wasm(&i.to_string())));
+        }
+        assert_eq!(results[8], results[3]);
+        assert_eq!(f.fetcher.calls(), 8);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
+        assert_eq!(f.metrics.cache_entries(), 8);
+        assert!(f.store().get_all(&[]).is_empty());
+    }
+
+    #[test]
+    fn get_all_answers_hits_without_threads_and_caps_the_workers() {
+        let f = fixture();
+        let mut requests = Vec::new();
+        for i in 0..20 {
+            let url = format!("http://x/{i}.wasm");
+            f.fetcher.serve(&url, &wasm(&i.to_string()));
+            requests.push(req(&url));
+        }
+        // cold: 20 distinct misses, at most 8 workers (7 threads besides the caller)
+        f.fetcher.set_delay(Duration::from_millis(50));
+        let results = f.store().get_all(&requests);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 20);
+        assert_eq!(f.store().threads_spawned(), 7);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) <= 8);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
+        // all hits: answered on the caller's thread, counted as hits, no thread started
+        let before = lookups(&f.metrics);
+        let again = f.store().get_all(&requests);
+        assert_eq!(again, results);
+        assert_eq!(f.store().threads_spawned(), 7);
+        assert_eq!(lookups(&f.metrics), (before.0 + 20, before.1));
+        // one miss among hits: resolved inline, still no thread
+        let url = "http://x/new.wasm";
+        f.fetcher.serve(url, &wasm("new"));
+        requests.push(req(url));
+        let results = f.store().get_all(&requests);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 21);
+        assert_eq!(f.store().threads_spawned(), 7);
+        // two misses: one thread besides the caller
+        for name in ["a", "b"] {
+            let url = format!("http://x/{name}.wasm");
+            f.fetcher.serve(&url, &wasm(name));
+            requests.push(req(&url));
+        }
+        assert!(f.store().get_all(&requests).iter().all(Result::is_ok));
+        assert_eq!(f.fetcher.calls(), 23);
+        assert_eq!(f.store().threads_spawned(), 8);
+    }
+
+    #[test]
+    fn poisoned_lock_does_not_break_the_store() {
+        let f = fixture();
+        f.fetcher.serve("http://x/a.wasm", &wasm("a"));
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _g = f.store().state.lock().unwrap();
+                panic!("poison");
+            })
+            .join()
+        });
+        assert!(f.store().state.is_poisoned());
+        f.store().get(&req("http://x/a.wasm")).unwrap();
+        f.store().purge().unwrap();
+    }
+}
