@@ -90,13 +90,8 @@ impl Metrics {
     }
 
     pub fn record_lookup(&self, hit: bool) {
-        self.record_lookups(hit, 1);
-    }
-
-    /// `n` lookups with the same outcome at once (a repeated push).
-    pub fn record_lookups(&self, hit: bool, n: u64) {
         let counter = if hit { &self.lookup_hit } else { &self.lookup_miss };
-        counter.fetch_add(n, Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn set_cache_entries(&self, entries: usize) {
@@ -108,14 +103,7 @@ impl Metrics {
     }
 
     pub fn record_conversion(&self, result: ConversionResult) {
-        self.record_conversions(result, 1);
-    }
-
-    /// `n` resources with the same result at once (a repeated push).
-    pub fn record_conversions(&self, result: ConversionResult, n: u64) {
-        if n > 0 {
-            self.conversion[result as usize].fetch_add(n, Ordering::Relaxed);
-        }
+        self.conversion[result as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// One observation per convert call, in milliseconds.

@@ -73,35 +73,7 @@ impl<'a> Fields<'a> {
         Fields { buf, pos: 0, failed: false }
     }
 
-    /// The common case, inline: a one-byte key of a length-delimited field whose length takes one or two
-    /// bytes and fits. `None` leaves everything else (and every error) to [`Fields::read_field_slow`].
-    #[inline(always)]
-    fn read_len_field(&mut self) -> Option<Field<'a>> {
-        let start = self.pos;
-        let &[key, l0, ref rest @ ..] = self.buf.get(start..)? else { return None };
-        if key >= 0x80 || key & 7 != 2 || key < 8 {
-            return None;
-        }
-        let (len, header) = match (l0, rest.first()) {
-            (0..0x80, _) => (usize::from(l0), 2),
-            (_, Some(&l1)) if l1 < 0x80 => (usize::from(l0 & 0x7f) | usize::from(l1) << 7, 3),
-            _ => return None,
-        };
-        let end = start + header + len;
-        if end > self.buf.len() {
-            return None;
-        }
-        self.pos = end;
-        Some(Field {
-            number: u32::from(key >> 3),
-            wire_type: WireType::LengthDelimited,
-            payload: &self.buf[start + header..end],
-            raw: &self.buf[start..end],
-        })
-    }
-
-    #[inline(never)]
-    fn read_field_slow(&mut self) -> Result<Field<'a>, WireError> {
+    fn read_field(&mut self) -> Result<Field<'a>, WireError> {
         let start = self.pos;
         let (number, wire_type) = self.read_key()?;
         let payload = self.read_value(number, wire_type)?;
@@ -123,18 +95,6 @@ impl<'a> Fields<'a> {
     }
 
     fn read_varint(&mut self) -> Result<u64, WireError> {
-        // One- and two-byte varints (keys, most lengths) without the generic decoder.
-        match self.buf.get(self.pos..) {
-            Some([b0, ..]) if *b0 < 0x80 => {
-                self.pos += 1;
-                return Ok(u64::from(*b0));
-            }
-            Some([b0, b1, ..]) if *b1 < 0x80 => {
-                self.pos += 2;
-                return Ok(u64::from(*b0 & 0x7f) | u64::from(*b1) << 7);
-            }
-            _ => {}
-        }
         let mut rest = &self.buf[self.pos..];
         let before = rest.remaining();
         let v = decode_varint(&mut rest).map_err(|e| WireError(e.to_string()))?;
@@ -203,16 +163,11 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<Field<'a>, WireError>;
 
-    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
         }
-        // Returned straight from the fast path: the field is written once, into the caller's slot.
-        if let Some(field) = self.read_len_field() {
-            return Some(Ok(field));
-        }
-        let result = self.read_field_slow();
+        let result = self.read_field();
         self.failed = result.is_err();
         Some(result)
     }
