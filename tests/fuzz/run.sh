@@ -23,15 +23,15 @@ fuzz_target_dir="$here/target"
 # block every address but 127.0.0.0/8; only a DNS query for a fuzzed host name could leave the machine).
 isolated() {
   local up='ip link set lo up && exec "$@"'
-  if unshare -n true 2>/dev/null; then
+  if unshare -n ip link set lo up 2>/dev/null; then
     unshare -n bash -c "$up" bash "$@"
-  elif unshare -rn true 2>/dev/null; then
+  elif unshare -rn ip link set lo up 2>/dev/null; then
     unshare -rn bash -c "$up" bash "$@"
   elif [[ "${FUZZ_ALLOW_NO_NETNS:-}" == 1 ]]; then
-    echo "note: no network namespace available (unshare failed); running without one" >&2
+    echo "note: no network namespace available (unshare, or ip from iproute2, failed); running without one" >&2
     "$@"
   else
-    echo "error: cannot create a network namespace (unshare -n / unshare -rn failed);" \
+    echo "error: cannot create a network namespace with loopback up (unshare -n / unshare -rn, ip from iproute2);" \
       "set FUZZ_ALLOW_NO_NETNS=1 to run without one" >&2
     return 1
   fi
