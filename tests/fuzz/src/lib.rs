@@ -390,13 +390,12 @@ pub fn options(data: &[u8]) {
             let defaults = trimmed.is_empty() || trimmed == "null";
             let object = |text| matches!(serde_json::from_str(text), Ok(serde_json::Value::Object(_)));
             if !defaults && !object(trimmed) {
-                // Open finding `findings/options/trailing-data`: text after the object is ignored.
+                // Open findings `findings/options/trailing-data` (text after the first JSON value is ignored)
+                // and `array-positional` (an array of 14 elements is taken as the 14 options, by position).
                 let mut values = serde_json::Deserializer::from_str(trimmed).into_iter::<serde_json::Value>();
-                let object_then_more = matches!(values.next(), Some(Ok(serde_json::Value::Object(_))));
-                assert!(
-                    object_then_more && tolerate_open_findings(),
-                    "accepted options that are not a JSON object: {json:?}"
-                );
+                let known =
+                    matches!(values.next(), Some(Ok(serde_json::Value::Object(_) | serde_json::Value::Array(_))));
+                assert!(known && tolerate_open_findings(), "accepted options that are not a JSON object: {json:?}");
             }
             assert!(!o.cache_dir.as_os_str().is_empty());
             assert!(o.max_attempts > 0 && o.max_module_bytes > 0 && !o.http_request_timeout.is_zero());
@@ -438,7 +437,7 @@ pub fn unbox_outcome(data: &[u8]) -> Outcome {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let state = &mut *state;
-    if state.inputs % UNBOX_CACHE_USES == 0 {
+    if state.inputs.is_multiple_of(UNBOX_CACHE_USES) {
         state.cache = None; // deletes the old directory first
         let dir = tempfile::Builder::new().prefix("wasm-ecds-fuzz-unbox-").tempdir().expect("temp dir");
         let cache =
