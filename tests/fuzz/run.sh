@@ -64,17 +64,17 @@ fuzz_one() {
     >"$here/logs/$t.log" 2>&1
 }
 
-# A line per target: executions, final cov/ft, corpus size, artifacts.
+# A line per target: executions, final cov/ft, corpus (units/bytes, as libFuzzer counts it), artifacts.
 summary() {
   local t log last execs corpus found
-  printf '%-14s %12s %10s %10s %8s %s\n' target executions cov ft corpus findings
+  printf '%-14s %12s %10s %10s %12s %s\n' target executions cov ft corpus findings
   for t in "$@"; do
     log="$here/logs/$t.log"
     last="$(grep -E '^#[0-9]+' "$log" | tail -n 1 || true)"
     execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)"
-    corpus="$(find "$here/work/$t" -type f | wc -l)"
-    found="$(find "$here/artifacts/$t" -type f | wc -l)"
-    printf '%-14s %12s %10s %10s %8s %s\n' "$t" "${execs:-?}" \
+    corpus="$(sed -n 's/.* corp: \([^ ]*\).*/\1/p' <<<"$last")"
+    found="$(find "$here/artifacts/$t" -type f 2>/dev/null | wc -l)"
+    printf '%-14s %12s %10s %10s %12s %s\n' "$t" "${execs:-?}" \
       "$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")" "$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")" \
       "$corpus" "$found"
   done
