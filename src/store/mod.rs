@@ -268,7 +268,11 @@ impl Store {
         let path = self.module_path(sha);
         match open_verified(&path, sha) {
             Ok(file) => Some(self.insert_verified(sha, file)),
-            Err(Verify::Gone) => {
+            Err(e @ (Verify::Gone | Verify::NotRegular(_))) => {
+                if let Verify::NotRegular(what) = e {
+                    // Not a module: fetched again, and the download replaces it (see `persist_module`).
+                    log::warn!("module file {} is {what}, not a regular file", path.display());
+                }
                 let mut st = self.state();
                 st.urls.forget_urls_of(sha);
                 self.metrics.set_cache_entries(st.entry_count());
