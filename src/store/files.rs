@@ -13,16 +13,34 @@ use tempfile::NamedTempFile;
 /// Prefix of every temp file the library writes.
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
-/// Creates a temp file in `dir` named `.tmp-<pid>-<random>`: the pid lets a later process tell a crashed
-/// writer's leftovers (pid gone) from a live neighbour's download in a shared cache directory.
+/// Creates a temp file in `dir` named `.tmp-<pid>-<random>`, holding a shared `flock` on it from right after
+/// its creation for as long as it is open (until it is persisted and dropped, or dropped). That lock is what
+/// tells a live writer's file from a crash leftover ([`remove_stale_temp_files`]); the pid is in the name only
+/// for people reading the directory: a neighbour in another PID namespace (another container sharing the
+/// directory) has pids this process cannot see. Shared rather than exclusive, because a module file keeps a
+/// shared lock once it is in place ([`persist_module`]) and flock(2) converts a lock from one kind to the
+/// other non-atomically; an exclusive `try_lock` by a clean-up fails against either.
 ///
 /// A directory this process may not write to (a cache seeded into a read-only container image) fails with
 /// an error that says so: the modules already there are still served, only nothing new can be stored.
 pub(crate) fn new_temp_file(dir: &Path) -> io::Result<NamedTempFile> {
-    tempfile::Builder::new()
-        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
-        .tempfile_in(dir)
-        .map_err(read_only_error)
+    for _ in 0..3 {
+        let file = tempfile::Builder::new()
+            .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+            .tempfile_in(dir)
+            .map_err(read_only_error)?;
+        match file.as_file().try_lock_shared() {
+            Ok(()) => {}
+            // A neighbour's start-up clean-up took the file in the instant before the lock, to delete it.
+            Err(fs::TryLockError::WouldBlock) => continue,
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        // Or it took and deleted it already: then the name is gone or another file's.
+        if same_file(file.as_file(), file.path()) {
+            return Ok(file);
+        }
+    }
+    Err(io::Error::other(format!("temp files in {} kept disappearing as they were created", dir.display())))
 }
 
 /// Names the cause of an error that creating a file in the cache directory ended with, when it is that the
@@ -49,23 +67,32 @@ pub(super) fn create_private_dir(dir: &Path) -> io::Result<()> {
     builder.create(dir)
 }
 
-/// Removes `.tmp-<pid>-…` files whose writer process is gone. Without `/proc` nothing is removed.
+/// Removes the `.tmp-…` files in `dir` that no writer holds: a writer holds a lock on its temp file for as
+/// long as it lives ([`new_temp_file`]), so a file this process can lock exclusively is a crash leftover,
+/// whatever pid its name carries. Anything that is not a regular file is left alone.
 pub(super) fn remove_stale_temp_files(dir: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if Path::new("/proc").join(pid.to_string()).exists() {
+        if !entry.file_name().to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
             continue;
         }
-        match fs::remove_file(entry.path()) {
-            Ok(()) => log::info!("removed {} left by a crashed process", entry.path().display()),
+        let path = entry.path();
+        let Ok(Opened::File(file)) = open_regular(&path) else { continue };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => continue, // its writer is alive
+            Err(fs::TryLockError::Error(e)) => {
+                log::warn!("cannot lock {} to tell whether its writer is alive: {e}", path.display());
+                continue;
+            }
+        }
+        if !same_file(&file, &path) {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => log::info!("removed {}, left by a process that ended without finishing it", path.display()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!("cannot remove stale temp file {}: {e}", entry.path().display()),
+            Err(e) => log::warn!("cannot remove stale temp file {}: {e}", path.display()),
         }
     }
 }
@@ -220,7 +247,8 @@ pub(super) fn open_verified(path: &Path, sha: &str) -> Result<File, Verify> {
 /// existing file that is intact), fsync the directory. Returns the module file, holding a shared lock.
 pub(super) fn persist_module(file: NamedTempFile, path: &Path, sha: &str) -> io::Result<File> {
     file.as_file().sync_all()?;
-    // Lock the inode before it becomes visible, so no neighbour's purge can take it in between.
+    // The inode must be locked before it becomes visible, so that no neighbour's purge can take it in
+    // between: [`new_temp_file`] locked it already (this is then a no-op), any other temp file is locked now.
     match file.as_file().try_lock_shared() {
         Ok(()) | Err(fs::TryLockError::WouldBlock) => {}
         Err(fs::TryLockError::Error(e)) => return Err(e),
@@ -366,17 +394,25 @@ mod tests {
     #[test]
     fn dead_writers_temp_files_are_removed_live_ones_kept() {
         let f = fixture();
-        // A pid above the kernel's maximum (4194304) cannot be alive.
+        // Nobody holds it (a pid above the kernel's maximum, 4194304, cannot be alive anyway).
         let dead = f.cache_dir().join(format!("{TEMP_PREFIX}4194305-abc"));
-        let live = f.cache_dir().join(format!("{TEMP_PREFIX}{}-def", std::process::id()));
+        // A live writer's temp file: locked for as long as it is open.
+        let writing = new_temp_file(&f.cache_dir()).unwrap();
+        let live = writing.path().to_path_buf();
+        // The pid decides nothing: this process is alive, but nobody holds this file.
+        let unheld = f.cache_dir().join(format!("{TEMP_PREFIX}{}-def", std::process::id()));
         let other = f.cache_dir().join("unrelated");
-        for p in [&dead, &live, &other] {
+        for p in [&dead, &unheld, &other] {
             fs::write(p, b"partial").unwrap();
         }
         let (_store, _, _) = f.reopen();
         assert!(!dead.exists());
         assert!(live.exists());
+        assert!(!unheld.exists());
         assert!(other.exists());
+        // Until it is dropped (or persisted).
+        drop(writing);
+        assert!(!live.exists());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! * `modules/<sha256>.wasm` — one file per module; the name derives only from the module's hex digest.
 //! * `index.json` — what a later process needs to reuse the modules ([`index`]).
-//! * `.tmp-<pid>-<random>` — downloads and index writes in progress; renamed into place when complete.
+//! * `.tmp-<pid>-<random>` — downloads and index writes in progress, each locked by its writer while it lives
+//!   (so that a start-up clean-up removes only crash leftovers); renamed into place when complete.
 //!
 //! Multi-process safety: files only ever appear under their final name by an atomic rename of a complete,
 //! synced file. A process holds a shared `flock` on every module file it serves from memory (so its
