@@ -173,7 +173,6 @@ impl Store {
     /// request joins or leads a flight, to be completed by [`Store::finish`]. Never blocks beyond the
     /// state lock.
     fn lookup<'a>(&'a self, req: &'a ModuleRequest) -> Lookup<'a> {
-        let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
         let expected: Option<Cow<'a, str>> = match req.sha256.as_deref() {
             None | Some("") | Some("nil") => None,
             Some(s) if s.bytes().any(|b| b.is_ascii_uppercase()) => Some(Cow::Owned(s.to_ascii_lowercase())),
@@ -200,12 +199,14 @@ impl Store {
             None => FlightKey::Url(req.url.clone()),
         };
         let (flight, leader) = flight::join(self, &mut st.flights, fkey);
-        Lookup::Miss(Pending { flight, leader, expected, candidate, deadline })
+        Lookup::Miss(Pending { flight, leader, expected, candidate })
     }
 
     /// The rest of a [`Store::get`] that missed: lead the flight (reuse from disk or download) or follow it.
+    /// The request's deadline (`timeout`) starts now, when this work starts, not when it was looked up.
     fn finish(&self, req: &ModuleRequest, pending: Pending<'_>) -> Result<Module, ModuleError> {
-        let Pending { flight, leader, expected, candidate, deadline } = pending;
+        let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
+        let Pending { flight, leader, expected, candidate } = pending;
         match leader {
             Some(mut guard) => {
                 let outcome = self.resolve(req, expected.as_deref(), candidate, deadline);
@@ -488,8 +489,9 @@ impl Drop for Store {
     }
 }
 
-/// At most this many threads (the caller's included) resolve the misses of one `get_all` call.
-const MAX_FETCH_WORKERS: usize = 8;
+/// At most this many threads (the caller's included) fetch the misses of one `get_all` call: more distinct
+/// modules than a response has in practice, and a bound on the threads a hostile response can start.
+const MAX_FETCH_THREADS: usize = 256;
 
 /// The misses of one group of identical requests: the first one's pending lookup, then the rest of the group.
 struct Job<'a> {
@@ -499,98 +501,82 @@ struct Job<'a> {
 
 impl ModuleSource for Store {
     /// Every request is first answered from the in-memory index on the caller's thread (hits cost no thread).
-    /// Identical modules (same sha256, or same URL without one) are answered in request order by one worker;
-    /// the misses of distinct modules are resolved concurrently: on the caller's thread when there is one,
-    /// else by up to [`MAX_FETCH_WORKERS`] workers (the caller and scoped threads that end before this
-    /// returns) each taking the next miss.
+    /// Identical modules (same sha256, or same URL without one) are answered in request order by one thread.
+    /// Every distinct module that misses is fetched at once, as Istio starts one goroutine per resource
+    /// (`pkg/wasm/convert.go`), so that no module waits behind a stalled one and each deadline starts when
+    /// its own fetch starts: one thread per miss, the caller's thread taking one and scoped threads (all ended
+    /// before this returns) the others, up to [`MAX_FETCH_THREADS`]; misses past that are fetched by those
+    /// threads as they free up.
     fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>> {
-        let mut results: Vec<Option<Result<Module, ModuleError>>> = vec![None; requests.len()];
         let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut jobs: Vec<Mutex<Option<Job<'_>>>> = Vec::new();
-        if requests.len() == 1 {
-            results[0] = Some(self.get(&requests[0]));
-        } else {
-            let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
-            for (i, req) in requests.iter().enumerate() {
-                let key = match req.sha256.as_deref() {
-                    None | Some("") | Some("nil") => (false, req.url.as_str()),
-                    Some(s) => (true, s),
-                };
-                let g = *by_key.entry(key).or_insert_with(|| {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                });
-                groups[g].push(i);
-            }
-            let groups = &groups;
-            for group in groups {
-                for (n, &i) in group.iter().enumerate() {
-                    match self.lookup(&requests[i]) {
-                        Lookup::Hit(module) => results[i] = Some(Ok(module)),
-                        Lookup::Miss(pending) => {
-                            jobs.push(Mutex::new(Some(Job { group: &group[n..], pending })));
-                            break;
-                        }
+        let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
+        for (i, req) in requests.iter().enumerate() {
+            let key = match req.sha256.as_deref() {
+                None | Some("") | Some("nil") => (false, req.url.as_str()),
+                Some(s) => (true, s),
+            };
+            let g = *by_key.entry(key).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(i);
+        }
+        let mut results: Vec<Option<Result<Module, ModuleError>>> = vec![None; requests.len()];
+        let mut jobs = Vec::new();
+        for group in &groups {
+            for (n, &i) in group.iter().enumerate() {
+                match self.lookup(&requests[i]) {
+                    Lookup::Hit(module) => results[i] = Some(Ok(module)),
+                    Lookup::Miss(pending) => {
+                        jobs.push(Job { group: &group[n..], pending });
+                        break;
                     }
                 }
             }
         }
-        let run = |job: Job<'_>| -> Vec<(usize, Result<Module, ModuleError>)> {
-            let Job { group, pending } = job;
-            let mut done = Vec::with_capacity(group.len());
-            done.push((group[0], self.finish(&requests[group[0]], pending)));
-            for &i in &group[1..] {
-                done.push((i, self.get(&requests[i])));
-            }
-            done
-        };
-        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = jobs.len().min(MAX_FETCH_THREADS);
+        let queue = Mutex::new(jobs.into_iter());
         let work = || -> Vec<(usize, Result<Module, ModuleError>)> {
             let mut done = Vec::new();
             loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                let Some(slot) = jobs.get(n) else { break };
-                if let Some(job) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                    done.extend(run(job));
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                let Some(Job { group, pending }) = next else { break };
+                done.push((group[0], self.finish(&requests[group[0]], pending)));
+                for &i in &group[1..] {
+                    done.push((i, self.get(&requests[i])));
                 }
             }
             done
         };
-        match jobs.len() {
-            0 => {}
-            1 => {
-                for (i, r) in work() {
-                    results[i] = Some(r);
-                }
-            }
-            n => std::thread::scope(|scope| {
-                let mut handles = Vec::new();
-                for _ in 1..n.min(MAX_FETCH_WORKERS) {
+        let done = if threads <= 1 {
+            work()
+        } else {
+            std::thread::scope(|scope| {
+                let mut handles = Vec::with_capacity(threads - 1);
+                for _ in 1..threads {
                     match std::thread::Builder::new().name("wasm-ecds-fetch".into()).spawn_scoped(scope, work) {
                         Ok(h) => {
                             self.threads_spawned.fetch_add(1, Ordering::Relaxed);
                             handles.push(h);
                         }
                         Err(e) => {
-                            log::warn!("cannot start a fetch thread ({e}); fetching in the caller's thread");
+                            log::warn!("cannot start a fetch thread ({e}); the running ones fetch the rest");
                             break;
                         }
                     }
                 }
-                for (i, r) in work() {
-                    results[i] = Some(r);
-                }
+                let mut done = work();
                 for h in handles {
                     match h.join() {
-                        Ok(done) => {
-                            for (i, r) in done {
-                                results[i] = Some(r);
-                            }
-                        }
+                        Ok(theirs) => done.extend(theirs),
                         Err(panic) => std::panic::resume_unwind(panic),
                     }
                 }
-            }),
+                done
+            })
+        };
+        for (i, r) in done {
+            results[i] = Some(r);
         }
         results
             .into_iter()
@@ -614,7 +600,6 @@ struct Pending<'a> {
     leader: Option<FlightGuard<'a>>,
     expected: Option<Cow<'a, str>>,
     candidate: Option<Arc<str>>,
-    deadline: Instant,
 }
 
 fn duration_ms(d: Duration) -> u64 {
@@ -878,7 +863,7 @@ mod tests {
     }
 
     #[test]
-    fn get_all_answers_hits_without_threads_and_caps_the_workers() {
+    fn get_all_answers_hits_without_threads_and_fetches_every_miss_at_once() {
         let f = fixture();
         let mut requests = Vec::new();
         for i in 0..20 {
@@ -886,19 +871,19 @@ mod tests {
             f.fetcher.serve(&url, &wasm(&i.to_string()));
             requests.push(req(&url));
         }
-        // cold: 20 distinct misses, at most 8 workers (7 threads besides the caller)
+        // cold: 20 distinct misses, one thread each (19 besides the caller)
         f.fetcher.set_delay(Duration::from_millis(50));
         let results = f.store().get_all(&requests);
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(f.fetcher.calls(), 20);
-        assert_eq!(f.store().threads_spawned(), 7);
-        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) <= 8);
+        assert_eq!(f.store().threads_spawned(), 19);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) <= 20);
         assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
         // all hits: answered on the caller's thread, counted as hits, no thread started
         let before = lookups(&f.metrics);
         let again = f.store().get_all(&requests);
         assert_eq!(again, results);
-        assert_eq!(f.store().threads_spawned(), 7);
+        assert_eq!(f.store().threads_spawned(), 19);
         assert_eq!(lookups(&f.metrics), (before.0 + 20, before.1));
         // one miss among hits: resolved inline, still no thread
         let url = "http://x/new.wasm";
@@ -907,7 +892,7 @@ mod tests {
         let results = f.store().get_all(&requests);
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(f.fetcher.calls(), 21);
-        assert_eq!(f.store().threads_spawned(), 7);
+        assert_eq!(f.store().threads_spawned(), 19);
         // two misses: one thread besides the caller
         for name in ["a", "b"] {
             let url = format!("http://x/{name}.wasm");
@@ -916,7 +901,26 @@ mod tests {
         }
         assert!(f.store().get_all(&requests).iter().all(Result::is_ok));
         assert_eq!(f.fetcher.calls(), 23);
-        assert_eq!(f.store().threads_spawned(), 8);
+        assert_eq!(f.store().threads_spawned(), 20);
+    }
+
+    #[test]
+    fn get_all_caps_its_threads_and_starts_each_deadline_with_its_fetch() {
+        let f = fixture();
+        let timeout = Duration::from_secs(1);
+        // Not served (404): nothing is stored, so the test costs no fsyncs.
+        let requests: Vec<ModuleRequest> = (0..MAX_FETCH_THREADS + 44)
+            .map(|i| ModuleRequest { timeout, ..req(&format!("http://x/{i}.wasm")) })
+            .collect();
+        // 300 misses of 20 ms each: the 44 past the cap wait one round for a thread. With a deadline started
+        // at lookup, or 8 workers (38 rounds, 760 ms), the last fetches would start with little time left.
+        f.fetcher.set_delay(Duration::from_millis(20));
+        let results = f.store().get_all(&requests);
+        assert!(results.iter().all(|r| r.as_ref().unwrap_err().message.contains("404")));
+        assert_eq!(f.fetcher.calls(), 300);
+        assert_eq!(f.store().threads_spawned(), MAX_FETCH_THREADS as u64 - 1);
+        let left = f.fetcher.min_time_left.lock().unwrap().unwrap();
+        assert!(left > timeout * 9 / 10, "a fetch started with only {left:?} of its {timeout:?}");
     }
 
     #[test]
