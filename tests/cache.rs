@@ -703,3 +703,48 @@ fn stalled_modules_do_not_starve_a_healthy_one() {
     // One round of 2 s deadlines; a second round (modules queued behind stalled ones) would take 4 s or more.
     assert!(took < Duration::from_secs(4), "took {took:?}");
 }
+
+/// A conversion hits module A, then waits seconds for module B; a purge meanwhile finds A expired and not in
+/// the previous in-use set. A was chosen by the running conversion, so the purge must leave it: the
+/// response that comes back names A's file, which must exist.
+#[test]
+fn a_purge_during_a_conversion_spares_the_modules_it_chose() {
+    let server = TestServer::http();
+    let (a, b) = (wasm_module(1), wasm_module(2));
+    server.route("/a.wasm", Route::bytes(a.clone()));
+    server.route("/b.wasm", Route::bytes(b.clone()).delay(Duration::from_millis(2500)));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(open(dir.path(), serde_json::json!({"module_expiry_secs": 1})));
+    let a_path = convert_one(&cache, &server.url("/a.wasm"), &sha256_hex(&a)).unwrap();
+    cache.convert(&response(&[])).unwrap(); // A is no longer in use
+    let input = response(&[
+        wasm_extension("a", &remote_wasm(&server.url("/a.wasm"), &sha256_hex(&a))),
+        wasm_extension("b", &remote_wasm(&server.url("/b.wasm"), &sha256_hex(&b))),
+    ]);
+    let converting = cache.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let purging = {
+        let (cache, done) = (cache.clone(), done.clone());
+        // Purges until the conversion returns: A's use at the start of the conversion expires after 1 s,
+        // while the conversion still waits for B.
+        std::thread::spawn(move || {
+            let mut purged = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                purged += cache.purge().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            purged
+        })
+    };
+    let out = within(Duration::from_secs(30), "convert", move || converting.convert(&input));
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let purged = purging.join().unwrap();
+    let out = out.unwrap_or_else(|r| panic!("rejected: {}", r.reason));
+    let files: Vec<PathBuf> = wasms(&out).iter().map(|w| PathBuf::from(w.local_filename().unwrap())).collect();
+    assert_eq!(files[0], a_path);
+    assert!(a_path.exists(), "the response names {a_path:?}, which a purge deleted ({purged} purged)");
+    assert_eq!(std::fs::read(&files[1]).unwrap(), b);
+    // Once the conversion has recorded its in-use set, A is protected by that set instead.
+    assert_eq!(cache.purge().unwrap(), 0);
+    assert!(a_path.exists());
+}
