@@ -12,7 +12,11 @@
 //! Multi-process safety: files only ever appear under their final name by an atomic rename of a complete,
 //! synced file. A process holds a shared `flock` on every module file it serves from memory (so its
 //! stat-free hit path can trust the file is there); a purge deletes a file only while holding an exclusive
-//! lock on it, which it cannot get while any other process holds a shared one ([`files`]).
+//! lock on it, which it cannot get while any other process holds a shared one ([`files`]). Every file of the
+//! directory is opened without following a symlink or blocking on a FIFO, and must be a regular file; what is
+//! not is replaced by the download ([`files::open_regular`]).
+//!
+//! Within a process, a purge also spares the modules a conversion in progress was answered with ([`Pins`]).
 
 pub(crate) mod files;
 #[cfg(test)]
@@ -494,8 +498,9 @@ impl Store {
     }
 
     /// Deletes modules unused for longer than the expiry that neither the latest ECDS state references nor a
-    /// conversion in progress was answered with ([`Pins`]). Returns how many module files were deleted. A file another process holds stays on disk (this process
-    /// forgets it). Writes the index (with the current last-use times).
+    /// conversion in progress was answered with ([`Pins`]). Returns how many module files were deleted. A
+    /// file another process holds stays on disk (this process forgets it). Writes the index (with the current
+    /// last-use times).
     pub fn purge(&self) -> io::Result<usize> {
         let now = now_ms();
         let expiry = duration_ms(self.module_expiry);
@@ -575,12 +580,12 @@ struct Job<'a> {
 impl Store {
     /// Answers every request of one conversion, pinning each module for `pins`; result `i` answers request
     /// `i`. Every request is first answered from the in-memory index on the caller's thread (hits cost no
-    /// thread). Identical modules (same sha256, or same URL without one) are answered in request order by one thread.
-    /// Every distinct module that misses is fetched at once, as Istio starts one goroutine per resource
-    /// (`pkg/wasm/convert.go`), so that no module waits behind a stalled one and each deadline starts when
-    /// its own fetch starts: one thread per miss, the caller's thread taking one and scoped threads (all ended
-    /// before this returns) the others, up to [`MAX_FETCH_THREADS`]; misses past that are fetched by those
-    /// threads as they free up.
+    /// thread). Identical modules (same sha256, or same URL without one) are answered in request order by one
+    /// thread. Every distinct module that misses is fetched at once, as Istio starts one goroutine per
+    /// resource (`pkg/wasm/convert.go`), so that no module waits behind a stalled one and each deadline starts
+    /// when its own fetch starts: one thread per miss, the caller's thread taking one and scoped threads (all
+    /// ended before this returns) the others, up to [`MAX_FETCH_THREADS`]; misses past that are fetched by
+    /// those threads as they free up.
     fn get_all(&self, requests: &[ModuleRequest], pins: &Pins<'_>) -> Vec<Result<Module, ModuleError>> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
