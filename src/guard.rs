@@ -6,9 +6,11 @@
 //! connections were checked when they were opened.
 //!
 //! Blocked: link-local (169.254.0.0/16, fe80::/10) and link-local multicast (224.0.0.0/24, ff02::/16); the
-//! cloud metadata addresses outside link-local (100.100.100.200, fd00:ec2::/32); and the operator's
-//! `blocked_cidrs`. Loopback, private and unspecified addresses are allowed unless listed. An IPv4-mapped IPv6
-//! address (`::ffff:a.b.c.d`) is judged as the IPv4 address it carries.
+//! cloud metadata addresses outside link-local (100.100.100.200, fd00:ec2::/32); the unspecified addresses
+//! (0.0.0.0, ::), which Linux connects to the local host and where no module server lives — refused whatever
+//! `blocked_cidrs` says, unlike Istio, whose rules allow them; and the operator's `blocked_cidrs`. Loopback and
+//! private addresses are allowed unless listed. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is judged as
+//! the IPv4 address it carries.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -42,6 +44,9 @@ impl AddressPolicy {
         }
         if is_cloud_metadata(canonical) {
             return Err(format!("connection blocked: resolved IP {canonical} is a known cloud metadata address"));
+        }
+        if canonical.is_unspecified() {
+            return Err(format!("connection blocked: resolved IP {canonical} is unspecified"));
         }
         // Operator CIDRs are matched against both spellings, so `::ffff:0:0/96` blocks mapped addresses and
         // `10.0.0.0/8` blocks `::ffff:10.1.2.3`.
@@ -167,10 +172,8 @@ mod tests {
             "169.253.255.255",
             "169.255.0.0",
             "224.0.1.1",
-            "0.0.0.0",
             "8.8.8.8",
             "::1",
-            "::",
             "fd00::1",
             "fd00:ec3::1",
             "fec0::1",
@@ -179,6 +182,18 @@ mod tests {
         ] {
             assert_eq!(p.check(ip(a)), Ok(()), "{a}");
         }
+    }
+
+    #[test]
+    fn unspecified_is_always_blocked() {
+        // Linux connects 0.0.0.0 and :: to the local host; no module server lives there.
+        for p in [AddressPolicy::default(), AddressPolicy::new(vec!["10.0.0.0/8".parse().unwrap()])] {
+            assert_eq!(reason(&p, "0.0.0.0"), "connection blocked: resolved IP 0.0.0.0 is unspecified");
+            assert_eq!(reason(&p, "::"), "connection blocked: resolved IP :: is unspecified");
+            assert_eq!(reason(&p, "::ffff:0.0.0.0"), "connection blocked: resolved IP 0.0.0.0 is unspecified");
+        }
+        // The rest of 0.0.0.0/8 is ordinary unicast to Linux (routed, not local).
+        assert_eq!(AddressPolicy::default().check(ip("0.1.2.3")), Ok(()));
     }
 
     #[test]
