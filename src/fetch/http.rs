@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use ureq::http::Uri;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
-use ureq::unversioned::transport::DefaultConnector;
+use ureq::unversioned::transport::{Connector, DefaultConnector};
 use ureq::{Agent, Proxy};
 
 use super::{copy_hashed, CopyError, FetchError, FetchErrorKind, Staged};
-use crate::guard::{AddressPolicy, GuardedResolver};
+use crate::guard::{AddressPolicy, GuardedResolver, ProxiedTargetGuard};
 use crate::options::Options;
 use crate::store::files::new_temp_file;
 
@@ -92,7 +92,10 @@ impl HttpFetcher {
                     .tls_config(tls)
                     .user_agent(concat!("wasm-ecds/", env!("CARGO_PKG_VERSION")))
                     .build();
-                Agent::with_parts(config, DefaultConnector::new(), GuardedResolver::new(self.policy.clone()))
+                // The SSRF rules: the resolver checks every host ureq resolves, the guard in front of the
+                // connectors every target handed to a proxy (see `guard`).
+                let connector = ProxiedTargetGuard::new(self.policy.clone()).chain(DefaultConnector::new());
+                Agent::with_parts(config, connector, GuardedResolver::new(self.policy.clone()))
             };
             let secure = agent(TlsConfig::builder().root_certs(roots.clone()).build());
             let insecure = agent(TlsConfig::builder().root_certs(roots).disable_verification(true).build());

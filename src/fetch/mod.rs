@@ -189,6 +189,7 @@ mod tests {
 
     use super::*;
     use crate::store::files::{new_temp_file, TEMP_PREFIX};
+    use wasm_ecds_testkit::proxy::TestProxy;
     use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
 
     /// Every option a fetch reads, set for these tests; the rest are the built-in defaults.
@@ -615,28 +616,84 @@ mod tests {
     }
 
     #[test]
-    fn proxy_is_used_and_guarded() {
-        // The test server is no proxy: it answers the CONNECT with 404, which shows the request went there.
-        let proxy = TestServer::http();
+    fn proxy_carries_an_allowed_target_and_its_own_address_is_guarded() {
+        let server = TestServer::http();
+        let module = wasm_module(1000);
+        server.route("/m.wasm", Route::bytes(module.clone()));
+        let proxy = TestProxy::start();
         let s = Options { max_attempts: 1, ..options() };
         let dir = tempfile::tempdir().unwrap();
-        let f = fetcher_with_proxy(&s, &proxy.base_url());
-        let err = f.fetch("http://wasm.example.invalid/m.wasm", in_10s(), dir.path()).err().unwrap();
-        assert!(
-            err.message.starts_with("wasm module download failed after 1 attempts, last error: "),
-            "{}",
-            err.message
-        );
-        assert_eq!(proxy.total_requests(), 1);
+        let d = fetcher_with_proxy(&s, &proxy.url()).fetch(&server.url("/m.wasm"), in_10s(), dir.path()).unwrap();
+        assert_module(&d, &module);
+        drop(d);
+        assert_eq!(proxy.requests(), vec![format!("CONNECT 127.0.0.1:{}", server.port())]);
+        assert_eq!(server.requests("/m.wasm"), 1);
         // The proxy's own address is checked too.
         let s = Options { blocked_cidrs: vec!["127.0.0.0/8".parse().unwrap()], ..s };
-        let f = fetcher_with_proxy(&s, &proxy.base_url());
-        let err = f.fetch("http://wasm.example.invalid/m.wasm", in_10s(), dir.path()).err().unwrap();
+        let f = fetcher_with_proxy(&s, &proxy.url());
+        let err = f.fetch("http://198.51.100.7/m.wasm", in_10s(), dir.path()).err().unwrap();
         assert_eq!(
             err.message,
             "wasm module download failed after 1 attempts, last error: connection blocked: resolved IP 127.0.0.1 is in blocked CIDR range 127.0.0.0/8"
         );
-        assert_eq!(proxy.total_requests(), 1);
+        assert_eq!(proxy.requests().len(), 1);
+        assert!(files(dir.path()).is_empty());
+    }
+
+    /// With a proxy, the proxy resolves and connects to the target: the target is checked before the proxy
+    /// is asked for it, and a refused one never reaches the proxy.
+    #[test]
+    fn blocked_targets_never_reach_the_proxy() {
+        let proxy = TestProxy::start();
+        let s = Options { max_attempts: 1, blocked_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..options() };
+        let f = fetcher_with_proxy(&s, &proxy.url());
+        let dir = tempfile::tempdir().unwrap();
+        for (url, reason) in [
+            ("http://169.254.169.254/latest/meta-data/", "resolved IP 169.254.169.254 is link-local"),
+            ("https://169.254.169.254/latest/meta-data/", "resolved IP 169.254.169.254 is link-local"),
+            ("http://[::ffff:169.254.169.254]/", "resolved IP 169.254.169.254 is link-local"),
+            ("http://100.100.100.200/latest/meta-data/", "resolved IP 100.100.100.200 is a known cloud metadata address"),
+            ("http://10.1.2.3/m.wasm", "resolved IP 10.1.2.3 is in blocked CIDR range 10.0.0.0/8"),
+            ("http://0.0.0.0:8080/m.wasm", "resolved IP 0.0.0.0 is unspecified"),
+        ] {
+            let err = f.fetch(url, in_10s(), dir.path()).err().unwrap();
+            assert_eq!(
+                err.message,
+                format!("wasm module download failed after 1 attempts, last error: connection blocked: {reason}"),
+                "{url}"
+            );
+        }
+        assert_eq!(proxy.requests(), Vec::<String>::new());
+        assert!(files(dir.path()).is_empty());
+    }
+
+    /// Each redirect hop's target is checked before the proxy is asked for it.
+    #[test]
+    fn redirect_hops_through_the_proxy_are_checked() {
+        let server = TestServer::http();
+        server.route("/metadata", Route::redirect(302, "http://169.254.169.254/latest/meta-data/"));
+        server.route("/private", Route::redirect(307, "https://10.9.8.7:8443/m.wasm"));
+        server.route("/chain", Route::redirect(301, "/private"));
+        let proxy = TestProxy::start();
+        let s = Options { max_attempts: 1, blocked_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..options() };
+        let f = fetcher_with_proxy(&s, &proxy.url());
+        let dir = tempfile::tempdir().unwrap();
+        for (path, reason) in [
+            ("/metadata", "resolved IP 169.254.169.254 is link-local"),
+            ("/private", "resolved IP 10.9.8.7 is in blocked CIDR range 10.0.0.0/8"),
+            ("/chain", "resolved IP 10.9.8.7 is in blocked CIDR range 10.0.0.0/8"),
+        ] {
+            let err = f.fetch(&server.url(path), in_10s(), dir.path()).err().unwrap();
+            assert_eq!(
+                err.message,
+                format!("wasm module download failed after 1 attempts, last error: connection blocked: {reason}"),
+                "{path}"
+            );
+        }
+        // Only the allowed hops went to the proxy, each to the loopback server.
+        let to_server = format!("CONNECT 127.0.0.1:{}", server.port());
+        assert!(proxy.requests().iter().all(|r| *r == to_server), "{:?}", proxy.requests());
+        assert_eq!(server.total_requests(), 4);
         assert!(files(dir.path()).is_empty());
     }
 
