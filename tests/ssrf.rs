@@ -1,5 +1,5 @@
 //! Hostile URLs through the Rust API, against real servers on 127.0.0.1: addresses the SSRF guard must refuse
-//! whatever `blocked_cidrs` says.
+//! whatever `blocked_cidrs` says, and ports that must not silently become port 80.
 
 use std::path::Path;
 
@@ -71,4 +71,33 @@ fn unspecified_addresses_are_refused_whatever_blocked_cidrs_says() {
         assert_eq!(entry.requests(&hop), 1, "the allowed first hop was fetched");
     }
     assert_eq!(target.total_requests(), 0);
+}
+
+/// A port that is not 0–65535 in digits is a URL error, as Go's `url.Parse` (digits) and dialer (range)
+/// make it, never a request to port 80; `+P` would otherwise reach port P.
+#[test]
+fn invalid_ports_are_url_errors_without_a_request() {
+    let server = TestServer::http();
+    server.route("/m.wasm", Route::bytes(wasm_module(10)));
+    let port = server.port();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), serde_json::json!({}));
+    for port_text in [
+        format!("+{port}"),
+        format!("-{port}"),
+        "65536".to_string(),
+        "99999999".to_string(),
+        format!("{}", u64::from(port) + 65536),
+        "12345678901234567890".to_string(),
+    ] {
+        let url = format!("http://127.0.0.1:{port_text}/m.wasm");
+        let reason = convert_one(&cache, &url).unwrap_err();
+        let expected =
+            format!("fail to parse Wasm module fetch url: {url}, error: invalid port \":{port_text}\" after host");
+        assert!(reason.contains(&expected), "{reason}");
+    }
+    assert_eq!(server.total_requests(), 0);
+    // Leading zeros are digits like any other (Go agrees): the port is still the server's.
+    convert_one(&cache, &format!("http://127.0.0.1:000{port}/m.wasm")).unwrap();
+    assert_eq!(server.total_requests(), 1);
 }

@@ -231,7 +231,34 @@ pub(super) fn parse_url(url: &str) -> Result<Uri, FetchError> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(invalid("missing host".to_string()));
     }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    check_port(authority).map_err(invalid)?;
     Ok(uri)
+}
+
+/// What may follow the host: nothing, or `:` and ASCII digits (none meaning the scheme's default port) worth at
+/// most 65535. Go's `url.Parse` (`net/url` `validOptionalPort`) refuses anything but digits and its dialer
+/// (`net` `parsePort`) a value above 65535; both are refused here, in `url.Parse`'s words, before any request.
+/// The `http` crate alone would read `:+80` as 80 and `:65536`, `:-1` or twenty digits as no port, so port 80.
+fn check_port(authority: &str) -> Result<(), String> {
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let port = match host_port.strip_prefix('[') {
+        // An IPv6 literal: whatever follows `]` (the `http` crate has checked the brackets).
+        Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
+        None => host_port.rfind(':').map_or("", |colon| &host_port[colon..]),
+    };
+    let valid = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(digits) => {
+            digits.bytes().all(|b| b.is_ascii_digit())
+                && digits.bytes().fold(0u32, |n, b| (n * 10 + u32::from(b - b'0')).min(65536)) <= 65535
+        }
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("invalid port {port:?} after host"))
+    }
 }
 
 /// The trust roots: the system's, plus the certificates of `ca_file`. With neither (no system store found and

@@ -731,6 +731,52 @@ mod tests {
         }
     }
 
+    /// A port that is not 0–65535 in ASCII digits is a URL error (Go's `url.Parse` checks the digits, its
+    /// dialer the range), never a request: not even the proxy, which sees every request, is asked.
+    #[test]
+    fn invalid_ports_are_url_errors_without_a_request() {
+        let proxy = TestProxy::start();
+        let f = fetcher_with_proxy(&options(), &proxy.url());
+        let dir = tempfile::tempdir().unwrap();
+        for (url, port) in [
+            ("http://127.0.0.1:99999999/m.wasm", ":99999999"),
+            ("http://127.0.0.1:65536/m.wasm", ":65536"),
+            ("http://127.0.0.1:-1/m.wasm", ":-1"),
+            ("http://127.0.0.1:+80/m.wasm", ":+80"),
+            ("http://127.0.0.1:12345678901234567890/m.wasm", ":12345678901234567890"),
+            ("https://user@127.0.0.1:8a/m.wasm", ":8a"),
+            ("http://[::1]:65536/m.wasm", ":65536"),
+            ("http://[::1]x/m.wasm", "x"),
+        ] {
+            let err = f.fetch(url, in_10s(), dir.path()).err().unwrap();
+            assert_eq!(err.kind, FetchErrorKind::InvalidUrl, "{url}: {}", err.message);
+            assert_eq!(
+                err.message,
+                format!("fail to parse Wasm module fetch url: {url}, error: invalid port \"{port}\" after host")
+            );
+            assert_eq!(err.counted_as(), None);
+        }
+        assert_eq!(proxy.requests(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn valid_ports_parse_as_go_does() {
+        for (url, port) in [
+            ("http://h/m.wasm", None),
+            // An empty port means the scheme's default, as in Go.
+            ("http://h:/m.wasm", None),
+            ("http://[::1]:/m.wasm", None),
+            ("http://h:0/m.wasm", Some(0)),
+            ("http://h:080/m.wasm", Some(80)),
+            ("http://h:00000000000000000080/m.wasm", Some(80)),
+            ("http://h:65535/m.wasm", Some(65535)),
+            ("http://u:p@[::1]:8443/m.wasm", Some(8443)),
+        ] {
+            let uri = http::parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(uri.port_u16(), port, "{url}");
+        }
+    }
+
     #[test]
     fn unusable_temp_dir_is_an_io_error() {
         let server = TestServer::http();
