@@ -278,13 +278,62 @@ fn root_certs(ca_certs: &[Certificate<'static>]) -> RootCerts {
     RootCerts::new_with_certs(&certs)
 }
 
+/// The most `ca_file` may hold. PEM roots are far smaller (the whole Mozilla bundle is about 220 KiB); the limit
+/// keeps a mistaken path (a log, a device) from being read into memory.
+const MAX_CA_FILE_BYTES: u64 = 4 << 20;
+
+/// `O_NONBLOCK` of `<fcntl.h>` (the crate has no libc dependency): opening a FIFO with it returns at once
+/// instead of waiting for a writer. Linux's generic value and MIPS's and SPARC's own; the BSDs' and macOS's.
+/// Other targets open without it.
+#[cfg(unix)]
+const O_NONBLOCK: i32 = if cfg!(any(target_os = "linux", target_os = "android")) {
+    if cfg!(any(target_arch = "mips", target_arch = "mips64", target_arch = "mips32r6", target_arch = "mips64r6")) {
+        0o200
+    } else if cfg!(any(target_arch = "sparc", target_arch = "sparc64")) {
+        0x4000
+    } else {
+        0o4000
+    }
+} else if cfg!(any(
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+)) {
+    0x4
+} else {
+    0
+};
+
+/// The bytes of `ca_file`: a regular file (checked on the opened handle, so a FIFO, a device such as
+/// `/dev/zero` or a directory is refused before anything is read) of at most [`MAX_CA_FILE_BYTES`].
+fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, O_NONBLOCK);
+    let file = options.open(path).map_err(|e| e.to_string())?;
+    if !file.metadata().map_err(|e| e.to_string())?.is_file() {
+        return Err("not a regular file".to_string());
+    }
+    let mut pem = Vec::new();
+    file.take(MAX_CA_FILE_BYTES + 1).read_to_end(&mut pem).map_err(|e| e.to_string())?;
+    if pem.len() as u64 > MAX_CA_FILE_BYTES {
+        return Err(format!("larger than the limit of {MAX_CA_FILE_BYTES} bytes for PEM roots"));
+    }
+    Ok(pem)
+}
+
 /// The certificates of `ca_file` (PEM): at least one, each a DER SEQUENCE.
 fn ca_file_certs(path: &Path) -> Result<Vec<Certificate<'static>>, FetchError> {
     let mut certs: Vec<Certificate<'static>> = Vec::new();
     {
         let tls_error =
             |why: String| FetchError::new(FetchErrorKind::Io, format!("cannot load ca_file {}: {why}", path.display()));
-        let pem = std::fs::read(path).map_err(|e| tls_error(e.to_string()))?;
+        let pem = read_ca_file(path).map_err(tls_error)?;
         let mut found = 0;
         for item in ureq::tls::parse_pem(&pem) {
             match item {
