@@ -21,6 +21,10 @@ use crate::store::files::new_temp_file;
 
 /// Redirects followed per request, as Go's default client.
 const MAX_REDIRECTS: u32 = 10;
+/// The most a response's status line and headers (a redirect's `Location` included) may take. ureq's default,
+/// named here because it bounds what a server can make the client buffer; Go allows 1 MiB, no module server
+/// needs more than a few hundred bytes.
+const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
 /// Per-attempt timeout when the options say zero (Istio's `NewHTTPFetcher` does the same).
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -87,6 +91,7 @@ impl HttpFetcher {
                 let config = Agent::config_builder()
                     .http_status_as_error(false)
                     .max_redirects(MAX_REDIRECTS)
+                    .max_response_header_size(MAX_RESPONSE_HEAD_BYTES)
                     .max_redirects_will_error(true)
                     .proxy(self.proxy.clone())
                     .tls_config(tls)
@@ -216,6 +221,9 @@ fn describe(e: &ureq::Error, timeout: Duration) -> String {
         },
         ureq::Error::Other(other) => other.to_string(),
         ureq::Error::TooManyRedirects => format!("stopped after {MAX_REDIRECTS} redirects"),
+        ureq::Error::LargeResponseHeader(..) => {
+            format!("the response's status line and headers exceed the limit of {MAX_RESPONSE_HEAD_BYTES} bytes")
+        }
         other => other.to_string(),
     }
 }

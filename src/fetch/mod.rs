@@ -479,6 +479,22 @@ mod tests {
     }
 
     #[test]
+    fn oversized_response_head_is_refused() {
+        let server = TestServer::http();
+        server.route("/m.wasm", Route::bytes(wasm_module(10)).header("X-Filler", &"x".repeat(70_000)));
+        server.route("/r", Route::redirect(302, format!("/{}", "a".repeat(70_000))));
+        let s = Options { max_attempts: 1, ..options() };
+        for path in ["/m.wasm", "/r"] {
+            let err = fetch_err(&s, &server.url(path));
+            assert_eq!(
+                err.message,
+                "wasm module download failed after 1 attempts, last error: the response's status line and headers exceed the limit of 65536 bytes",
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
     fn content_encoding_gzip_is_decoded() {
         let server = TestServer::http();
         let module = wasm_module(30_000);
