@@ -109,7 +109,12 @@ impl GuardedResolver {
     }
 
     /// Resolves `uri`'s host synchronously (see the type's docs), unfiltered.
-    fn resolve_all(&self, uri: &Uri, config: &Config, timeout: NextTimeout) -> Result<ResolvedSocketAddrs, ureq::Error> {
+    fn resolve_all(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let sync = NextTimeout { after: ureq::unversioned::transport::time::Duration::NotHappening, ..timeout };
         self.inner.resolve(uri, config, sync)
     }

@@ -169,7 +169,11 @@ fn refused_in_a_bounded_child(ca_file: &Path) {
     let stdout = std::fs::read_to_string(out.path().join("stdout")).unwrap_or_default();
     let stderr = std::fs::read_to_string(out.path().join("stderr")).unwrap_or_default();
     let status = status.unwrap_or_else(|| panic!("ca_file {}: still running after {CHILD_WAIT:?}", ca_file.display()));
-    assert!(status.success() && stdout.contains("1 passed"), "ca_file {}: {status}\n{stdout}\n{stderr}", ca_file.display());
+    assert!(
+        status.success() && stdout.contains("1 passed"),
+        "ca_file {}: {status}\n{stdout}\n{stderr}",
+        ca_file.display()
+    );
 }
 
 #[cfg(target_os = "linux")]

@@ -56,7 +56,8 @@ enum AttemptError {
 
 impl HttpFetcher {
     /// Clients that use the proxy named by `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (first set wins, as
-    /// ureq reads them) except for hosts in `NO_PROXY`.
+    /// ureq reads them) except for hosts in `NO_PROXY`. The SSRF rules apply to the proxy's address and to
+    /// every target before the proxy is asked for it (see `guard`).
     pub fn new(options: &Options) -> Result<HttpFetcher, FetchError> {
         HttpFetcher::with_proxy(options, Proxy::try_from_env())
     }

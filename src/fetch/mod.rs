@@ -668,7 +668,10 @@ mod tests {
             ("http://169.254.169.254/latest/meta-data/", "resolved IP 169.254.169.254 is link-local"),
             ("https://169.254.169.254/latest/meta-data/", "resolved IP 169.254.169.254 is link-local"),
             ("http://[::ffff:169.254.169.254]/", "resolved IP 169.254.169.254 is link-local"),
-            ("http://100.100.100.200/latest/meta-data/", "resolved IP 100.100.100.200 is a known cloud metadata address"),
+            (
+                "http://100.100.100.200/latest/meta-data/",
+                "resolved IP 100.100.100.200 is a known cloud metadata address",
+            ),
             ("http://10.1.2.3/m.wasm", "resolved IP 10.1.2.3 is in blocked CIDR range 10.0.0.0/8"),
             ("http://0.0.0.0:8080/m.wasm", "resolved IP 0.0.0.0 is unspecified"),
         ] {
