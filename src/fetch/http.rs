@@ -246,9 +246,10 @@ pub(super) fn parse_url(url: &str) -> Result<Uri, FetchError> {
 }
 
 /// What may follow the host: nothing, or `:` and ASCII digits (none meaning the scheme's default port) worth at
-/// most 65535. Go's `url.Parse` (`net/url` `validOptionalPort`) refuses anything but digits and its dialer
-/// (`net` `parsePort`) a value above 65535; both are refused here, in `url.Parse`'s words, before any request.
-/// The `http` crate alone would read `:+80` as 80 and `:65536`, `:-1` or twenty digits as no port, so port 80.
+/// most 65535. Go's `url.Parse` (`net/url` `validOptionalPort`) refuses anything but digits; a value above 65535
+/// passes it and fails in Go's dialer (`net` `lookup.go`: `dial tcp: address 65536: invalid port`, a transport
+/// error Istio retries). Both are refused here, before any request, in `url.Parse`'s words. The `http` crate
+/// alone would read `:+80` as 80 and `:65536`, `:-1` or twenty digits as no port, so port 80.
 fn check_port(authority: &str) -> Result<(), String> {
     let host_port = authority.rsplit('@').next().unwrap_or_default();
     let port = match host_port.strip_prefix('[') {
