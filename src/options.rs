@@ -91,9 +91,14 @@ impl Default for Options {
     }
 }
 
+/// The longest options JSON accepted: a few hundred bytes is typical; a megabyte leaves room for long
+/// host and CIDR lists while bounding what a caller can make the parser hold.
+pub const MAX_OPTIONS_JSON_BYTES: usize = 1 << 20;
+
 impl Options {
     /// Parses options from JSON (`""`, `"null"` and `"{}"` mean defaults) with the process environment as
     /// fallback.
+    /// `json` is at most [`MAX_OPTIONS_JSON_BYTES`] long.
     pub fn from_json(json: &str) -> Result<Options, OptionsError> {
         Self::from_json_with_env(json, &|name| std::env::var(name).ok())
     }
@@ -104,6 +109,12 @@ impl Options {
     }
 
     pub(crate) fn from_json_with_env(json: &str, env: EnvLookup<'_>) -> Result<Options, OptionsError> {
+        if json.len() > MAX_OPTIONS_JSON_BYTES {
+            return Err(OptionsError(format!(
+                "invalid options: the JSON is {} bytes, more than the limit of {MAX_OPTIONS_JSON_BYTES}",
+                json.len()
+            )));
+        }
         let trimmed = json.trim();
         let raw: RawOptions = if trimmed.is_empty() || trimmed == "null" {
             RawOptions::default()
@@ -427,6 +438,17 @@ mod tests {
         assert!(o.enable_conversion);
         assert_eq!(o.max_attempts, 1);
         assert_eq!(o.insecure_hosts, vec!["*"]);
+    }
+
+    #[test]
+    fn options_json_longer_than_the_limit_is_refused_before_parsing() {
+        let hosts = vec!["h"; MAX_OPTIONS_JSON_BYTES / 4];
+        let json = serde_json::json!({ "cache_dir": "/c", "insecure_hosts": hosts }).to_string();
+        assert!(json.len() > MAX_OPTIONS_JSON_BYTES);
+        let e = with_env(&json, &[]).unwrap_err();
+        assert!(e.0.contains(&format!("more than the limit of {MAX_OPTIONS_JSON_BYTES}")), "{e}");
+        let short = serde_json::json!({ "cache_dir": "/c", "insecure_hosts": vec!["h"; 1000] }).to_string();
+        assert_eq!(with_env(&short, &[]).unwrap().insecure_hosts.len(), 1000);
     }
 
     #[test]
