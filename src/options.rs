@@ -120,14 +120,17 @@ impl Options {
             RawOptions::default()
         } else {
             let mut de = serde_json::Deserializer::from_str(trimmed);
-            serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
                 let key = e.path().to_string();
                 if key == "." {
                     OptionsError(format!("invalid options: {}", e.inner()))
                 } else {
                     OptionsError(format!("invalid options: {key}: {}", e.inner()))
                 }
-            })?
+            })?;
+            // Text after the object is an error, not ignored (found by the options fuzz target).
+            de.end().map_err(|e| OptionsError(format!("invalid options: {e}")))?;
+            raw
         };
         Self::resolve(raw, env)
     }
@@ -449,6 +452,15 @@ mod tests {
         assert!(e.0.contains(&format!("more than the limit of {MAX_OPTIONS_JSON_BYTES}")), "{e}");
         let short = serde_json::json!({ "cache_dir": "/c", "insecure_hosts": vec!["h"; 1000] }).to_string();
         assert_eq!(with_env(&short, &[]).unwrap().insecure_hosts.len(), 1000);
+    }
+
+    #[test]
+    fn text_after_the_options_object_is_an_error() {
+        for json in [r#"{"cache_dir":"/c"} {"#, r#"{}x"#, r#"{"cache_dir":"/c"}, {"max_attempts":0}"#] {
+            let e = with_env(json, &[]).unwrap_err();
+            assert!(e.0.contains("trailing characters"), "{json}: {e}");
+        }
+        assert!(with_env("{}\n\t ", &[]).is_ok());
     }
 
     #[test]
