@@ -9,10 +9,9 @@
 //! (`TypedExtensionConfig.typed_config` 2) and protobuf `google/protobuf/any.proto` (`Any.type_url` 1,
 //! `value` 2).
 
-use std::borrow::Cow;
-
+use crate::schema::Budget;
 use crate::typed_struct;
-use crate::wire::{self, Fields, WireError};
+use crate::wire::{self, Msg, WireError};
 
 use super::analyze::{Form, Remote};
 
@@ -20,56 +19,60 @@ const TYPE_PREFIX: &str = "type.googleapis.com/";
 /// Istio strips every env var with this prefix, not only the ones it reads.
 const INTERNAL_ENV_PREFIX: &str = "ISTIO_META_";
 
-/// The new bytes of the resource's `Any` with its code at `path`.
-pub(super) fn rewrite(remote: &Remote<'_>, path: &str) -> Result<Vec<u8>, String> {
+/// The new bytes of the resource's `Any` with its code at `path`. A Struct re-encoded is charged to `budget`.
+pub(super) fn rewrite(remote: &Remote<'_>, path: &str, budget: &mut Budget) -> Result<Vec<u8>, String> {
     let typed_config = match &remote.form {
         // typed_config.value (last) is the Wasm message
         Form::Direct { wasm } => {
-            let wasm = with_local_code(wasm, path).map_err(|e| e.to_string())?;
-            wire::replace_last(&remote.typed_config, 2, &wasm).map_err(|e| e.to_string())?
+            let wasm = with_local_code(Msg::from(*wasm), path).map_err(|e| e.to_string())?;
+            wire::replace_last(remote.typed_config, 2, &wasm).map_err(|e| e.to_string())?
         }
         // The TypedStruct becomes the typed Wasm message it describes (as Istio does).
         Form::Struct { wasm, encodable: true, .. } => {
-            let wasm = with_local_code(wasm, path).map_err(|e| e.to_string())?;
+            let wasm = with_local_code(Msg::from(wasm), path).map_err(|e| e.to_string())?;
             let mut any = Vec::with_capacity(wasm.len() + 80);
             wire::put_len(&mut any, 1, format!("{TYPE_PREFIX}{}", remote.kind.type_name()).as_bytes());
             wire::put_len(&mut any, 2, &wasm);
             any
         }
-        // A Struct naming an `Any` we cannot encode stays a TypedStruct, rewritten as a Struct.
+        // A Struct naming an `Any` we cannot encode stays a TypedStruct, rewritten as a Struct (the tree is
+        // taken, not copied: a resource is rewritten once).
         Form::Struct { encodable: false, typed_struct, value, .. } => {
-            let mut value = value.clone();
+            let mut value = value.take();
             typed_struct::rewrite_struct(&mut value, path).map_err(|e| e.to_string())?;
-            let encoded = typed_struct::encode_struct(&value).map_err(|e| e.to_string())?;
+            let encoded = typed_struct::encode_struct(&value, budget).map_err(|e| e.to_string())?;
+            drop(value);
             // TypedStruct.value is field 2 (cncf/xds `udpa/type/v1/typed_struct.proto`).
-            let ts = wire::replace_merged(typed_struct, 2, Some(&encoded)).map_err(|e| e.to_string())?;
-            wire::replace_last(&remote.typed_config, 2, &ts).map_err(|e| e.to_string())?
+            let ts = wire::replace_merged(*typed_struct, 2, Some(&encoded)).map_err(|e| e.to_string())?;
+            wire::replace_last(remote.typed_config, 2, &ts).map_err(|e| e.to_string())?
         }
     };
     // Any.value (last) -> TypedExtensionConfig.typed_config (merged)
     let tec = wire::replace_merged(remote.tec, 2, Some(&typed_config)).map_err(|e| e.to_string())?;
+    drop(typed_config);
     wire::replace_last(remote.any, 2, &tec).map_err(|e| e.to_string())
 }
 
-/// The Wasm message with `config.vm_config` replaced by [`new_vm_config`] (both occurrences merged).
-fn with_local_code(wasm: &[u8], path: &str) -> Result<Vec<u8>, WireError> {
-    let config = wire::merged(wasm, 1)?.unwrap_or(Cow::Borrowed(&[]));
-    let vm = new_vm_config(&config, path)?;
-    let config = wire::replace_merged(&config, 3, Some(&vm))?;
+/// The Wasm message with `config.vm_config` replaced by [`new_vm_config`] (the occurrences of each merged).
+fn with_local_code(wasm: Msg<'_>, path: &str) -> Result<Vec<u8>, WireError> {
+    let config = wasm.child(1)?.unwrap_or(Msg::from(&[][..]));
+    let vm = new_vm_config(config, path)?;
+    let config = wire::replace_merged(config, 3, Some(&vm))?;
+    drop(vm);
     wire::replace_merged(wasm, 1, Some(&config))
 }
 
-/// `config.vm_config` (of the merged `PluginConfig` bytes) with `code` = `local{filename: path}` and the
-/// internal env vars stripped.
-pub(super) fn new_vm_config(config: &[u8], path: &str) -> Result<Vec<u8>, WireError> {
-    let vm = wire::merged(config, 3)?.unwrap_or(Cow::Borrowed(&[]));
+/// `config.vm_config` (of the merged `PluginConfig`) with `code` = `local{filename: path}` and the internal env
+/// vars stripped.
+pub(super) fn new_vm_config(config: Msg<'_>, path: &str) -> Result<Vec<u8>, WireError> {
+    let vm = config.child(3)?.unwrap_or(Msg::from(&[][..]));
     let mut data_source = Vec::with_capacity(path.len() + 4);
     wire::put_len(&mut data_source, 1, path.as_bytes());
     let mut code = Vec::with_capacity(data_source.len() + 4);
     wire::put_len(&mut code, 1, &data_source);
-    let mut new_vm = wire::replace_merged(&vm, 3, Some(&code))?;
-    if let Some(env) = wire::merged(&new_vm, 7)? {
-        let stripped = strip_env(&env)?;
+    let mut new_vm = wire::replace_merged(vm, 3, Some(&code))?;
+    if let Some(env) = Msg::from(&new_vm).child(7)? {
+        let stripped = strip_env(env)?;
         new_vm = wire::replace_merged(&new_vm, 7, stripped.as_deref())?;
     }
     Ok(new_vm)
@@ -77,10 +80,10 @@ pub(super) fn new_vm_config(config: &[u8], path: &str) -> Result<Vec<u8>, WireEr
 
 /// `EnvironmentVariables` without `ISTIO_META_*` entries; `None` (the block goes) when neither key/values nor
 /// host keys remain.
-pub(super) fn strip_env(env: &[u8]) -> Result<Option<Vec<u8>>, WireError> {
-    let mut out = Vec::with_capacity(env.len());
+pub(super) fn strip_env(env: Msg<'_>) -> Result<Option<Vec<u8>>, WireError> {
+    let mut out = Vec::new();
     let (mut key_values, mut host_keys) = (0, 0);
-    for field in Fields::new(env) {
+    for field in env.fields() {
         let field = field?;
         match field.number {
             1 => host_keys += 1,
