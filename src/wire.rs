@@ -219,7 +219,7 @@ const MAX_PATH: usize = 8;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Step {
     number: u32,
-    skip: usize,
+    skip: u32,
 }
 
 /// A message as protobuf reads it, read in place. A singular message field may occur more than once, and a
@@ -251,27 +251,25 @@ impl<'a> From<&'a Vec<u8>> for Msg<'a> {
 impl<'a> Msg<'a> {
     /// The fields of the message, in order, across all its occurrences.
     pub fn fields(&self) -> MsgFields<'a> {
-        MsgFields {
+        if self.depth == 0 {
+            return MsgFields::One(Fields::new(self.root));
+        }
+        MsgFields::Merged(Box::new(Walk {
             msg: *self,
             levels: std::array::from_fn(|i| Fields::new(if i == 0 { self.root } else { &[] })),
             seen: [0; MAX_PATH],
             open: 0,
             done: false,
-        }
+        }))
     }
 
     /// The merged message field `number` (`None` when it does not occur).
     pub fn child(&self, number: u32) -> Result<Option<Msg<'a>>, WireError> {
-        self.merged_from(number, 0)
-    }
-
-    /// The occurrences of message field `number` from the `skip`th field on, merged.
-    fn merged_from(&self, number: u32, skip: usize) -> Result<Option<Msg<'a>>, WireError> {
         let mut count = 0;
         let mut only: &[u8] = &[];
-        for (index, field) in self.fields().enumerate() {
+        for field in self.fields() {
             let field = field?;
-            if field.number == number && index >= skip {
+            if field.number == number {
                 only = field.bytes()?;
                 count += 1;
             }
@@ -279,14 +277,17 @@ impl<'a> Msg<'a> {
         Ok(match count {
             0 => None,
             1 => Some(Msg::from(only)),
-            _ => {
-                assert!(self.depth < MAX_PATH, "merged messages nested deeper than the readers' paths");
-                let mut merged = *self;
-                merged.path[self.depth] = Step { number, skip };
-                merged.depth += 1;
-                Some(merged)
-            }
+            _ => Some(self.below(Step { number, skip: 0 })),
         })
+    }
+
+    /// The message one merged field further down.
+    fn below(&self, step: Step) -> Msg<'a> {
+        assert!(self.depth < MAX_PATH, "merged messages nested deeper than the readers' paths");
+        let mut merged = *self;
+        merged.path[self.depth] = step;
+        merged.depth += 1;
+        merged
     }
 
     /// The last occurrence of field `number` (for scalars, strings and bytes the last one wins).
@@ -313,23 +314,28 @@ impl<'a> Msg<'a> {
     /// occurrence (which decides a scalar member), and, for a message member, its occurrences since any other
     /// member was last seen, merged (an occurrence of another member clears the earlier value).
     pub fn oneof(&self, members: &[u32]) -> Result<Option<OneofMember<'a>>, WireError> {
-        let mut set: Option<(u32, usize, Field<'a>)> = None;
+        // The set member, the index of its first field since another member was seen, how many times it
+        // occurred since then, and its last occurrence.
+        let mut set: Option<(u32, usize, usize, Field<'a>)> = None;
         for (index, field) in self.fields().enumerate() {
             let field = field?;
             if !members.contains(&field.number) {
                 continue;
             }
-            let since = match set {
-                Some((number, since, _)) if number == field.number => since,
-                _ => index,
-            };
-            set = Some((field.number, since, field));
+            set = Some(match set {
+                Some((number, since, count, _)) if number == field.number => (number, since, count + 1, field),
+                _ => (field.number, index, 1, field),
+            });
         }
-        let Some((number, since, last)) = set else { return Ok(None) };
-        let merged = if last.wire_type == WireType::LengthDelimited {
-            self.merged_from(number, since)?.unwrap_or(Msg::from(&[][..]))
-        } else {
+        let Some((number, since, count, last)) = set else { return Ok(None) };
+        let merged = if last.wire_type != WireType::LengthDelimited {
             Msg::from(&[][..])
+        } else if count == 1 {
+            Msg::from(last.payload)
+        } else {
+            let skip =
+                u32::try_from(since).map_err(|_| WireError(format!("a message of more than {} fields", u32::MAX)))?;
+            self.below(Step { number, skip })
         };
         Ok(Some(OneofMember { number, last, merged }))
     }
@@ -345,19 +351,37 @@ pub(crate) struct OneofMember<'a> {
     pub merged: Msg<'a>,
 }
 
-/// The fields of a [`Msg`]: a walk down its path, one level of [`Fields`] per merged field. After the first
-/// error it yields nothing more.
-pub(crate) struct MsgFields<'a> {
+/// The fields of a [`Msg`]. After the first error it yields nothing more.
+pub(crate) enum MsgFields<'a> {
+    /// A message that occurs once: its own fields.
+    One(Fields<'a>),
+    /// A merged message: a walk down its path.
+    Merged(Box<Walk<'a>>),
+}
+
+impl<'a> Iterator for MsgFields<'a> {
+    type Item = Result<Field<'a>, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            MsgFields::One(fields) => fields.next(),
+            MsgFields::Merged(walk) => walk.next(),
+        }
+    }
+}
+
+/// The walk down a merged message's path, one level of [`Fields`] per merged field.
+pub(crate) struct Walk<'a> {
     msg: Msg<'a>,
     levels: [Fields<'a>; MAX_PATH + 1],
     /// How many fields each level has yielded so far, across all the occurrences it walks (for `Step::skip`).
-    seen: [usize; MAX_PATH],
+    seen: [u64; MAX_PATH],
     /// The innermost level being walked.
     open: usize,
     done: bool,
 }
 
-impl<'a> Iterator for MsgFields<'a> {
+impl<'a> Iterator for Walk<'a> {
     type Item = Result<Field<'a>, WireError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -375,7 +399,7 @@ impl<'a> Iterator for MsgFields<'a> {
                     let step = self.msg.path[level];
                     let index = self.seen[level];
                     self.seen[level] += 1;
-                    if field.number == step.number && index >= step.skip {
+                    if field.number == step.number && index >= u64::from(step.skip) {
                         match field.bytes() {
                             Ok(payload) => {
                                 self.open += 1;
