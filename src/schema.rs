@@ -622,14 +622,16 @@ pub(crate) fn encode_json(
 }
 
 /// [`encode_json`] of a JSON object, borrowed as it is (a TypedStruct's tree is encoded without a copy). The
-/// encoding is charged to `budget`.
+/// encoding is charged to `budget`; `size_hint` is its expected size (the buffer is sized once).
 pub(crate) fn encode_json_object(
     msg: &'static Message,
     map: &BTreeMap<String, JVal>,
     notes: &mut EncodeNotes,
     budget: &mut Budget,
+    size_hint: usize,
 ) -> Result<Vec<u8>, SchemaError> {
-    let mut out = Vec::new();
+    budget.fits(size_hint)?;
+    let mut out = Vec::with_capacity(size_hint);
     encode_object(msg, map, &mut Cx { notes, budget }, 0, &mut out)?;
     budget.charge(out.capacity())?;
     Ok(out)

@@ -137,21 +137,26 @@ fn decode_value(v: Msg<'_>, depth: usize, budget: &mut Budget) -> Result<JVal, S
     })
 }
 
-/// Encodes a JSON object as a `google.protobuf.Struct`, charged to `budget`.
-pub(crate) fn encode_struct(value: &BTreeMap<String, JVal>, budget: &mut Budget) -> Result<Vec<u8>, SchemaError> {
-    schema::encode_json_object(&schema::STRUCT, value, &mut EncodeNotes::default(), budget)
+/// Encodes a JSON object as a `google.protobuf.Struct`, charged to `budget`; `size_hint` is the expected size.
+pub(crate) fn encode_struct(
+    value: &BTreeMap<String, JVal>,
+    budget: &mut Budget,
+    size_hint: usize,
+) -> Result<Vec<u8>, SchemaError> {
+    schema::encode_json_object(&schema::STRUCT, value, &mut EncodeNotes::default(), budget, size_hint)
 }
 
 /// The Struct of a Wasm filter as the binary Wasm message `wasm` (HTTP or network): proto3 JSON rules,
 /// snake_case or lowerCamelCase keys. The notes list `Any` types we could not encode. The encoding is charged
-/// to `budget`.
+/// to `budget`; `size_hint` is its expected size (the Struct's size on the wire: the mapping seldom grows it).
 pub(crate) fn to_wasm(
     wasm: &'static schema::Message,
     value: &BTreeMap<String, JVal>,
     budget: &mut Budget,
+    size_hint: usize,
 ) -> Result<(Vec<u8>, EncodeNotes), SchemaError> {
     let mut notes = EncodeNotes::default();
-    let bytes = schema::encode_json_object(wasm, value, &mut notes, budget)?;
+    let bytes = schema::encode_json_object(wasm, value, &mut notes, budget, size_hint)?;
     Ok((bytes, notes))
 }
 
@@ -227,7 +232,7 @@ mod tests {
     #[test]
     fn struct_round_trip() {
         let m = obj(serde_json::json!({"a": [1, "x", true, null, {"b": {}}], "c": -2.5}));
-        let bytes = encode_struct(&m, &mut Budget::unlimited()).unwrap();
+        let bytes = encode_struct(&m, &mut Budget::unlimited(), 0).unwrap();
         schema::validate(&schema::STRUCT, &bytes).unwrap();
         assert_eq!(decode_struct(Msg::from(&bytes), 0, &mut Budget::unlimited()).unwrap(), m);
         let mut ts = Vec::new();
@@ -262,7 +267,7 @@ mod tests {
             "a": [1, "x", [true, [null, {"b": {"c": [2.5]}}]], {"d": "e"}],
             "f": {"g": {"h": [[], {}, "i"]}},
         }));
-        let single = encode_struct(&m, &mut Budget::unlimited()).unwrap();
+        let single = encode_struct(&m, &mut Budget::unlimited(), 0).unwrap();
         // Rewrites a Struct (`kind` 5) or ListValue (6) payload with every Value split, recursively.
         fn split_value(value: &[u8]) -> Vec<u8> {
             let member = Msg::from(value).oneof(&[1, 2, 3, 4, 5, 6]).unwrap().unwrap();
@@ -320,7 +325,7 @@ mod tests {
     fn decoding_beyond_the_budget_fails() {
         let items: Vec<serde_json::Value> = (0..1000).map(|i| serde_json::json!({ "k": i })).collect();
         let m = obj(serde_json::json!({ "list": items }));
-        let bytes = encode_struct(&m, &mut Budget::unlimited()).unwrap();
+        let bytes = encode_struct(&m, &mut Budget::unlimited(), 0).unwrap();
         let mut budget = Budget::for_response(0);
         assert!(decode_struct(Msg::from(&bytes), 0, &mut budget).is_ok());
         let mut budget = Budget::for_response(0);

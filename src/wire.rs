@@ -423,60 +423,85 @@ pub(crate) fn last_string<'a>(msg: impl Into<Msg<'a>>, number: u32) -> Result<&'
     msg.into().last_string(number)
 }
 
-/// Rebuilds `msg` (its occurrences merged into one) without any occurrence of field `number` and, when
-/// `payload` is given, with one length-delimited field `number` where its last occurrence was (appended when
-/// it was absent). Every other field keeps its bytes; a single occurrence whose payload does not change keeps
-/// its bytes too.
+/// Which occurrences of a field a rebuild replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Replace {
+    /// Every one: a singular message field, whose occurrences merge into the one written. A single occurrence
+    /// whose payload does not change keeps its bytes.
+    Merged,
+    /// The last: a field whose last occurrence wins (scalar, string, bytes); earlier ones are overridden values
+    /// and keep their bytes.
+    Last,
+}
+
+/// Appends `msg` (its occurrences merged into one) to `out` with field `number` replaced (see [`Replace`]) by
+/// one length-delimited field whose payload `write` appends in place, where its last occurrence was (appended
+/// when absent); `write` `None` removes the field. Every other field keeps its bytes. `payload_hint` (the
+/// payload's expected size) sizes `out` once, so that nested rebuilds write into one buffer.
+pub(crate) fn rebuild<'a, E: From<WireError>>(
+    out: &mut Vec<u8>,
+    msg: impl Into<Msg<'a>>,
+    number: u32,
+    replace: Replace,
+    payload_hint: usize,
+    write: Option<impl FnOnce(&mut Vec<u8>) -> Result<(), E>>,
+) -> Result<(), E> {
+    let msg = msg.into();
+    let survey = survey(&msg, number)?;
+    let kept = if replace == Replace::Last { survey.earlier } else { 0 };
+    out.reserve(survey.others + kept + payload_hint + 15);
+    let mut write = write;
+    for (i, field) in msg.fields().enumerate() {
+        let field = field?;
+        if field.number != number {
+            out.extend_from_slice(field.raw);
+        } else if Some(i) == survey.last_index {
+            let Some(write) = write.take() else { continue };
+            let start = out.len();
+            let len = put_len_with(out, number, write)?;
+            let unchanged = replace == Replace::Merged
+                && survey.count == 1
+                && field.wire_type == WireType::LengthDelimited
+                && out[out.len() - len..] == *field.payload;
+            if unchanged {
+                out.truncate(start);
+                out.extend_from_slice(field.raw);
+            }
+        } else if replace == Replace::Last {
+            out.extend_from_slice(field.raw);
+        }
+    }
+    if let Some(write) = write {
+        put_len_with(out, number, write)?;
+    }
+    Ok(())
+}
+
+/// [`rebuild`] with `payload` (or without the field: `None`), `Replace::Merged`, into a new buffer.
 pub(crate) fn replace_merged<'a>(
     msg: impl Into<Msg<'a>>,
     number: u32,
     payload: Option<&[u8]>,
 ) -> Result<Vec<u8>, WireError> {
-    let msg = msg.into();
-    let survey = survey(&msg, number)?;
-    let (count, last_index) = (survey.count, survey.last_index);
-    let mut out = Vec::with_capacity(survey.others + payload.map_or(0, |p| p.len() + 15));
-    for (i, field) in msg.fields().enumerate() {
-        let field = field?;
-        if field.number != number {
-            out.extend_from_slice(field.raw);
-        } else if Some(i) == last_index {
-            if let Some(p) = payload {
-                if count == 1 && field.wire_type == WireType::LengthDelimited && field.payload == p {
-                    out.extend_from_slice(field.raw);
-                } else {
-                    put_len(&mut out, number, p);
-                }
-            }
+    let mut out = Vec::new();
+    let write = payload.map(|p| {
+        move |out: &mut Vec<u8>| {
+            out.extend_from_slice(p);
+            Ok::<(), WireError>(())
         }
-    }
-    if last_index.is_none() {
-        if let Some(p) = payload {
-            put_len(&mut out, number, p);
-        }
-    }
+    });
+    rebuild(&mut out, msg, number, Replace::Merged, payload.map_or(0, <[u8]>::len), write)?;
     Ok(out)
 }
 
-/// Rebuilds `msg` (its occurrences merged into one) with the last occurrence of field `number` replaced by a
-/// length-delimited `payload` (appended when absent). Earlier occurrences are overridden values and keep their
-/// bytes.
+/// [`rebuild`] with `payload`, `Replace::Last`, into a new buffer.
 pub(crate) fn replace_last<'a>(msg: impl Into<Msg<'a>>, number: u32, payload: &[u8]) -> Result<Vec<u8>, WireError> {
-    let msg = msg.into();
-    let survey = survey(&msg, number)?;
-    let last_index = survey.last_index;
-    let mut out = Vec::with_capacity(survey.others + survey.earlier + payload.len() + 15);
-    for (i, field) in msg.fields().enumerate() {
-        let field = field?;
-        if Some(i) == last_index {
-            put_len(&mut out, number, payload);
-        } else {
-            out.extend_from_slice(field.raw);
-        }
-    }
-    if last_index.is_none() {
-        put_len(&mut out, number, payload);
-    }
+    let mut out = Vec::new();
+    let write = |out: &mut Vec<u8>| {
+        out.extend_from_slice(payload);
+        Ok::<(), WireError>(())
+    };
+    rebuild(&mut out, msg, number, Replace::Last, payload.len(), Some(write))?;
     Ok(out)
 }
 

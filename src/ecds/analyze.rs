@@ -174,7 +174,7 @@ pub(super) fn analyze<'a>(
             Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {}: {e}", short_name(&inner_url))),
         };
         let Some(kind) = WasmKind::of(&ts.type_url) else { return Analysis::NoRemoteCode };
-        let (wasm, notes) = match typed_struct::to_wasm(kind.message(), &ts.value, budget) {
+        let (wasm, notes) = match typed_struct::to_wasm(kind.message(), &ts.value, budget, inner_value.len()) {
             Ok(x) => x,
             Err(_) if budget.exceeded() => return over_budget(budget),
             Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
