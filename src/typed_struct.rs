@@ -337,6 +337,11 @@ mod tests {
             budget.reason(),
             "the decoded configuration exceeds the memory budget of 8388608 bytes (4 × the response size + 8 MiB)"
         );
+        // the encoding is charged too
+        let mut budget = Budget::for_response(0);
+        budget.charge(schema::BUDGET_BASE - bytes.len() / 2).unwrap();
+        assert!(encode_struct(&m, &mut budget, 0).is_err());
+        assert!(budget.exceeded());
     }
 
     #[test]
