@@ -93,12 +93,12 @@ impl Default for Options {
 
 /// The longest options JSON accepted: a few hundred bytes is typical; a megabyte leaves room for long
 /// host and CIDR lists while bounding what a caller can make the parser hold.
-pub const MAX_OPTIONS_JSON_BYTES: usize = 1 << 20;
+pub(crate) const MAX_OPTIONS_JSON_BYTES: usize = 1 << 20;
 
 impl Options {
     /// Parses options from JSON (`""`, `"null"` and `"{}"` mean defaults) with the process environment as
     /// fallback.
-    /// `json` is at most [`MAX_OPTIONS_JSON_BYTES`] long.
+    /// `json` is at most 1 MiB long.
     pub fn from_json(json: &str) -> Result<Options, OptionsError> {
         Self::from_json_with_env(json, &|name| std::env::var(name).ok())
     }
