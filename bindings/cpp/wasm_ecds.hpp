@@ -45,9 +45,9 @@
 
 #include "wasm_ecds.h"
 
-// While the major version is 0, only a minor version is compatible with itself (see wasm_ecds.h).
-#if WASM_ECDS_VERSION_MAJOR != 0 || WASM_ECDS_VERSION_MINOR != 2
-#error "wasm_ecds.hpp is written for the C API of ABI 0.2 (wasm_ecds.h with WASM_ECDS_VERSION 0.2)"
+// From 0.2 on, a later 0.x only adds to the C API (see "ABI stability" in wasm_ecds.h): any 0.x, x >= 2, will do.
+#if WASM_ECDS_VERSION_MAJOR != 0 || WASM_ECDS_VERSION_MINOR < 2
+#error "wasm_ecds.hpp is written for the C API of ABI 0.2 (needs wasm_ecds.h of major 0, minor 2 or later)"
 #endif
 
 namespace wasm_ecds {

@@ -59,15 +59,17 @@ def test_a_status_unknown_to_the_binding_raises_the_base_error_with_that_status(
 
 def test_the_loaded_library_has_the_abi_the_binding_declares() -> None:
     assert native.abi_compatible(wasm_ecds.version())
-    assert wasm_ecds.version().startswith(f"{native.ABI_MAJOR}.{native.ABI_MINOR}.")
+    assert wasm_ecds.version().startswith(f"{native.ABI_MAJOR}.")
 
 
 @pytest.mark.parametrize(
     "version, compatible",
-    [("0.2.0", True), ("0.2.7", True), ("0.2.0-rc.1", True), ("0.1.0", False), ("0.3.0", False),
-     ("1.2.0", False), ("", False), ("garbage", False)],
+    [("0.2.0", True), ("0.2.7", True), ("0.2.0-rc.1", True), ("0.3.0", True), ("0.10.1", True),
+     ("0.1.0", False), ("1.2.0", False), ("", False), ("garbage", False)],
 )
-def test_a_0x_library_must_match_the_minor_version(version: str, compatible: bool) -> None:
+def test_a_library_of_the_same_major_and_a_minor_at_least_the_bindings_is_compatible(
+    version: str, compatible: bool
+) -> None:
     assert native.abi_compatible(version) is compatible
 
 
