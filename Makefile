@@ -4,6 +4,7 @@
 #   make lint    rustfmt and clippy (warnings are errors)
 #   make bench   benchmarks with baselines side by side (BENCHMARKS.md)
 #   make header  copies the header the build generated into include/wasm_ecds.h (commit it)
+#   make install PREFIX=/usr/local [LIBDIR=… INCLUDEDIR=… DESTDIR=…]  headers, libraries, pkg-config, CMake files
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -67,3 +68,15 @@ test-e2e: build
 
 bench:
 	bash benches/run.sh
+
+# Install as C, C++ and Go toolchains expect (bindings/c/install.sh lists the files); DESTDIR stages a package.
+.PHONY: install uninstall
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+
+install: build
+	PREFIX='$(PREFIX)' LIBDIR='$(LIBDIR)' INCLUDEDIR='$(INCLUDEDIR)' DESTDIR='$(DESTDIR)' bash bindings/c/install.sh install
+
+uninstall:
+	PREFIX='$(PREFIX)' LIBDIR='$(LIBDIR)' INCLUDEDIR='$(INCLUDEDIR)' DESTDIR='$(DESTDIR)' bash bindings/c/install.sh uninstall

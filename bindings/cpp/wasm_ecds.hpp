@@ -17,8 +17,9 @@
 // A Cache is move-only and thread-safe (many threads may convert at once); a moved-from Cache reports
 // Status::invalid_argument from every call instead of crashing.
 //
-// Written for the C API of ABI 0.2 (include/wasm_ecds.h with WASM_ECDS_VERSION_MAJOR 0, _MINOR 2).
-// Link: libwasm_ecds.a -lpthread -ldl -lm (or -lwasm_ecds for the shared library).
+// Written for the C API of ABI 0.2 (include/wasm_ecds.h with WASM_ECDS_VERSION_MAJOR 0, _MINOR 2 or later).
+// Link: `pkg-config --cflags --libs wasm_ecds` (the shared library) or `wasm_ecds-static` (libwasm_ecds.a),
+// or the CMake targets wasm_ecds::wasm_ecds / wasm_ecds::static (see bindings/cpp/README.md).
 
 #ifndef WASM_ECDS_HPP
 #define WASM_ECDS_HPP
