@@ -35,7 +35,7 @@ lint:
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 
-test: lint build test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e
+test: lint build test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e test-install
 	@echo "make test: all suites passed"
 
 test-rust:
@@ -70,7 +70,7 @@ bench:
 	bash benches/run.sh
 
 # Install as C, C++ and Go toolchains expect (bindings/c/install.sh lists the files); DESTDIR stages a package.
-.PHONY: install uninstall
+.PHONY: install uninstall test-install
 PREFIX ?= /usr/local
 LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
@@ -80,3 +80,7 @@ install: build
 
 uninstall:
 	PREFIX='$(PREFIX)' LIBDIR='$(LIBDIR)' INCLUDEDIR='$(INCLUDEDIR)' DESTDIR='$(DESTDIR)' bash bindings/c/install.sh uninstall
+
+# Every command of the README's "Install" section, run as a new user would, outside the repository.
+test-install: build
+	bash tests/install/run.sh
