@@ -4,6 +4,7 @@
 #   make lint    rustfmt and clippy (warnings are errors)
 #   make bench   benchmarks with baselines side by side (BENCHMARKS.md)
 #   make header  copies the header the build generated into include/wasm_ecds.h (commit it)
+#   make install PREFIX=/usr/local [LIBDIR=… INCLUDEDIR=… DESTDIR=…]  headers, libraries, pkg-config, CMake files
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -34,7 +35,7 @@ lint:
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 
-test: lint build test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e
+test: lint build test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e test-install
 	@echo "make test: all suites passed"
 
 test-rust:
@@ -67,3 +68,19 @@ test-e2e: build
 
 bench:
 	bash benches/run.sh
+
+# Install as C, C++ and Go toolchains expect (bindings/c/install.sh lists the files); DESTDIR stages a package.
+.PHONY: install uninstall test-install
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+
+install: build
+	PREFIX='$(PREFIX)' LIBDIR='$(LIBDIR)' INCLUDEDIR='$(INCLUDEDIR)' DESTDIR='$(DESTDIR)' bash bindings/c/install.sh install
+
+uninstall:
+	PREFIX='$(PREFIX)' LIBDIR='$(LIBDIR)' INCLUDEDIR='$(INCLUDEDIR)' DESTDIR='$(DESTDIR)' bash bindings/c/install.sh uninstall
+
+# Every command of the README's "Install" section, run as a new user would, outside the repository.
+test-install: build
+	bash tests/install/run.sh
