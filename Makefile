@@ -5,6 +5,7 @@
 #   make bench   benchmarks with baselines side by side (BENCHMARKS.md)
 #   make fuzz    runs every fuzz target for FUZZ_SECONDS (default 600), two at a time (docs/fuzzing.md)
 #   make header  copies the header the build generated into include/wasm_ecds.h (commit it)
+#   make install PREFIX=/usr/local [LIBDIR=… INCLUDEDIR=… DESTDIR=…]  headers, libraries, pkg-config, CMake files
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -38,7 +39,7 @@ lint:
 	cargo fmt --check --manifest-path tests/fuzz/Cargo.toml
 	CARGO_TARGET_DIR=$(REPO)/target cargo clippy --release --manifest-path tests/fuzz/Cargo.toml --all-targets -- -D warnings
 
-test: lint build test-rust test-fuzz test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e
+test: lint build test-rust test-fuzz test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e test-install
 	@echo "make test: all suites passed"
 
 test-rust:
@@ -85,3 +86,19 @@ fuzz:
 # Regenerates the checked-in seed corpora (tests/fuzz/corpus/) from the test kit's builders.
 fuzz-seeds:
 	bash tests/fuzz/run.sh seeds
+
+# Install as C, C++ and Go toolchains expect (bindings/c/install.sh lists the files); DESTDIR stages a package.
+.PHONY: install uninstall test-install
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+
+install: build
+	PREFIX='$(PREFIX)' LIBDIR='$(LIBDIR)' INCLUDEDIR='$(INCLUDEDIR)' DESTDIR='$(DESTDIR)' bash bindings/c/install.sh install
+
+uninstall:
+	PREFIX='$(PREFIX)' LIBDIR='$(LIBDIR)' INCLUDEDIR='$(INCLUDEDIR)' DESTDIR='$(DESTDIR)' bash bindings/c/install.sh uninstall
+
+# Every command of the README's "Install" section, run as a new user would, outside the repository.
+test-install: build
+	bash tests/install/run.sh

@@ -26,9 +26,10 @@
  *    wasm_ecds_set_log_callback), never to stdout or stderr. A Rust panic hook the host installed keeps
  *    receiving the host's own panics.
  *  - ABI stability: the version is WASM_ECDS_VERSION_MAJOR.WASM_ECDS_VERSION_MINOR (wasm_ecds_version()
- *    returns the full version). Within a major version (and, while it is 0, within a minor version) no
- *    function, type, constant or status number changes or goes away: they are only ever added. A caller
- *    must therefore treat an unknown negative status as an error.
+ *    returns the full version). From 0.2 on, within major version 0, functions, types, constants and status
+ *    numbers are only ever added, never changed or removed: a program built against 0.N runs with any
+ *    library 0.M, M >= N. An ABI break bumps the major version and the shared library's soname
+ *    (libwasm_ecds.so.0 now). A caller must therefore treat an unknown negative status as an error.
  */
 
 #ifndef WASM_ECDS_H

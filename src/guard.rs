@@ -1,14 +1,25 @@
 //! Which addresses a fetch may connect to (SSRF rules), checked on every resolved address.
 //!
 //! Istio (`pkg/wasm/ssrf.go`) checks the resolved address in the dialer's `Control` hook. Here the same rules
-//! sit in a ureq [`Resolver`]: ureq resolves every host it connects to through the agent's resolver — the
-//! request's host, each redirect hop, and a CONNECT/SOCKS proxy — so every connection is checked. Pooled
-//! connections were checked when they were opened.
+//! sit in a ureq [`Resolver`]: ureq resolves every host it connects to itself through the agent's resolver —
+//! the request's host and each redirect hop when no proxy is used, and the proxy's own host — so every such
+//! connection is checked. Pooled connections were checked when they were opened (ureq keys its pool by the
+//! target's scheme and authority and the proxy).
+//!
+//! Through an HTTP(S) proxy, ureq does not resolve the target: it sends `CONNECT host:port` and the proxy
+//! resolves and connects. So [`ProxiedTargetGuard`], the first link of the agent's connector chain, checks the
+//! target of every connection that is about to go through a proxy (the first request and each redirect hop)
+//! before anything is sent to the proxy: a literal IP against the rules, a host name by resolving it here —
+//! every address it resolves to must be allowed, and a name that does not resolve here is refused. The proxy
+//! resolves the name again itself and may get a different answer (another DNS view, or a changed record); the
+//! check holds for what this host resolves.
 //!
 //! Blocked: link-local (169.254.0.0/16, fe80::/10) and link-local multicast (224.0.0.0/24, ff02::/16); the
-//! cloud metadata addresses outside link-local (100.100.100.200, fd00:ec2::/32); and the operator's
-//! `blocked_cidrs`. Loopback, private and unspecified addresses are allowed unless listed. An IPv4-mapped IPv6
-//! address (`::ffff:a.b.c.d`) is judged as the IPv4 address it carries.
+//! cloud metadata addresses outside link-local (100.100.100.200, fd00:ec2::/32); the unspecified addresses
+//! (0.0.0.0, ::), which Linux connects to the local host and where no module server lives — refused whatever
+//! `blocked_cidrs` says, unlike Istio, whose rules allow them; and the operator's `blocked_cidrs`. Loopback and
+//! private addresses are allowed unless listed. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is judged as
+//! the IPv4 address it carries.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -17,7 +28,7 @@ use ipnet::IpNet;
 use ureq::config::Config;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::NextTimeout;
+use ureq::unversioned::transport::{ConnectionDetails, Connector, NextTimeout};
 
 /// The SSRF rules: the built-in ones plus the operator's blocked CIDRs.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +53,9 @@ impl AddressPolicy {
         }
         if is_cloud_metadata(canonical) {
             return Err(format!("connection blocked: resolved IP {canonical} is a known cloud metadata address"));
+        }
+        if canonical.is_unspecified() {
+            return Err(format!("connection blocked: resolved IP {canonical} is unspecified"));
         }
         // Operator CIDRs are matched against both spellings, so `::ffff:0:0/96` blocks mapped addresses and
         // `10.0.0.0/8` blocks `::ffff:10.1.2.3`.
@@ -93,12 +107,43 @@ impl GuardedResolver {
     pub fn new(policy: AddressPolicy) -> GuardedResolver {
         GuardedResolver { inner: DefaultResolver::default(), policy }
     }
+
+    /// Resolves `uri`'s host synchronously (see the type's docs), unfiltered.
+    fn resolve_all(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let sync = NextTimeout { after: ureq::unversioned::transport::time::Duration::NotHappening, ..timeout };
+        self.inner.resolve(uri, config, sync)
+    }
+
+    /// `Ok` if every address `uri`'s host resolves to is allowed: the check for a target a proxy will connect
+    /// to, where which address it picks is not ours to choose. A host that does not resolve here is refused.
+    fn check_all(&self, uri: &Uri, config: &Config, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        let blocked = |reason: String| ureq::Error::Io(io::Error::new(io::ErrorKind::PermissionDenied, reason));
+        let host = uri.host().unwrap_or_default();
+        let resolved = self.resolve_all(uri, config, timeout).map_err(|e| {
+            let why = match e {
+                ureq::Error::Io(e) => e.to_string(),
+                other => other.to_string(),
+            };
+            blocked(format!("connection blocked: cannot check {host} before asking the proxy for it: {why}"))
+        })?;
+        if resolved.is_empty() {
+            return Err(blocked(format!("connection blocked: {host} resolves to no address")));
+        }
+        for addr in resolved.iter() {
+            self.policy.check(addr.ip()).map_err(blocked)?;
+        }
+        Ok(())
+    }
 }
 
 impl Resolver for GuardedResolver {
     fn resolve(&self, uri: &Uri, config: &Config, timeout: NextTimeout) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let sync = NextTimeout { after: ureq::unversioned::transport::time::Duration::NotHappening, ..timeout };
-        let resolved = self.inner.resolve(uri, config, sync)?;
+        let resolved = self.resolve_all(uri, config, timeout)?;
         let mut allowed = self.inner.empty();
         let mut refusal = None;
         for addr in resolved.iter() {
@@ -115,6 +160,36 @@ impl Resolver for GuardedResolver {
             return Err(ureq::Error::Io(io::Error::new(io::ErrorKind::PermissionDenied, reason)));
         }
         Ok(allowed)
+    }
+}
+
+/// The first link of the agent's connector chain: a connection about to go through a proxy is refused unless
+/// its target passes [`GuardedResolver::check_all`]; other connections pass untouched (ureq resolves their host
+/// through the [`GuardedResolver`] itself). It runs on every connection ureq opens — the first request and each
+/// redirect hop, each attempt — and before any byte goes to the proxy. The proxy's own connection is opened
+/// through the same chain with the proxy removed from its config, so it passes here and is checked by the
+/// resolver.
+#[derive(Debug)]
+pub(crate) struct ProxiedTargetGuard {
+    resolver: GuardedResolver,
+}
+
+impl ProxiedTargetGuard {
+    pub fn new(policy: AddressPolicy) -> ProxiedTargetGuard {
+        ProxiedTargetGuard { resolver: GuardedResolver::new(policy) }
+    }
+}
+
+impl Connector for ProxiedTargetGuard {
+    type Out = ();
+
+    fn connect(&self, details: &ConnectionDetails, chained: Option<()>) -> Result<Option<()>, ureq::Error> {
+        // ureq goes through the proxy exactly when one is set and the host is not in its NO_PROXY list.
+        let proxied = details.config.proxy().is_some_and(|p| !p.is_no_proxy(details.uri));
+        if proxied {
+            self.resolver.check_all(details.uri, details.config, details.timeout)?;
+        }
+        Ok(chained)
     }
 }
 
@@ -167,10 +242,8 @@ mod tests {
             "169.253.255.255",
             "169.255.0.0",
             "224.0.1.1",
-            "0.0.0.0",
             "8.8.8.8",
             "::1",
-            "::",
             "fd00::1",
             "fd00:ec3::1",
             "fec0::1",
@@ -179,6 +252,18 @@ mod tests {
         ] {
             assert_eq!(p.check(ip(a)), Ok(()), "{a}");
         }
+    }
+
+    #[test]
+    fn unspecified_is_always_blocked() {
+        // Linux connects 0.0.0.0 and :: to the local host; no module server lives there.
+        for p in [AddressPolicy::default(), AddressPolicy::new(vec!["10.0.0.0/8".parse().unwrap()])] {
+            assert_eq!(reason(&p, "0.0.0.0"), "connection blocked: resolved IP 0.0.0.0 is unspecified");
+            assert_eq!(reason(&p, "::"), "connection blocked: resolved IP :: is unspecified");
+            assert_eq!(reason(&p, "::ffff:0.0.0.0"), "connection blocked: resolved IP 0.0.0.0 is unspecified");
+        }
+        // The rest of 0.0.0.0/8 is ordinary unicast to Linux (routed, not local).
+        assert_eq!(AddressPolicy::default().check(ip("0.1.2.3")), Ok(()));
     }
 
     #[test]
@@ -215,6 +300,39 @@ mod tests {
         // Built-in rules are reported first.
         let p = AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap()]);
         assert!(reason(&p, "169.254.1.1").ends_with("is link-local"));
+    }
+
+    #[test]
+    fn proxied_targets_must_resolve_to_allowed_addresses_only() {
+        let cfg = Config::default();
+        let check = |policy: AddressPolicy, uri: &str| {
+            let uri: Uri = uri.parse().unwrap();
+            match GuardedResolver::new(policy).check_all(&uri, &cfg, NextTimeout::default()) {
+                Ok(()) => Ok(()),
+                Err(ureq::Error::Io(e)) if e.kind() == io::ErrorKind::PermissionDenied => Err(e.to_string()),
+                Err(other) => panic!("{other:?}"),
+            }
+        };
+        let loopback = || AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+        // A host name is resolved here: localhost is loopback whichever family /etc/hosts gives it.
+        let err = check(loopback(), "http://localhost:1/m.wasm").unwrap_err();
+        assert!(err.starts_with("connection blocked: resolved IP ") && err.contains("blocked CIDR range"), "{err}");
+        assert_eq!(
+            check(loopback(), "https://127.0.0.1/").unwrap_err(),
+            "connection blocked: resolved IP 127.0.0.1 is in blocked CIDR range 127.0.0.0/8"
+        );
+        assert_eq!(
+            check(AddressPolicy::default(), "http://[::]/").unwrap_err(),
+            "connection blocked: resolved IP :: is unspecified"
+        );
+        assert_eq!(check(AddressPolicy::default(), "http://localhost:1/"), Ok(()));
+        assert_eq!(check(AddressPolicy::default(), "http://198.51.100.7/"), Ok(()));
+        // A name that does not resolve here cannot be checked, so it is refused.
+        let err = check(AddressPolicy::default(), "http://wasm.example.invalid/").unwrap_err();
+        assert!(
+            err.starts_with("connection blocked: cannot check wasm.example.invalid before asking the proxy for it: "),
+            "{err}"
+        );
     }
 
     #[test]

@@ -126,7 +126,9 @@ impl Cache {
     /// Envoy; on rejection the reason for the NACK (forward nothing).
     pub fn convert(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
         self.timed(response, |r| {
-            let converted = ecds::convert_sotw(r, &self.store, &self.policy, &self.metrics)?;
+            // Keeps the modules the response is given from a purge until its in-use set is recorded.
+            let pins = self.store.pinning();
+            let converted = ecds::convert_sotw(r, &pins, &self.policy, &self.metrics)?;
             self.store.set_sotw_in_use(converted.modules);
             Ok(converted.bytes)
         })
@@ -135,7 +137,8 @@ impl Cache {
     /// Converts a serialized `DeltaDiscoveryResponse`; removed resource names pass through.
     pub fn convert_delta(&self, response: &[u8]) -> Result<Vec<u8>, Rejection> {
         self.timed(response, |r| {
-            let converted = ecds::convert_delta(r, &self.store, &self.policy, &self.metrics)?;
+            let pins = self.store.pinning();
+            let converted = ecds::convert_delta(r, &pins, &self.policy, &self.metrics)?;
             self.store.update_delta_in_use(converted.resources, &converted.removed);
             Ok(converted.bytes)
         })

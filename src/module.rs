@@ -87,7 +87,8 @@ impl fmt::Display for ModuleError {
 
 impl std::error::Error for ModuleError {}
 
-/// Answers module requests. Implemented by the store; a conversion calls it once per response.
+/// Answers module requests. Implemented by the store's handle for one conversion (which also keeps the modules
+/// it answered with from being purged until the conversion is over); a conversion calls it once per response.
 pub trait ModuleSource: Sync {
     /// Answers every request; result `i` answers request `i`. Distinct modules are fetched concurrently
     /// and the call returns only when all are answered.

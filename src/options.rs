@@ -91,9 +91,14 @@ impl Default for Options {
     }
 }
 
+/// The longest options JSON accepted: a few hundred bytes is typical; a megabyte leaves room for long
+/// host and CIDR lists while bounding what a caller can make the parser hold.
+pub(crate) const MAX_OPTIONS_JSON_BYTES: usize = 1 << 20;
+
 impl Options {
     /// Parses options from JSON (`""`, `"null"` and `"{}"` mean defaults) with the process environment as
     /// fallback.
+    /// `json` is at most 1 MiB long.
     pub fn from_json(json: &str) -> Result<Options, OptionsError> {
         Self::from_json_with_env(json, &|name| std::env::var(name).ok())
     }
@@ -104,19 +109,28 @@ impl Options {
     }
 
     pub(crate) fn from_json_with_env(json: &str, env: EnvLookup<'_>) -> Result<Options, OptionsError> {
+        if json.len() > MAX_OPTIONS_JSON_BYTES {
+            return Err(OptionsError(format!(
+                "invalid options: the JSON is {} bytes, more than the limit of {MAX_OPTIONS_JSON_BYTES}",
+                json.len()
+            )));
+        }
         let trimmed = json.trim();
         let raw: RawOptions = if trimmed.is_empty() || trimmed == "null" {
             RawOptions::default()
         } else {
             let mut de = serde_json::Deserializer::from_str(trimmed);
-            serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
                 let key = e.path().to_string();
                 if key == "." {
                     OptionsError(format!("invalid options: {}", e.inner()))
                 } else {
                     OptionsError(format!("invalid options: {key}: {}", e.inner()))
                 }
-            })?
+            })?;
+            // Text after the object is an error, not ignored (found by the options fuzz target).
+            de.end().map_err(|e| OptionsError(format!("invalid options: {e}")))?;
+            raw
         };
         Self::resolve(raw, env)
     }
@@ -427,6 +441,26 @@ mod tests {
         assert!(o.enable_conversion);
         assert_eq!(o.max_attempts, 1);
         assert_eq!(o.insecure_hosts, vec!["*"]);
+    }
+
+    #[test]
+    fn options_json_longer_than_the_limit_is_refused_before_parsing() {
+        let hosts = vec!["h"; MAX_OPTIONS_JSON_BYTES / 4];
+        let json = serde_json::json!({ "cache_dir": "/c", "insecure_hosts": hosts }).to_string();
+        assert!(json.len() > MAX_OPTIONS_JSON_BYTES);
+        let e = with_env(&json, &[]).unwrap_err();
+        assert!(e.0.contains(&format!("more than the limit of {MAX_OPTIONS_JSON_BYTES}")), "{e}");
+        let short = serde_json::json!({ "cache_dir": "/c", "insecure_hosts": vec!["h"; 1000] }).to_string();
+        assert_eq!(with_env(&short, &[]).unwrap().insecure_hosts.len(), 1000);
+    }
+
+    #[test]
+    fn text_after_the_options_object_is_an_error() {
+        for json in [r#"{"cache_dir":"/c"} {"#, r#"{}x"#, r#"{"cache_dir":"/c"}, {"max_attempts":0}"#] {
+            let e = with_env(json, &[]).unwrap_err();
+            assert!(e.0.contains("trailing characters"), "{json}: {e}");
+        }
+        assert!(with_env("{}\n\t ", &[]).is_ok());
     }
 
     #[test]

@@ -425,6 +425,71 @@ impl fmt::Display for SchemaError {
     }
 }
 
+// ---- the memory budget of a conversion ----
+
+/// What the conversion of one response may allocate for the configurations it decodes (the trees of
+/// TypedStructs) and the encodings made from them: 4 × the response size + 8 MiB. On the wire a value costs
+/// a few bytes; decoded, it costs a tree node, a map slot, an allocation — many times more for small values —
+/// so a hostile response could otherwise take many times its size. Charges estimate the heap bytes about to be
+/// allocated and come before the allocation; nothing is refunded, since what is charged lives until the
+/// response is done. Once exceeded, every further charge fails too.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    limit: usize,
+    used: usize,
+    exceeded: bool,
+}
+
+/// Bytes of budget per byte of the response.
+const BUDGET_PER_RESPONSE_BYTE: usize = 4;
+/// Bytes of budget every response has, however small: room for the ordinary configurations of a small
+/// response, whose trees are many times their wire size.
+pub(crate) const BUDGET_BASE: usize = 8 << 20;
+
+impl Budget {
+    /// The budget of a response of `size` bytes.
+    pub fn for_response(size: usize) -> Budget {
+        let limit = size.saturating_mul(BUDGET_PER_RESPONSE_BYTE).saturating_add(BUDGET_BASE);
+        Budget { limit, used: 0, exceeded: false }
+    }
+
+    #[cfg(test)]
+    pub fn unlimited() -> Budget {
+        Budget { limit: usize::MAX, used: 0, exceeded: false }
+    }
+
+    /// Takes `bytes` from the budget, or fails when they do not fit.
+    pub fn charge(&mut self, bytes: usize) -> Result<(), SchemaError> {
+        self.fits(bytes)?;
+        self.used += bytes;
+        Ok(())
+    }
+
+    /// Whether `bytes` more would fit, without taking them (for a buffer that is still growing and is charged
+    /// when done); fails when they do not.
+    pub fn fits(&mut self, bytes: usize) -> Result<(), SchemaError> {
+        if self.exceeded || self.used.saturating_add(bytes) > self.limit {
+            self.exceeded = true;
+            return Err(SchemaError::new(self.reason()));
+        }
+        Ok(())
+    }
+
+    /// Whether a charge failed: the conversion of the response must stop with [`Budget::reason`].
+    pub fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+
+    pub fn reason(&self) -> String {
+        format!(
+            "the decoded configuration exceeds the memory budget of {} bytes ({} × the response size + {} MiB)",
+            self.limit,
+            BUDGET_PER_RESPONSE_BYTE,
+            BUDGET_BASE >> 20
+        )
+    }
+}
+
 // ---- binary validation ----
 
 /// Checks that `buf` parses as `msg` the way Go's `proto.Unmarshal` would: valid wire format everywhere in
@@ -537,6 +602,12 @@ pub(crate) struct EncodeNotes {
     pub unencodable_any: Vec<String>,
 }
 
+/// What an encoding carries along: the notes it takes and the budget it is charged to.
+struct Cx<'e> {
+    notes: &'e mut EncodeNotes,
+    budget: &'e mut Budget,
+}
+
 /// Encodes the JSON value `value` as the binary message `msg` by the proto3 JSON mapping: keys may be field
 /// names or json names; an unknown key is an error.
 #[cfg(test)]
@@ -545,29 +616,39 @@ pub(crate) fn encode_json(
     value: &JVal,
     notes: &mut EncodeNotes,
 ) -> Result<Vec<u8>, SchemaError> {
-    encode_message_value(msg, value, notes, 0)
+    let mut out = Vec::new();
+    encode_message_value(msg, value, &mut Cx { notes, budget: &mut Budget::unlimited() }, 0, &mut out)?;
+    Ok(out)
 }
 
-/// [`encode_json`] of a JSON object, borrowed as it is (a TypedStruct's tree is encoded without a copy).
+/// [`encode_json`] of a JSON object, borrowed as it is (a TypedStruct's tree is encoded without a copy). The
+/// encoding is charged to `budget`; `size_hint` is its expected size (the buffer is sized once).
 pub(crate) fn encode_json_object(
     msg: &'static Message,
     map: &BTreeMap<String, JVal>,
     notes: &mut EncodeNotes,
+    budget: &mut Budget,
+    size_hint: usize,
 ) -> Result<Vec<u8>, SchemaError> {
-    encode_object(msg, map, notes, 0)
+    budget.fits(size_hint)?;
+    let mut out = Vec::with_capacity(size_hint);
+    encode_object(msg, map, &mut Cx { notes, budget }, 0, &mut out)?;
+    budget.charge(out.capacity())?;
+    Ok(out)
 }
 
-/// A message-typed value in JSON: well-known types have their special forms.
+/// A message-typed value in JSON: well-known types have their special forms. Every encoder appends to `out`,
+/// and a nested message is written in place (`wire::put_len_with`), so that no level copies its children.
 fn encode_message_value(
     msg: &'static Message,
     value: &JVal,
-    notes: &mut EncodeNotes,
+    cx: &mut Cx<'_>,
     depth: usize,
-) -> Result<Vec<u8>, SchemaError> {
+    out: &mut Vec<u8>,
+) -> Result<(), SchemaError> {
     if depth > MAX_DEPTH {
         return Err(SchemaError::new(format!("{}: nested more than {MAX_DEPTH} levels deep", msg.name)));
     }
-    let mut out = Vec::new();
     match msg.wkt {
         Wkt::Duration => {
             let JVal::Str(s) = value else {
@@ -579,84 +660,89 @@ fn encode_message_value(
             };
             let (seconds, nanos) = parse_duration(s)?;
             if seconds != 0 {
-                encode_key(1, WireType::Varint, &mut out);
-                encode_varint(seconds as u64, &mut out);
+                encode_key(1, WireType::Varint, out);
+                encode_varint(seconds as u64, out);
             }
             if nanos != 0 {
-                encode_key(2, WireType::Varint, &mut out);
-                encode_varint(nanos as i64 as u64, &mut out);
+                encode_key(2, WireType::Varint, out);
+                encode_varint(nanos as i64 as u64, out);
             }
         }
         Wkt::Wrapper => {
             let def = &msg.fields[0];
-            encode_scalar(def, value, false, &mut out)?;
+            encode_scalar(def, value, false, out)?;
         }
         Wkt::ListValue => {
             let JVal::List(items) = value else {
                 return Err(SchemaError::new(format!("{} must be a list, not {}", msg.name, value.kind())));
             };
             for v in items {
-                wire::put_len(&mut out, 1, &encode_message_value(&VALUE, v, notes, depth + 1)?);
+                wire::put_len_with(out, 1, |out| encode_message_value(&VALUE, v, cx, depth + 1, out))?;
+                cx.budget.fits(out.capacity())?;
             }
         }
         Wkt::Value => match value {
-            JVal::Null => wire::put_varint(&mut out, 1, 0),
+            JVal::Null => wire::put_varint(out, 1, 0),
             JVal::Num(n) => {
-                encode_key(2, WireType::SixtyFourBit, &mut out);
+                encode_key(2, WireType::SixtyFourBit, out);
                 out.extend_from_slice(&n.to_le_bytes());
             }
-            JVal::Str(s) => wire::put_len(&mut out, 3, s.as_bytes()),
-            JVal::Bool(b) => wire::put_varint(&mut out, 4, u64::from(*b)),
-            JVal::Obj(_) => wire::put_len(&mut out, 5, &encode_message_value(&STRUCT, value, notes, depth + 1)?),
-            JVal::List(_) => wire::put_len(&mut out, 6, &encode_message_value(&LIST_VALUE, value, notes, depth + 1)?),
+            JVal::Str(s) => wire::put_len(out, 3, s.as_bytes()),
+            JVal::Bool(b) => wire::put_varint(out, 4, u64::from(*b)),
+            JVal::Obj(_) => {
+                wire::put_len_with(out, 5, |out| encode_message_value(&STRUCT, value, cx, depth + 1, out))?;
+            }
+            JVal::List(_) => {
+                wire::put_len_with(out, 6, |out| encode_message_value(&LIST_VALUE, value, cx, depth + 1, out))?;
+            }
         },
         Wkt::Struct | Wkt::Any | Wkt::None | Wkt::Empty => {
             let JVal::Obj(map) = value else {
                 return Err(SchemaError::new(format!("{} must be an object, not {}", msg.name, value.kind())));
             };
-            return encode_object(msg, map, notes, depth);
+            encode_object(msg, map, cx, depth, out)?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A message-typed value given as a JSON object: a `Struct`, an `Any` or a plain message.
 fn encode_object(
     msg: &'static Message,
     map: &BTreeMap<String, JVal>,
-    notes: &mut EncodeNotes,
+    cx: &mut Cx<'_>,
     depth: usize,
-) -> Result<Vec<u8>, SchemaError> {
+    out: &mut Vec<u8>,
+) -> Result<(), SchemaError> {
     if depth > MAX_DEPTH {
         return Err(SchemaError::new(format!("{}: nested more than {MAX_DEPTH} levels deep", msg.name)));
     }
-    let mut out = Vec::new();
     match msg.wkt {
         Wkt::Struct => {
             for (k, v) in map {
-                let mut entry = Vec::new();
-                wire::put_len(&mut entry, 1, k.as_bytes());
-                wire::put_len(&mut entry, 2, &encode_message_value(&VALUE, v, notes, depth + 1)?);
-                wire::put_len(&mut out, 1, &entry);
+                wire::put_len_with(out, 1, |entry| {
+                    wire::put_len(entry, 1, k.as_bytes());
+                    wire::put_len_with(entry, 2, |entry| encode_message_value(&VALUE, v, cx, depth + 1, entry))?;
+                    Ok(())
+                })?;
+                cx.budget.fits(out.capacity())?;
             }
         }
         Wkt::Any => {
             if map.is_empty() {
-                return Ok(out);
+                return Ok(());
             }
             let Some(JVal::Str(type_url)) = map.get("@type") else {
                 return Err(SchemaError::new(format!("{}: missing or invalid \"@type\"", msg.name)));
             };
-            wire::put_len(&mut out, 1, type_url.as_bytes());
+            wire::put_len(out, 1, type_url.as_bytes());
             let Some(inner) = by_type_url(type_url) else {
-                notes.unencodable_any.push(type_url.clone());
-                return Ok(out);
+                cx.notes.unencodable_any.push(type_url.clone());
+                return Ok(());
             };
             let rest = map.iter().filter(|(k, _)| *k != "@type");
-            let encoded = match inner.wkt {
-                Wkt::None | Wkt::Empty => {
-                    encode_fields(inner, rest, notes, depth + 1).map_err(|e| e.within(type_url))?
-                }
+            let value = match inner.wkt {
+                Wkt::None | Wkt::Empty => None,
                 _ => {
                     if let Some((k, _)) = rest.clone().find(|(k, _)| *k != "value") {
                         return Err(SchemaError::new(format!("unknown field {k:?} in {}", inner.name)));
@@ -665,30 +751,36 @@ fn encode_object(
                     if *v == JVal::Null && inner.wkt != Wkt::Value {
                         return Err(SchemaError::new(format!("{}: missing \"value\" in Any", inner.name)));
                     }
-                    encode_message_value(inner, v, notes, depth + 1).map_err(|e| e.within(type_url))?
+                    Some(v)
                 }
             };
-            if !encoded.is_empty() {
-                wire::put_len(&mut out, 2, &encoded);
+            let start = out.len();
+            let written = wire::put_len_with(out, 2, |out| match value {
+                None => encode_fields(inner, rest, cx, depth + 1, out),
+                Some(v) => encode_message_value(inner, v, cx, depth + 1, out),
+            })
+            .map_err(|e| e.within(type_url))?;
+            if written == 0 {
+                out.truncate(start); // an empty `value` is not written
             }
         }
-        Wkt::None | Wkt::Empty => return encode_fields(msg, map.iter(), notes, depth),
+        Wkt::None | Wkt::Empty => encode_fields(msg, map.iter(), cx, depth, out)?,
         _ => return Err(SchemaError::new(format!("{} cannot be given as an object", msg.name))),
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The fields of a plain message from the members of a JSON object, written in field-number order.
 fn encode_fields<'v>(
     msg: &'static Message,
     members: impl Iterator<Item = (&'v String, &'v JVal)>,
-    notes: &mut EncodeNotes,
+    cx: &mut Cx<'_>,
     depth: usize,
-) -> Result<Vec<u8>, SchemaError> {
+    out: &mut Vec<u8>,
+) -> Result<(), SchemaError> {
     if depth > MAX_DEPTH {
         return Err(SchemaError::new(format!("{}: nested more than {MAX_DEPTH} levels deep", msg.name)));
     }
-    let mut out = Vec::new();
     let mut chosen: Vec<(&'static FieldDef, &JVal)> = Vec::new();
     for (key, v) in members {
         let Some(def) = msg.field_by_json_key(key) else {
@@ -712,15 +804,16 @@ fn encode_fields<'v>(
             }
             oneofs.push(group);
         }
-        encode_field(def, v, notes, depth, &mut out).map_err(|e| e.within(def.name))?;
+        encode_field(def, v, cx, depth, out).map_err(|e| e.within(def.name))?;
+        cx.budget.fits(out.capacity())?;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn encode_field(
     def: &'static FieldDef,
     value: &JVal,
-    notes: &mut EncodeNotes,
+    cx: &mut Cx<'_>,
     depth: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), SchemaError> {
@@ -730,10 +823,11 @@ fn encode_field(
         };
         let (key_def, value_def) = (&entry.fields[0], &entry.fields[1]);
         for (k, v) in map {
-            let mut e = Vec::new();
-            encode_scalar(key_def, &JVal::Str(k.clone()), true, &mut e)?;
-            encode_single(value_def, v, notes, depth, true, &mut e).map_err(|err| err.within(k))?;
-            wire::put_len(out, def.number, &e);
+            wire::put_len_with(out, def.number, |e| {
+                encode_scalar(key_def, &JVal::Str(k.clone()), true, e)?;
+                encode_single(value_def, v, cx, depth, true, e).map_err(|err| err.within(k))
+            })?;
+            cx.budget.fits(out.capacity())?;
         }
         return Ok(());
     }
@@ -745,26 +839,26 @@ fn encode_field(
             if *item == JVal::Null {
                 return Err(SchemaError::new("null in a repeated field"));
             }
-            encode_single(def, item, notes, depth, true, out)?;
+            encode_single(def, item, cx, depth, true, out)?;
+            cx.budget.fits(out.capacity())?;
         }
         return Ok(());
     }
-    encode_single(def, value, notes, depth, def.oneof.is_some(), out)
+    encode_single(def, value, cx, depth, def.oneof.is_some(), out)
 }
 
 /// One value of `def`; `always` writes scalars even when they hold the default.
 fn encode_single(
     def: &'static FieldDef,
     value: &JVal,
-    notes: &mut EncodeNotes,
+    cx: &mut Cx<'_>,
     depth: usize,
     always: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), SchemaError> {
     match def.ty {
         Ty::Message(m) => {
-            let payload = encode_message_value(m, value, notes, depth + 1)?;
-            wire::put_len(out, def.number, &payload);
+            wire::put_len_with(out, def.number, |out| encode_message_value(m, value, cx, depth + 1, out))?;
             Ok(())
         }
         Ty::Map(_) | Ty::Opaque => Err(SchemaError::new("cannot be given in JSON here")),

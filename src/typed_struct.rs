@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::schema::{self, EncodeNotes, JVal, SchemaError, MAX_DEPTH};
-use crate::wire::{self, Fields};
+use crate::schema::{self, Budget, EncodeNotes, JVal, SchemaError, MAX_DEPTH};
+use crate::wire::{self, Msg};
 
 /// A decoded TypedStruct: the inner type URL and the `Struct` as a JSON object.
 #[derive(Debug, Clone)]
@@ -13,13 +13,14 @@ pub(crate) struct TypedStruct {
     pub value: BTreeMap<String, JVal>,
 }
 
-/// Parses a serialized `udpa.type.v1.TypedStruct` / `xds.type.v3.TypedStruct` (both have the same fields).
-pub(crate) fn parse(bytes: &[u8]) -> Result<TypedStruct, SchemaError> {
+/// Parses a serialized `udpa.type.v1.TypedStruct` / `xds.type.v3.TypedStruct` (both have the same fields),
+/// charging the decoded tree to `budget`.
+pub(crate) fn parse(bytes: &[u8], budget: &mut Budget) -> Result<TypedStruct, SchemaError> {
     schema::validate(&schema::TYPED_STRUCT, bytes)?;
-    let err = |e: wire::WireError| SchemaError { path: Vec::new(), cause: e.to_string() };
-    let type_url = wire::last_string(bytes, 1).map_err(err)?.to_owned();
-    let value = match wire::merged(bytes, 2).map_err(err)? {
-        Some(s) => decode_struct(&s, 0)?,
+    let ts = Msg::from(bytes);
+    let type_url = ts.last_string(1).map_err(wire_cause)?.to_owned();
+    let value = match ts.child(2).map_err(wire_cause)? {
+        Some(s) => decode_struct(s, 0, budget)?,
         None => BTreeMap::new(),
     };
     Ok(TypedStruct { type_url, value })
@@ -29,21 +30,54 @@ fn cause(text: impl Into<String>) -> SchemaError {
     SchemaError { path: Vec::new(), cause: text.into() }
 }
 
-/// A `google.protobuf.Struct` (already validated) as a JSON object; a later duplicate key wins.
-pub(crate) fn decode_struct(buf: &[u8], depth: usize) -> Result<BTreeMap<String, JVal>, SchemaError> {
+fn wire_cause(e: wire::WireError) -> SchemaError {
+    cause(e.to_string())
+}
+
+// What a decoded tree takes on the heap, charged to the budget before it is allocated. Sizes from Rust's std
+// on 64-bit targets: a `BTreeMap` node holds up to 11 entries (`alloc/src/collections/btree/node.rs`:
+// `CAPACITY = 2 * B - 1`, `B = 6`) and nodes are at least about half full; an allocation carries the
+// allocator's header and rounding (glibc `malloc/malloc.c`: 8 bytes of header, 16-byte granules, 32 at least).
+
+/// A map entry's share of the B-tree: its (key, value) slot twice over.
+const MAP_ENTRY: usize = 2 * size_of::<(String, JVal)>();
+/// The first node of a non-empty map.
+const MAP_NODE: usize = 11 * size_of::<(String, JVal)>() + 16;
+/// A value's slot in a list.
+const LIST_SLOT: usize = size_of::<JVal>();
+
+/// The heap an allocation of `len` bytes takes (nothing for an empty string or list).
+fn block(len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        len.saturating_add(16).max(32)
+    }
+}
+
+/// A `google.protobuf.Struct` (already validated; its occurrences read in place) as a JSON object; a later
+/// duplicate key wins.
+pub(crate) fn decode_struct(
+    s: Msg<'_>,
+    depth: usize,
+    budget: &mut Budget,
+) -> Result<BTreeMap<String, JVal>, SchemaError> {
     if depth > MAX_DEPTH {
         return Err(cause("Struct nested too deep"));
     }
     let mut map = BTreeMap::new();
-    for field in Fields::new(buf) {
-        let field = field.map_err(|e| cause(e.to_string()))?;
+    for field in s.fields() {
+        let field = field.map_err(wire_cause)?;
         if field.number != 1 {
             continue;
         }
-        let entry = field.bytes().map_err(|e| cause(e.to_string()))?;
-        let key = wire::last_string(entry, 1).map_err(|e| cause(e.to_string()))?.to_owned();
-        let value = match wire::merged(entry, 2).map_err(|e| cause(e.to_string()))? {
-            Some(v) => decode_value(&v, depth + 1).map_err(|e| prefix(e, &key))?,
+        // A map entry is a message of its own: its `value` (2) may occur more than once and merges.
+        let entry = Msg::from(field.bytes().map_err(wire_cause)?);
+        let key = entry.last_string(1).map_err(wire_cause)?;
+        budget.charge(if map.is_empty() { block(MAP_NODE) } else { 0 } + MAP_ENTRY + block(key.len()))?;
+        let key = key.to_owned();
+        let value = match entry.child(2).map_err(wire_cause)? {
+            Some(v) => decode_value(v, depth + 1, budget).map_err(|e| prefix(e, &key))?,
             None => return Err(prefix(cause("google.protobuf.Value with no kind set"), &key)),
         };
         map.insert(key, value);
@@ -56,60 +90,73 @@ fn prefix(mut e: SchemaError, key: &str) -> SchemaError {
     e
 }
 
-fn decode_value(buf: &[u8], depth: usize) -> Result<JVal, SchemaError> {
+/// A `google.protobuf.Value` (`null_value` 1, `number_value` 2, `string_value` 3, `bool_value` 4,
+/// `struct_value` 5, `list_value` 6: the oneof `kind` of protobuf `google/protobuf/struct.proto`).
+fn decode_value(v: Msg<'_>, depth: usize, budget: &mut Budget) -> Result<JVal, SchemaError> {
     if depth > MAX_DEPTH {
         return Err(cause("Struct nested too deep"));
     }
-    let kind = wire::oneof(buf, &[1, 2, 3, 4, 5, 6]).map_err(|e| cause(e.to_string()))?;
-    let Some((number, payload)) = kind else {
+    let Some(kind) = v.oneof(&[1, 2, 3, 4, 5, 6]).map_err(wire_cause)? else {
         return Err(cause("google.protobuf.Value with no kind set"));
     };
-    // The last occurrence decides a scalar member; `payload` is its raw value.
-    let scalar = || wire::last(buf, number).ok().flatten();
-    Ok(match number {
+    // The last occurrence decides a scalar member; a message member's occurrences merge.
+    Ok(match kind.number {
         1 => JVal::Null,
         2 => {
-            let f = scalar().ok_or_else(|| cause("bad number_value"))?;
-            let bytes: [u8; 8] = f.payload.try_into().map_err(|_| cause("bad number_value"))?;
+            let bytes: [u8; 8] = kind.last.payload.try_into().map_err(|_| cause("bad number_value"))?;
             let n = f64::from_le_bytes(bytes);
             if !n.is_finite() {
                 return Err(cause("number_value is NaN or infinite, which JSON cannot carry"));
             }
             JVal::Num(n)
         }
-        3 => JVal::Str(
-            scalar().ok_or_else(|| cause("bad string_value"))?.string().map_err(|e| cause(e.to_string()))?.to_owned(),
-        ),
-        4 => JVal::Bool(
-            scalar().ok_or_else(|| cause("bad bool_value"))?.varint().map_err(|e| cause(e.to_string()))? != 0,
-        ),
-        5 => JVal::Obj(decode_struct(&payload, depth + 1)?),
+        3 => {
+            let s = kind.last.string().map_err(wire_cause)?;
+            budget.charge(block(s.len()))?;
+            JVal::Str(s.to_owned())
+        }
+        4 => JVal::Bool(kind.last.varint().map_err(wire_cause)? != 0),
+        5 => JVal::Obj(decode_struct(kind.merged, depth + 1, budget)?),
         _ => {
-            let mut items = Vec::new();
-            for field in Fields::new(&payload) {
-                let field = field.map_err(|e| cause(e.to_string()))?;
-                if field.number == 1 {
-                    items.push(decode_value(field.payload, depth + 1)?);
+            // `ListValue.values` (1), each item a Value of its own.
+            let mut items: Vec<JVal> = Vec::new();
+            for field in kind.merged.fields() {
+                let field = field.map_err(wire_cause)?;
+                if field.number != 1 {
+                    continue;
                 }
+                if items.len() == items.capacity() {
+                    let more = items.capacity().max(4);
+                    budget.charge(more * LIST_SLOT)?;
+                    items.reserve_exact(more);
+                }
+                items.push(decode_value(Msg::from(field.bytes().map_err(wire_cause)?), depth + 1, budget)?);
             }
             JVal::List(items)
         }
     })
 }
 
-/// Encodes a JSON object as a `google.protobuf.Struct`.
-pub(crate) fn encode_struct(value: &BTreeMap<String, JVal>) -> Result<Vec<u8>, SchemaError> {
-    schema::encode_json_object(&schema::STRUCT, value, &mut EncodeNotes::default())
+/// Encodes a JSON object as a `google.protobuf.Struct`, charged to `budget`; `size_hint` is the expected size.
+pub(crate) fn encode_struct(
+    value: &BTreeMap<String, JVal>,
+    budget: &mut Budget,
+    size_hint: usize,
+) -> Result<Vec<u8>, SchemaError> {
+    schema::encode_json_object(&schema::STRUCT, value, &mut EncodeNotes::default(), budget, size_hint)
 }
 
 /// The Struct of a Wasm filter as the binary Wasm message `wasm` (HTTP or network): proto3 JSON rules,
-/// snake_case or lowerCamelCase keys. The notes list `Any` types we could not encode.
+/// snake_case or lowerCamelCase keys. The notes list `Any` types we could not encode. The encoding is charged
+/// to `budget`; `size_hint` is its expected size (the Struct's size on the wire: the mapping seldom grows it).
 pub(crate) fn to_wasm(
     wasm: &'static schema::Message,
     value: &BTreeMap<String, JVal>,
+    budget: &mut Budget,
+    size_hint: usize,
 ) -> Result<(Vec<u8>, EncodeNotes), SchemaError> {
     let mut notes = EncodeNotes::default();
-    let bytes = schema::encode_json_object(wasm, value, &mut notes)?;
+    let bytes = schema::encode_json_object(wasm, value, &mut notes, budget, size_hint)?;
     Ok((bytes, notes))
 }
 
@@ -185,13 +232,13 @@ mod tests {
     #[test]
     fn struct_round_trip() {
         let m = obj(serde_json::json!({"a": [1, "x", true, null, {"b": {}}], "c": -2.5}));
-        let bytes = encode_struct(&m).unwrap();
+        let bytes = encode_struct(&m, &mut Budget::unlimited(), 0).unwrap();
         schema::validate(&schema::STRUCT, &bytes).unwrap();
-        assert_eq!(decode_struct(&bytes, 0).unwrap(), m);
+        assert_eq!(decode_struct(Msg::from(&bytes), 0, &mut Budget::unlimited()).unwrap(), m);
         let mut ts = Vec::new();
         wire::put_len(&mut ts, 1, b"type.googleapis.com/x.Y");
         wire::put_len(&mut ts, 2, &bytes);
-        let parsed = parse(&ts).unwrap();
+        let parsed = parse(&ts, &mut Budget::unlimited()).unwrap();
         assert_eq!(parsed.type_url, "type.googleapis.com/x.Y");
         assert_eq!(parsed.value, m);
     }
@@ -203,7 +250,98 @@ mod tests {
         wire::put_len(&mut entry, 2, b"");
         let mut s = Vec::new();
         wire::put_len(&mut s, 1, &entry);
-        assert!(decode_struct(&s, 0).is_err());
+        assert!(decode_struct(Msg::from(&s), 0, &mut Budget::unlimited()).is_err());
+    }
+
+    /// Cuts a message after each of its fields: the pieces, concatenated, are the message.
+    fn split_fields(msg: &[u8]) -> Vec<Vec<u8>> {
+        wire::Fields::new(msg).map(|f| f.unwrap().raw.to_vec()).collect()
+    }
+
+    /// A TypedStruct whose messages occur several times at every level decodes to the tree of their
+    /// concatenation: each `Struct`, `Value` and `ListValue` is split into one occurrence per field (and a
+    /// `Value` into an earlier member of another kind first, which the later member replaces).
+    #[test]
+    fn repeated_occurrences_decode_as_their_concatenation() {
+        let m = obj(serde_json::json!({
+            "a": [1, "x", [true, [null, {"b": {"c": [2.5]}}]], {"d": "e"}],
+            "f": {"g": {"h": [[], {}, "i"]}},
+        }));
+        let single = encode_struct(&m, &mut Budget::unlimited(), 0).unwrap();
+        // Rewrites a Struct (`kind` 5) or ListValue (6) payload with every Value split, recursively.
+        fn split_value(value: &[u8]) -> Vec<u8> {
+            let member = Msg::from(value).oneof(&[1, 2, 3, 4, 5, 6]).unwrap().unwrap();
+            let mut out = Vec::new();
+            wire::put_len(&mut out, 3, b"replaced by the next member");
+            match member.number {
+                5 | 6 => {
+                    let payload = member.last.payload;
+                    for piece in split_fields(payload) {
+                        let field = wire::Fields::new(&piece).next().unwrap().unwrap();
+                        let inner = match (member.number, field.number) {
+                            (5, 1) => split_entry(field.payload),
+                            (6, 1) => split_value(field.payload),
+                            _ => unreachable!(),
+                        };
+                        let mut wrapped = Vec::new();
+                        wire::put_len(&mut wrapped, 1, &inner);
+                        wire::put_len(&mut out, member.number, &wrapped);
+                    }
+                    if payload.is_empty() {
+                        wire::put_len(&mut out, member.number, b"");
+                    }
+                }
+                _ => out.extend_from_slice(value),
+            }
+            out
+        }
+        // A Struct entry: key, then the value in two occurrences (the kind, then nothing more).
+        fn split_entry(entry: &[u8]) -> Vec<u8> {
+            let e = Msg::from(entry);
+            let mut out = Vec::new();
+            wire::put_len(&mut out, 1, e.last_string(1).unwrap().as_bytes());
+            wire::put_len(&mut out, 2, &split_value(e.last(2).unwrap().unwrap().payload));
+            wire::put_len(&mut out, 2, b"");
+            out
+        }
+        let mut split = Vec::new();
+        for piece in split_fields(&single) {
+            let field = wire::Fields::new(&piece).next().unwrap().unwrap();
+            wire::put_len(&mut split, 1, &split_entry(field.payload));
+        }
+        assert_ne!(split, single);
+        schema::validate(&schema::STRUCT, &split).unwrap();
+        let mut ts = Vec::new();
+        wire::put_len(&mut ts, 1, b"type.googleapis.com/x.Y");
+        for piece in split_fields(&split) {
+            wire::put_len(&mut ts, 2, &piece); // TypedStruct.value, one occurrence per entry
+        }
+        assert_eq!(parse(&ts, &mut Budget::unlimited()).unwrap().value, m);
+        assert_eq!(decode_struct(Msg::from(&split), 0, &mut Budget::unlimited()).unwrap(), m);
+    }
+
+    /// The tree is charged as it is built; past the budget, decoding stops with the budget's reason.
+    #[test]
+    fn decoding_beyond_the_budget_fails() {
+        let items: Vec<serde_json::Value> = (0..1000).map(|i| serde_json::json!({ "k": i })).collect();
+        let m = obj(serde_json::json!({ "list": items }));
+        let bytes = encode_struct(&m, &mut Budget::unlimited(), 0).unwrap();
+        let mut budget = Budget::for_response(0);
+        assert!(decode_struct(Msg::from(&bytes), 0, &mut budget).is_ok());
+        let mut budget = Budget::for_response(0);
+        budget.charge(schema::BUDGET_BASE - 100_000).unwrap();
+        let err = decode_struct(Msg::from(&bytes), 0, &mut budget).unwrap_err();
+        assert!(budget.exceeded());
+        assert_eq!(err.cause, budget.reason());
+        assert_eq!(
+            budget.reason(),
+            "the decoded configuration exceeds the memory budget of 8388608 bytes (4 × the response size + 8 MiB)"
+        );
+        // the encoding is charged too
+        let mut budget = Budget::for_response(0);
+        budget.charge(schema::BUDGET_BASE - bytes.len() / 2).unwrap();
+        assert!(encode_struct(&m, &mut budget, 0).is_err());
+        assert!(budget.exceeded());
     }
 
     #[test]

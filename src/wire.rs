@@ -2,11 +2,10 @@
 //! field by field; each field keeps the exact bytes it came with (`Field::raw`), so a rewriter copies what
 //! it does not change and re-encodes only what it does.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use prost::bytes::Buf;
-use prost::encoding::{decode_varint, encode_key, encode_varint, WireType};
+use prost::encoding::{decode_varint, encode_key, encode_varint, encoded_len_varint, WireType};
 
 /// Malformed wire data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,125 +184,353 @@ pub(crate) fn put_len(out: &mut Vec<u8>, number: u32, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends a length-delimited field whose payload `write` appends to `out`: the payload is written in place
+/// and its length inserted before it afterwards (one move of the payload, no buffer of its own), so that
+/// nested messages are encoded without each level copying its children. Returns the payload's length.
+pub(crate) fn put_len_with<E>(
+    out: &mut Vec<u8>,
+    number: u32,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<usize, E> {
+    encode_key(number, WireType::LengthDelimited, out);
+    let start = out.len();
+    write(out)?;
+    let len = out.len() - start;
+    let prefix = encoded_len_varint(len as u64);
+    out.resize(out.len() + prefix, 0);
+    out.copy_within(start..start + len, start + prefix);
+    encode_varint(len as u64, &mut &mut out[start..start + prefix]);
+    Ok(len)
+}
+
 /// Appends a varint field.
 pub(crate) fn put_varint(out: &mut Vec<u8>, number: u32, value: u64) {
     encode_key(number, WireType::Varint, out);
     encode_varint(value, out);
 }
 
-/// The payloads of every occurrence of the length-delimited field `number`, concatenated: how protobuf merges
-/// repeated occurrences of a singular message field. `None` when the field is absent.
-pub(crate) fn merged(buf: &[u8], number: u32) -> Result<Option<Cow<'_, [u8]>>, WireError> {
-    let mut found: Option<Cow<'_, [u8]>> = None;
-    for field in Fields::new(buf) {
-        let field = field?;
-        if field.number != number {
-            continue;
+/// How many merged levels one [`Msg`] can stack. The readers' paths are fixed by the code, never by the data:
+/// the deepest is `Wasm` → `config` → `vm_config` → `code` → `remote` → `http_uri` → `timeout` (6 levels, and
+/// only when every one of them occurs more than once).
+const MAX_PATH: usize = 8;
+
+/// One step from a message to a merged sub-message: the occurrences of field `number`, ignoring the first
+/// `skip` fields of the parent (a oneof member's occurrences since another member was last seen).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Step {
+    number: u32,
+    skip: u32,
+}
+
+/// A message as protobuf reads it, read in place. A singular message field may occur more than once, and a
+/// parser merges the occurrences, which is the same as parsing the concatenation of their payloads (protobuf.dev
+/// `programming-guides/encoding`, "Last One Wins": "for embedded message fields, the parser merges multiple
+/// instances of the same field, as if with the `Message::MergeFrom` method"). A `Msg` is a buffer (`root`)
+/// and the merged fields that lead from it to the message (`path`); its fields are those of the concatenation,
+/// walked without building it, so that no level of repeated occurrences copies what lies under it. A message
+/// that occurs once is its own root: the usual case costs what reading a slice costs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Msg<'a> {
+    root: &'a [u8],
+    path: [Step; MAX_PATH],
+    depth: usize,
+}
+
+impl<'a> From<&'a [u8]> for Msg<'a> {
+    fn from(buf: &'a [u8]) -> Msg<'a> {
+        Msg { root: buf, path: [Step::default(); MAX_PATH], depth: 0 }
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Msg<'a> {
+    fn from(buf: &'a Vec<u8>) -> Msg<'a> {
+        Msg::from(buf.as_slice())
+    }
+}
+
+impl<'a> Msg<'a> {
+    /// The fields of the message, in order, across all its occurrences.
+    pub fn fields(&self) -> MsgFields<'a> {
+        if self.depth == 0 {
+            return MsgFields::One(Fields::new(self.root));
         }
-        let payload = field.bytes()?;
-        found = Some(match found {
-            None => Cow::Borrowed(payload),
-            Some(prev) => {
-                let mut joined = prev.into_owned();
-                joined.extend_from_slice(payload);
-                Cow::Owned(joined)
+        MsgFields::Merged(Box::new(Walk {
+            msg: *self,
+            levels: std::array::from_fn(|i| Fields::new(if i == 0 { self.root } else { &[] })),
+            seen: [0; MAX_PATH],
+            open: 0,
+            done: false,
+        }))
+    }
+
+    /// The merged message field `number` (`None` when it does not occur).
+    pub fn child(&self, number: u32) -> Result<Option<Msg<'a>>, WireError> {
+        let mut count = 0;
+        let mut only: &[u8] = &[];
+        for field in self.fields() {
+            let field = field?;
+            if field.number == number {
+                only = field.bytes()?;
+                count += 1;
             }
-        });
-    }
-    Ok(found)
-}
-
-/// The last occurrence of field `number` (for scalars, strings and bytes the last one wins).
-pub(crate) fn last(buf: &[u8], number: u32) -> Result<Option<Field<'_>>, WireError> {
-    let mut found = None;
-    for field in Fields::new(buf) {
-        let field = field?;
-        if field.number == number {
-            found = Some(field);
         }
+        Ok(match count {
+            0 => None,
+            1 => Some(Msg::from(only)),
+            _ => Some(self.below(Step { number, skip: 0 })),
+        })
     }
-    Ok(found)
-}
 
-/// The last string value of field `number`, or "" when absent.
-pub(crate) fn last_string(buf: &[u8], number: u32) -> Result<&str, WireError> {
-    match last(buf, number)? {
-        Some(f) => f.string(),
-        None => Ok(""),
+    /// The message one merged field further down.
+    fn below(&self, step: Step) -> Msg<'a> {
+        assert!(self.depth < MAX_PATH, "merged messages nested deeper than the readers' paths");
+        let mut merged = *self;
+        merged.path[self.depth] = step;
+        merged.depth += 1;
+        merged
     }
-}
 
-/// A oneof's set member: its field number and (merged) payload.
-pub(crate) type OneofMember<'a> = (u32, Cow<'a, [u8]>);
-
-/// The effective member of a oneof whose members are the message fields `members`: the last member seen,
-/// with the payloads of its occurrences since any other member was last seen merged (an occurrence of another
-/// member clears the earlier value).
-pub(crate) fn oneof<'a>(buf: &'a [u8], members: &[u32]) -> Result<Option<OneofMember<'a>>, WireError> {
-    let mut current: Option<OneofMember<'a>> = None;
-    for field in Fields::new(buf) {
-        let field = field?;
-        if !members.contains(&field.number) {
-            continue;
-        }
-        current = Some(match current {
-            Some((number, prev)) if number == field.number && field.wire_type == WireType::LengthDelimited => {
-                let mut joined = prev.into_owned();
-                joined.extend_from_slice(field.payload);
-                (number, Cow::Owned(joined))
+    /// The last occurrence of field `number` (for scalars, strings and bytes the last one wins).
+    pub fn last(&self, number: u32) -> Result<Option<Field<'a>>, WireError> {
+        let mut found = None;
+        for field in self.fields() {
+            let field = field?;
+            if field.number == number {
+                found = Some(field);
             }
-            _ => (field.number, Cow::Borrowed(field.payload)),
-        });
+        }
+        Ok(found)
     }
-    Ok(current)
+
+    /// The last string value of field `number`, or "" when absent.
+    pub fn last_string(&self, number: u32) -> Result<&'a str, WireError> {
+        match self.last(number)? {
+            Some(f) => f.string(),
+            None => Ok(""),
+        }
+    }
+
+    /// The set member of a oneof whose members are the fields `members`: the last member seen, its last
+    /// occurrence (which decides a scalar member), and, for a message member, its occurrences since any other
+    /// member was last seen, merged (an occurrence of another member clears the earlier value).
+    pub fn oneof(&self, members: &[u32]) -> Result<Option<OneofMember<'a>>, WireError> {
+        // The set member, the index of its first field since another member was seen, how many times it
+        // occurred since then, and its last occurrence.
+        let mut set: Option<(u32, usize, usize, Field<'a>)> = None;
+        for (index, field) in self.fields().enumerate() {
+            let field = field?;
+            if !members.contains(&field.number) {
+                continue;
+            }
+            set = Some(match set {
+                Some((number, since, count, _)) if number == field.number => (number, since, count + 1, field),
+                _ => (field.number, index, 1, field),
+            });
+        }
+        let Some((number, since, count, last)) = set else { return Ok(None) };
+        let merged = if last.wire_type != WireType::LengthDelimited {
+            Msg::from(&[][..])
+        } else if count == 1 {
+            Msg::from(last.payload)
+        } else {
+            let skip =
+                u32::try_from(since).map_err(|_| WireError(format!("a message of more than {} fields", u32::MAX)))?;
+            self.below(Step { number, skip })
+        };
+        Ok(Some(OneofMember { number, last, merged }))
+    }
 }
 
-/// Rebuilds `buf` without any occurrence of field `number` and, when `payload` is given, with one
-/// length-delimited field `number` where its last occurrence was (appended when it was absent). Every other
-/// field keeps its bytes; a single occurrence whose payload does not change keeps its bytes too.
-pub(crate) fn replace_merged(buf: &[u8], number: u32, payload: Option<&[u8]>) -> Result<Vec<u8>, WireError> {
-    let fields: Vec<Field<'_>> = Fields::new(buf).collect::<Result<_, _>>()?;
-    let count = fields.iter().filter(|f| f.number == number).count();
-    let last_index = fields.iter().rposition(|f| f.number == number);
-    let mut out = Vec::with_capacity(buf.len() + payload.map_or(0, |p| p.len() + 10));
-    for (i, field) in fields.iter().enumerate() {
-        if field.number != number {
-            out.extend_from_slice(field.raw);
-        } else if Some(i) == last_index {
-            if let Some(p) = payload {
-                if count == 1 && field.wire_type == WireType::LengthDelimited && field.payload == p {
-                    out.extend_from_slice(field.raw);
-                } else {
-                    put_len(&mut out, number, p);
+/// A oneof's set member (see [`Msg::oneof`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OneofMember<'a> {
+    pub number: u32,
+    /// Its last occurrence.
+    pub last: Field<'a>,
+    /// A message member's occurrences, merged (empty for a scalar member).
+    pub merged: Msg<'a>,
+}
+
+/// The fields of a [`Msg`]. After the first error it yields nothing more.
+pub(crate) enum MsgFields<'a> {
+    /// A message that occurs once: its own fields.
+    One(Fields<'a>),
+    /// A merged message: a walk down its path.
+    Merged(Box<Walk<'a>>),
+}
+
+impl<'a> Iterator for MsgFields<'a> {
+    type Item = Result<Field<'a>, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            MsgFields::One(fields) => fields.next(),
+            MsgFields::Merged(walk) => walk.next(),
+        }
+    }
+}
+
+/// The walk down a merged message's path, one level of [`Fields`] per merged field.
+pub(crate) struct Walk<'a> {
+    msg: Msg<'a>,
+    levels: [Fields<'a>; MAX_PATH + 1],
+    /// How many fields each level has yielded so far, across all the occurrences it walks (for `Step::skip`).
+    seen: [u64; MAX_PATH],
+    /// The innermost level being walked.
+    open: usize,
+    done: bool,
+}
+
+impl<'a> Iterator for Walk<'a> {
+    type Item = Result<Field<'a>, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            let level = self.open;
+            match self.levels[level].next() {
+                None if level == 0 => self.done = true,
+                None => self.open -= 1,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Some(Ok(field)) if level == self.msg.depth => return Some(Ok(field)),
+                Some(Ok(field)) => {
+                    let step = self.msg.path[level];
+                    let index = self.seen[level];
+                    self.seen[level] += 1;
+                    if field.number == step.number && index >= u64::from(step.skip) {
+                        match field.bytes() {
+                            Ok(payload) => {
+                                self.open += 1;
+                                self.levels[self.open] = Fields::new(payload);
+                            }
+                            Err(e) => {
+                                self.done = true;
+                                return Some(Err(e));
+                            }
+                        }
+                    }
                 }
             }
         }
+        None
     }
-    if last_index.is_none() {
-        if let Some(p) = payload {
-            put_len(&mut out, number, p);
-        }
-    }
-    Ok(out)
 }
 
-/// Rebuilds `buf` with the last occurrence of field `number` replaced by a length-delimited `payload`
-/// (appended when absent). Earlier occurrences are overridden values and keep their bytes.
-pub(crate) fn replace_last(buf: &[u8], number: u32, payload: &[u8]) -> Result<Vec<u8>, WireError> {
-    let fields: Vec<Field<'_>> = Fields::new(buf).collect::<Result<_, _>>()?;
-    let last_index = fields.iter().rposition(|f| f.number == number);
-    let mut out = Vec::with_capacity(buf.len() + payload.len() + 10);
-    for (i, field) in fields.iter().enumerate() {
-        if Some(i) == last_index {
-            put_len(&mut out, number, payload);
-        } else {
+/// The last string value of field `number`, or "" when absent.
+pub(crate) fn last_string<'a>(msg: impl Into<Msg<'a>>, number: u32) -> Result<&'a str, WireError> {
+    msg.into().last_string(number)
+}
+
+/// Which occurrences of a field a rebuild replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Replace {
+    /// Every one: a singular message field, whose occurrences merge into the one written. A single occurrence
+    /// whose payload does not change keeps its bytes.
+    Merged,
+    /// The last: a field whose last occurrence wins (scalar, string, bytes); earlier ones are overridden values
+    /// and keep their bytes.
+    Last,
+}
+
+/// Appends `msg` (its occurrences merged into one) to `out` with field `number` replaced (see [`Replace`]) by
+/// one length-delimited field whose payload `write` appends in place, where its last occurrence was (appended
+/// when absent); `write` `None` removes the field. Every other field keeps its bytes. `payload_hint` (the
+/// payload's expected size) sizes `out` once, so that nested rebuilds write into one buffer.
+pub(crate) fn rebuild<'a, E: From<WireError>>(
+    out: &mut Vec<u8>,
+    msg: impl Into<Msg<'a>>,
+    number: u32,
+    replace: Replace,
+    payload_hint: usize,
+    write: Option<impl FnOnce(&mut Vec<u8>) -> Result<(), E>>,
+) -> Result<(), E> {
+    let msg = msg.into();
+    let survey = survey(&msg, number)?;
+    let kept = if replace == Replace::Last { survey.earlier } else { 0 };
+    out.reserve(survey.others + kept + payload_hint + 15);
+    let mut write = write;
+    for (i, field) in msg.fields().enumerate() {
+        let field = field?;
+        if field.number != number {
+            out.extend_from_slice(field.raw);
+        } else if Some(i) == survey.last_index {
+            let Some(write) = write.take() else { continue };
+            let start = out.len();
+            let len = put_len_with(out, number, write)?;
+            let unchanged = replace == Replace::Merged
+                && survey.count == 1
+                && field.wire_type == WireType::LengthDelimited
+                && out[out.len() - len..] == *field.payload;
+            if unchanged {
+                out.truncate(start);
+                out.extend_from_slice(field.raw);
+            }
+        } else if replace == Replace::Last {
             out.extend_from_slice(field.raw);
         }
     }
-    if last_index.is_none() {
-        put_len(&mut out, number, payload);
+    if let Some(write) = write {
+        put_len_with(out, number, write)?;
     }
+    Ok(())
+}
+
+/// [`rebuild`] with `payload` (or without the field: `None`), `Replace::Merged`, into a new buffer.
+pub(crate) fn replace_merged<'a>(
+    msg: impl Into<Msg<'a>>,
+    number: u32,
+    payload: Option<&[u8]>,
+) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::new();
+    let write = payload.map(|p| {
+        move |out: &mut Vec<u8>| {
+            out.extend_from_slice(p);
+            Ok::<(), WireError>(())
+        }
+    });
+    rebuild(&mut out, msg, number, Replace::Merged, payload.map_or(0, <[u8]>::len), write)?;
     Ok(out)
+}
+
+/// [`rebuild`] with `payload`, `Replace::Last`, into a new buffer.
+pub(crate) fn replace_last<'a>(msg: impl Into<Msg<'a>>, number: u32, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::new();
+    let write = |out: &mut Vec<u8>| {
+        out.extend_from_slice(payload);
+        Ok::<(), WireError>(())
+    };
+    rebuild(&mut out, msg, number, Replace::Last, payload.len(), Some(write))?;
+    Ok(out)
+}
+
+/// What the rebuilders need to know of field `number` in `msg` before they write: found by a walk, instead of a
+/// list of the fields, whose entries would outweigh fields of a few bytes.
+struct Survey {
+    /// How many times it occurs, and where last (as an index among all fields).
+    count: usize,
+    last_index: Option<usize>,
+    /// The size of every other field, and of its occurrences before the last.
+    others: usize,
+    earlier: usize,
+}
+
+fn survey(msg: &Msg<'_>, number: u32) -> Result<Survey, WireError> {
+    let mut s = Survey { count: 0, last_index: None, others: 0, earlier: 0 };
+    let mut last_size = 0;
+    for (i, field) in msg.fields().enumerate() {
+        let field = field?;
+        if field.number == number {
+            s.count += 1;
+            s.last_index = Some(i);
+            s.earlier += last_size;
+            last_size = field.raw.len();
+        } else {
+            s.others += field.raw.len();
+        }
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -362,9 +589,9 @@ mod tests {
         put_len(&mut msg, 1, b"ab");
         put_varint(&mut msg, 2, 1);
         put_len(&mut msg, 1, b"cd");
-        assert_eq!(merged(&msg, 1).unwrap().unwrap().as_ref(), b"abcd");
-        assert!(merged(&msg, 3).unwrap().is_none());
-        assert_eq!(last(&msg, 1).unwrap().unwrap().payload, b"cd");
+        let m = Msg::from(&msg);
+        assert!(m.child(3).unwrap().is_none());
+        assert_eq!(m.last(1).unwrap().unwrap().payload, b"cd");
         let out = replace_merged(&msg, 1, Some(b"x")).unwrap();
         assert_eq!(out, vec![0x10, 1, 0x0a, 1, b'x']);
         let out = replace_merged(&msg, 1, None).unwrap();
@@ -373,14 +600,67 @@ mod tests {
         assert_eq!(out, vec![0x0a, 2, b'a', b'b', 0x10, 1, 0x0a, 1, b'x']);
         // oneof: 1, 2, 1, 1 -> member 1 with the last two merged
         let mut o = Vec::new();
-        put_len(&mut o, 1, b"a");
-        put_len(&mut o, 2, b"b");
-        put_len(&mut o, 1, b"c");
-        put_len(&mut o, 1, b"d");
-        let (n, p) = oneof(&o, &[1, 2]).unwrap().unwrap();
-        assert_eq!((n, p.as_ref()), (1, &b"cd"[..]));
+        put_len(&mut o, 1, &[0x08, 1]);
+        put_len(&mut o, 2, &[0x08, 2]);
+        put_len(&mut o, 1, &[0x08, 3]);
+        put_len(&mut o, 1, &[0x10, 4]);
+        let member = Msg::from(&o).oneof(&[1, 2]).unwrap().unwrap();
+        assert_eq!((member.number, member.last.payload), (1, &[0x10, 4][..]));
+        assert_eq!(raw(member.merged), [0x08, 3, 0x10, 4]);
+        // a scalar member: the last occurrence decides
+        let mut o = Vec::new();
+        put_len(&mut o, 1, b"m");
+        put_varint(&mut o, 2, 5);
+        put_varint(&mut o, 2, 6);
+        let member = Msg::from(&o).oneof(&[1, 2]).unwrap().unwrap();
+        assert_eq!((member.number, member.last.varint().unwrap()), (2, 6));
         // unchanged single occurrence keeps non-minimal length bytes
         let odd = vec![0x0a, 0x81, 0x00, b'z'];
         assert_eq!(replace_merged(&odd, 1, Some(b"z")).unwrap(), odd);
+    }
+
+    /// The fields of a merged message, as one buffer.
+    fn raw(msg: Msg<'_>) -> Vec<u8> {
+        msg.fields().flat_map(|f| f.unwrap().raw.to_vec()).collect()
+    }
+
+    /// Reading merged occurrences in place gives the fields of their concatenation, at every level, and
+    /// rebuilding one gives the concatenation with the change.
+    #[test]
+    fn merged_occurrences_read_as_their_concatenation() {
+        // c = {1: "x", 2: 7}, split as c1 = {1: "x"}, c2 = {2: 7}; b = {9: "b", 3: c1}, {3: c2};
+        // a = {5: b1, 5: b2, 6: "a"}
+        let (mut c1, mut c2) = (Vec::new(), Vec::new());
+        put_len(&mut c1, 1, b"x");
+        put_varint(&mut c2, 2, 7);
+        let (mut b1, mut b2) = (Vec::new(), Vec::new());
+        put_len(&mut b1, 9, b"b");
+        put_len(&mut b1, 3, &c1);
+        put_len(&mut b2, 3, &c2);
+        let mut a = Vec::new();
+        put_len(&mut a, 5, &b1);
+        put_len(&mut a, 5, &b2);
+        put_len(&mut a, 6, b"a");
+        let b = Msg::from(&a).child(5).unwrap().unwrap();
+        assert_eq!(raw(b), [b1.clone(), b2.clone()].concat());
+        let c = b.child(3).unwrap().unwrap();
+        assert_eq!(raw(c), [c1.clone(), c2.clone()].concat());
+        assert_eq!(c.last_string(1).unwrap(), "x");
+        assert_eq!(c.last(2).unwrap().unwrap().varint().unwrap(), 7);
+        // one occurrence is its own root
+        let single = Msg::from(&b1).child(3).unwrap().unwrap();
+        assert_eq!((single.depth, single.root), (0, &c1[..]));
+        // rebuilding a merged message: every field of the concatenation but the replaced one
+        let rebuilt = replace_merged(b, 3, Some(b"new")).unwrap();
+        let mut want = Vec::new();
+        put_len(&mut want, 9, b"b");
+        put_len(&mut want, 3, b"new");
+        assert_eq!(rebuilt, want);
+        // malformed input under a merged level is an error, not a silent end
+        let mut bad = a.clone();
+        put_len(&mut bad, 5, &[0x1a, 0x05]);
+        let b = Msg::from(&bad).child(5).unwrap().unwrap();
+        assert!(b.child(3).is_err());
+        assert!(b.fields().any(|f| f.is_err()));
     }
 }

@@ -643,3 +643,108 @@ fn cache_is_shared_between_threads_by_type() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Cache>();
 }
+
+/// Runs `f` on its own thread and returns its result, failing the test if it has not returned within `limit`
+/// (a hang must fail the test, not wedge the run; the stuck thread is left behind).
+fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not return within {limit:?}"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
+}
+
+/// Eight fail-open modules on a server that never answers and one healthy fail-closed module, each with a
+/// 2 s timeout: every module's fetch starts at once with its own deadline, so the healthy one is fetched
+/// and converted, the stalled ones become allow-all RBAC filters when their own deadline passes, and the
+/// call takes about one timeout.
+#[test]
+fn stalled_modules_do_not_starve_a_healthy_one() {
+    let server = TestServer::http();
+    let healthy = wasm_module(64);
+    server.route("/healthy.wasm", Route::bytes(healthy.clone()));
+    let mut exts = Vec::new();
+    for i in 0..8 {
+        let path = format!("/stalled{i}.wasm");
+        // Answers only after the test is over (the server gives up the delay when it is dropped).
+        server.route(&path, Route::bytes(wasm_module(10 + i)).delay(Duration::from_secs(120)));
+        exts.push(wasm_extension(
+            &format!("stalled{i}"),
+            &remote_wasm(&server.url(&path), "nil").fail_open().with_timeout(2),
+        ));
+    }
+    let healthy_url = server.url("/healthy.wasm");
+    exts.push(wasm_extension("healthy", &remote_wasm(&healthy_url, &sha256_hex(&healthy)).with_timeout(2)));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(open(dir.path(), serde_json::json!({})));
+    let input = response(&exts);
+    let started = Instant::now();
+    let converting = cache.clone();
+    let out = within(Duration::from_secs(30), "convert", move || converting.convert(&input))
+        .unwrap_or_else(|r| panic!("rejected: {}", r.reason));
+    let took = started.elapsed();
+
+    assert_eq!(server.requests("/healthy.wasm"), 1);
+    for i in 0..8 {
+        assert!(server.requests(&format!("/stalled{i}.wasm")) >= 1, "stalled{i} was never requested");
+    }
+    let exts = extensions(&out);
+    for ext in &exts[..8] {
+        let rbac = HttpRbac::decode(ext.typed_config.as_ref().unwrap().value.as_slice()).unwrap();
+        assert_eq!(rbac.rules_stat_prefix, "wasm-default-allow", "{}", ext.name);
+    }
+    let wasm = Wasm::decode(exts[8].typed_config.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(std::fs::read(wasm.local_filename().unwrap()).unwrap(), healthy);
+    assert_eq!(sample(&cache, CONVERSION_SUCCESS), 1.0);
+    // One round of 2 s deadlines; a second round (modules queued behind stalled ones) would take 4 s or more.
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+/// A conversion hits module A, then waits seconds for module B; a purge meanwhile finds A expired and not in
+/// the previous in-use set. A was chosen by the running conversion, so the purge must leave it: the
+/// response that comes back names A's file, which must exist.
+#[test]
+fn a_purge_during_a_conversion_spares_the_modules_it_chose() {
+    let server = TestServer::http();
+    let (a, b) = (wasm_module(1), wasm_module(2));
+    server.route("/a.wasm", Route::bytes(a.clone()));
+    server.route("/b.wasm", Route::bytes(b.clone()).delay(Duration::from_millis(2500)));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(open(dir.path(), serde_json::json!({"module_expiry_secs": 1})));
+    let a_path = convert_one(&cache, &server.url("/a.wasm"), &sha256_hex(&a)).unwrap();
+    cache.convert(&response(&[])).unwrap(); // A is no longer in use
+    let input = response(&[
+        wasm_extension("a", &remote_wasm(&server.url("/a.wasm"), &sha256_hex(&a))),
+        wasm_extension("b", &remote_wasm(&server.url("/b.wasm"), &sha256_hex(&b))),
+    ]);
+    let converting = cache.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let purging = {
+        let (cache, done) = (cache.clone(), done.clone());
+        // Purges until the conversion returns: A's use at the start of the conversion expires after 1 s,
+        // while the conversion still waits for B.
+        std::thread::spawn(move || {
+            let mut purged = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                purged += cache.purge().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            purged
+        })
+    };
+    let out = within(Duration::from_secs(30), "convert", move || converting.convert(&input));
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let purged = purging.join().unwrap();
+    let out = out.unwrap_or_else(|r| panic!("rejected: {}", r.reason));
+    let files: Vec<PathBuf> = wasms(&out).iter().map(|w| PathBuf::from(w.local_filename().unwrap())).collect();
+    assert_eq!(files[0], a_path);
+    assert!(a_path.exists(), "the response names {a_path:?}, which a purge deleted ({purged} purged)");
+    assert_eq!(std::fs::read(&files[1]).unwrap(), b);
+    // Once the conversion has recorded its in-use set, A is protected by that set instead.
+    assert_eq!(cache.purge().unwrap(), 0);
+    assert!(a_path.exists());
+}

@@ -68,3 +68,74 @@ fn processes_sharing_a_cache_directory_agree_and_leave_no_temp_files() {
         .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 }
+
+const HOLDER_ENV: &str = "WASM_ECDS_TEMP_HOLDER_CHILD";
+
+/// The child process: a neighbour whose downloads are in progress, as seen from another PID namespace. It
+/// creates the temp files named by `$WASM_ECDS_TEMP_HOLDER_CHILD` (`path|path`) with a pid that is not alive
+/// here, holds them open and locked (the first shared, as the library's writers lock theirs, the second
+/// exclusive), prints `LOCKED`, and when its standard input closes checks that they are still there. Run
+/// only by the test below, which starts it with `--ignored`.
+#[test]
+#[ignore = "a child process of a_neighbours_locked_temp_files_survive_start_up_whatever_their_pid"]
+fn child_holds_locked_temp_files() {
+    use std::io::{Read, Write};
+    let spec = std::env::var(HOLDER_ENV).expect("started by the parent test");
+    let paths: Vec<PathBuf> = spec.split('|').map(PathBuf::from).collect();
+    let files: Vec<std::fs::File> = paths
+        .iter()
+        .map(|p| {
+            let mut f = std::fs::File::create_new(p).expect("create the temp file");
+            f.write_all(b"half a module").unwrap();
+            f
+        })
+        .collect();
+    files[0].lock_shared().expect("shared lock");
+    files[1].lock().expect("exclusive lock");
+    println!("LOCKED");
+    std::io::stdout().flush().unwrap();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    for p in &paths {
+        assert!(p.exists(), "{p:?} was deleted while its writer held it");
+    }
+}
+
+/// Two containers sharing a cache directory do not see each other's pids: start-up must decide whether a
+/// temp file is a crash leftover by whether its writer still holds it locked, never by the pid in its name.
+#[test]
+fn a_neighbours_locked_temp_files_survive_start_up_whatever_their_pid() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    drop(Cache::new(Options { cache_dir: cache_dir.clone(), ..Options::default() }).unwrap());
+    // 999999999 is above Linux's pid_max (4194304): no process here has that pid.
+    let held = [cache_dir.join(".tmp-999999999-shared"), cache_dir.join("modules").join(".tmp-999999999-excl")];
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_holds_locked_temp_files", "--ignored", "--nocapture"])
+        .env(HOLDER_ENV, format!("{}|{}", held[0].display(), held[1].display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("child starts");
+    // The child prints LOCKED once it holds the locks, or exits (closing its stdout) if it cannot.
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l == "LOCKED")), "the child did not lock its temp files");
+    // Leftovers nobody holds, one named with this (live) process's pid: removed all the same.
+    let unlocked = [
+        cache_dir.join(format!(".tmp-{}-crashed", std::process::id())),
+        cache_dir.join("modules").join(".tmp-999999999-crashed"),
+    ];
+    for p in &unlocked {
+        std::fs::write(p, b"half a module").unwrap();
+    }
+
+    drop(Cache::new(Options { cache_dir: cache_dir.clone(), ..Options::default() }).unwrap());
+    let kept: Vec<bool> = held.iter().map(|p| p.exists()).collect();
+    let removed: Vec<bool> = unlocked.iter().map(|p| !p.exists()).collect();
+    drop(child.stdin.take()); // the child checks its files and exits
+    let status = child.wait().expect("child ends");
+    assert_eq!(kept, [true, true], "a live neighbour's temp files were deleted: {held:?}");
+    assert_eq!(removed, [true, true], "unlocked leftovers were kept: {unlocked:?}");
+    assert!(status.success(), "the child found its temp files gone");
+}

@@ -17,8 +17,9 @@
 // A Cache is move-only and thread-safe (many threads may convert at once); a moved-from Cache reports
 // Status::invalid_argument from every call instead of crashing.
 //
-// Written for the C API of ABI 0.2 (include/wasm_ecds.h with WASM_ECDS_VERSION_MAJOR 0, _MINOR 2).
-// Link: libwasm_ecds.a -lpthread -ldl -lm (or -lwasm_ecds for the shared library).
+// Written for the C API of ABI 0.2 (include/wasm_ecds.h with WASM_ECDS_VERSION_MAJOR 0, _MINOR 2 or later).
+// Link: `pkg-config --cflags --libs wasm_ecds` (the shared library) or `wasm_ecds-static` (libwasm_ecds.a),
+// or the CMake targets wasm_ecds::wasm_ecds / wasm_ecds::static (see bindings/cpp/README.md).
 
 #ifndef WASM_ECDS_HPP
 #define WASM_ECDS_HPP
@@ -45,9 +46,9 @@
 
 #include "wasm_ecds.h"
 
-// While the major version is 0, only a minor version is compatible with itself (see wasm_ecds.h).
-#if WASM_ECDS_VERSION_MAJOR != 0 || WASM_ECDS_VERSION_MINOR != 2
-#error "wasm_ecds.hpp is written for the C API of ABI 0.2 (wasm_ecds.h with WASM_ECDS_VERSION 0.2)"
+// From 0.2 on, a later 0.x only adds to the C API (see "ABI stability" in wasm_ecds.h): any 0.x, x >= 2, will do.
+#if WASM_ECDS_VERSION_MAJOR != 0 || WASM_ECDS_VERSION_MINOR < 2
+#error "wasm_ecds.hpp is written for the C API of ABI 0.2 (needs wasm_ecds.h of major 0, minor 2 or later)"
 #endif
 
 namespace wasm_ecds {

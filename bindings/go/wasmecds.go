@@ -1,4 +1,4 @@
-// Package wasmecds is the Go binding of libwasm_ecds (cgo, static link).
+// Package wasmecds is the Go binding of libwasm_ecds (cgo, static link through pkg-config).
 //
 // A Cache converts Envoy ECDS DiscoveryResponses whose Wasm filters load remote modules into responses that
 // load them from a local, verified on-disk cache, the way the Istio agent does — or returns a *RejectedError
@@ -22,19 +22,22 @@
 // C faithfully (a string with a NUL byte, a duration that is not a whole number of the option's unit), with
 // an *Error matching ErrInvalidArgument that names the argument.
 //
-// Build the library once before building this package:
+// The package links the installed library statically, found by pkg-config (module wasm_ecds-static: the
+// header and libwasm_ecds.a with the system libraries it needs). Install it once, then build:
 //
-//	cargo build --release   # in the repository root: target/release/libwasm_ecds.a
-//
-// The package links ${SRCDIR}/../../target/release/libwasm_ecds.a; to link another build, put its directory
-// first with CGO_LDFLAGS="-L/path/to/dir".
+//	make install PREFIX=$HOME/.local                          # in the repository root
+//	PKG_CONFIG_PATH=$HOME/.local/lib/pkgconfig go build ./...  # the PKG_CONFIG_PATH is not needed for /usr/local
 package wasmecds
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/../../include
-#cgo LDFLAGS: -L${SRCDIR}/../../target/release -l:libwasm_ecds.a -ldl -lpthread -lm
+#cgo pkg-config: wasm_ecds-static
 #include <stdlib.h>
 #include "wasm_ecds.h"
+
+// From 0.2 on, a later 0.x only adds to the C API (the header's "ABI stability").
+#if WASM_ECDS_VERSION_MAJOR != 0 || WASM_ECDS_VERSION_MINOR < 2
+#error "this package is written for the C API of ABI 0.2: it needs wasm_ecds.h of major 0, minor 2 or later"
+#endif
 */
 import "C"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the Python binding's test suite against the library built by `cargo build --release`.
-# Creates <repo>/.venv-test when missing, installs the test dependencies and this package into it, and fails
-# (non-zero) on any failure: a missing library or dependency is an error, never a skip.
+# Creates <repo>/.venv-test when missing, installs the test dependencies into it, runs the package from src/,
+# and fails (non-zero) on any failure: a missing library or dependency is an error, never a skip.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,13 +23,9 @@ fi
 if ! "$venv/bin/python" -c 'import pytest, prometheus_client, envoy.service.discovery.v3.discovery_pb2, google.protobuf' 2>/dev/null; then
     "$venv/bin/pip" install --quiet pytest prometheus_client xds-protos protobuf
 fi
-# Install the package itself (not editable): the tests exercise what `pip install bindings/python` gives.
-# Build in a scratch copy so no build/ or *.egg-info is left in the source tree.
-scratch="$(mktemp -d)"
-trap 'rm -rf "$scratch"' EXIT
-cp -r "$here/pyproject.toml" "$here/README.md" "$here/src" "$scratch/"
-"$venv/bin/pip" install --quiet --no-deps --force-reinstall "$scratch"
-
+# The package from the source tree, against the library under test. What `pip install ./bindings/python` gives
+# (a wheel carrying its own library) is tested by tests/install/run.sh, in a fresh virtualenv.
+export PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1
 export WASM_ECDS_LIBRARY="$lib"
 cd "$here"
 # -p no:cacheprovider: leave no .pytest_cache in the tree.

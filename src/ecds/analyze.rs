@@ -2,15 +2,15 @@
 //! Wasm filter with local code, a Wasm filter with remote code, or malformed — plus, for remote code, the
 //! module request read out of it (istio `rewriteVMConfig` in the same file).
 
-use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::metrics::ConversionResult;
 use crate::module::{ModuleRequest, PullPolicy};
-use crate::schema::{self, short_name, JVal};
+use crate::schema::{self, short_name, Budget, JVal};
 use crate::typed_struct;
-use crate::wire::{self, Fields};
+use crate::wire::{self, Msg};
 
 pub(super) const TEC: &str = "envoy.config.core.v3.TypedExtensionConfig";
 const HTTP_WASM: &str = "envoy.extensions.filters.http.wasm.v3.Wasm";
@@ -100,21 +100,22 @@ pub(super) struct Remote<'a> {
     pub url: String,
     /// What to ask the store, or why the fetch fails without asking (conversion counter and cause).
     pub want: Result<ModuleRequest, (ConversionResult, String)>,
-    /// The resource's `Any` and its pieces (borrowed from the response unless merged), for the rewrite.
-    pub any: &'a [u8],
+    /// The resource's `Any` and its pieces, read in place in the response, for the rewrite.
+    pub any: Msg<'a>,
     pub tec: &'a [u8],
     /// `TypedExtensionConfig.typed_config`, its occurrences merged.
-    pub typed_config: Cow<'a, [u8]>,
+    pub typed_config: Msg<'a>,
     pub form: Form<'a>,
 }
 
 /// How the Wasm message sits in `typed_config`.
 pub(super) enum Form<'a> {
     /// `typed_config` holds the Wasm message itself.
-    Direct { wasm: Cow<'a, [u8]> },
+    Direct { wasm: &'a [u8] },
     /// `typed_config` holds a TypedStruct; `wasm` is its Struct encoded as the Wasm message (`encodable`
-    /// false: the Struct names an `Any` type we cannot encode, so the filter stays a TypedStruct).
-    Struct { wasm: Vec<u8>, encodable: bool, typed_struct: Cow<'a, [u8]>, value: BTreeMap<String, JVal> },
+    /// false: the Struct names an `Any` type we cannot encode, so the filter stays a TypedStruct, and the
+    /// rewrite takes its tree, `value`, to change it in place; empty when `encodable`).
+    Struct { wasm: Vec<u8>, encodable: bool, typed_struct: &'a [u8], value: Cell<BTreeMap<String, JVal>> },
 }
 
 impl Form<'_> {
@@ -128,15 +129,16 @@ impl Form<'_> {
 
 /// Analyses one resource `Any` (the envelope it came in is validated). `ordinal` (from 1) and `hint` (the
 /// envelope's name for it) name it in reasons; `default_timeout` is the fetch deadline when `http_uri` sets
-/// none.
+/// none. A TypedStruct's decoded tree and its encoding are charged to the response's `budget`.
 pub(super) fn analyze<'a>(
-    any: &'a [u8],
+    any: Msg<'a>,
     ordinal: usize,
     hint: Option<&str>,
     default_timeout: Duration,
+    budget: &mut Budget,
 ) -> Analysis<'a> {
     let no_name = label(ordinal, "", hint);
-    let (type_url, tec) = match (wire::last_string(any, 1), wire::last(any, 2)) {
+    let (type_url, tec) = match (any.last_string(1), any.last(2)) {
         (Ok(t), Ok(v)) => (t, v.map_or(&[][..], |f| f.payload)),
         (Err(e), _) | (_, Err(e)) => return Analysis::Malformed(format!("{no_name}: {e}")),
     };
@@ -148,40 +150,39 @@ pub(super) fn analyze<'a>(
     }
     let tec_name = wire::last_string(tec, 1).unwrap_or_default().to_owned();
     let label = label(ordinal, &tec_name, hint);
-    let typed_config = match wire::merged(tec, 2) {
+    // typed_config's occurrences merge; its `value` (bytes: the last one wins) lies in the response as it is.
+    let typed_config = match Msg::from(tec).child(2) {
         Ok(Some(tc)) => tc,
         Ok(None) => return Analysis::Malformed(format!("{label}: does not contain any typed config")),
         Err(e) => return Analysis::Malformed(format!("{label}: {e}")),
     };
-    let inner_url = wire::last_string(&typed_config, 1).unwrap_or_default().to_owned();
-    // The last `value` of the (merged) typed_config: borrowed from the response unless the merge copied.
-    let inner_value: Cow<'a, [u8]> = match &typed_config {
-        Cow::Borrowed(tc) => match wire::last(tc, 2) {
-            Ok(v) => Cow::Borrowed(v.map_or(&[][..], |f| f.payload)),
-            Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
-        },
-        Cow::Owned(tc) => match wire::last(tc, 2) {
-            Ok(v) => Cow::Owned(v.map_or(&[][..], |f| f.payload).to_vec()),
-            Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
-        },
+    let inner_url = typed_config.last_string(1).unwrap_or_default().to_owned();
+    let inner_value: &'a [u8] = match typed_config.last(2) {
+        Ok(v) => v.map_or(&[][..], |f| f.payload),
+        Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
     };
+    let over_budget = |budget: &Budget| Analysis::Malformed(format!("{label}: typed_config: {}", budget.reason()));
     let (kind, form) = if let Some(kind) = WasmKind::of(&inner_url) {
-        if let Err(e) = schema::validate(kind.message(), &inner_value) {
+        if let Err(e) = schema::validate(kind.message(), inner_value) {
             return Analysis::Malformed(format!("{label}: typed_config: {}: {e}", kind.type_name()));
         }
         (kind, Form::Direct { wasm: inner_value })
     } else if matches!(short_name(&inner_url), UDPA_TYPED_STRUCT | XDS_TYPED_STRUCT) {
-        let ts = match typed_struct::parse(&inner_value) {
+        let ts = match typed_struct::parse(inner_value, budget) {
             Ok(ts) => ts,
+            Err(_) if budget.exceeded() => return over_budget(budget),
             Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {}: {e}", short_name(&inner_url))),
         };
         let Some(kind) = WasmKind::of(&ts.type_url) else { return Analysis::NoRemoteCode };
-        let (wasm, notes) = match typed_struct::to_wasm(kind.message(), &ts.value) {
+        let (wasm, notes) = match typed_struct::to_wasm(kind.message(), &ts.value, budget, inner_value.len()) {
             Ok(x) => x,
+            Err(_) if budget.exceeded() => return over_budget(budget),
             Err(e) => return Analysis::Malformed(format!("{label}: typed_config: {e}")),
         };
         let encodable = notes.unencodable_any.is_empty();
-        (kind, Form::Struct { wasm, encodable, typed_struct: inner_value, value: ts.value })
+        // Only a Struct that stays one needs its tree again.
+        let value = Cell::new(if encodable { BTreeMap::new() } else { ts.value });
+        (kind, Form::Struct { wasm, encodable, typed_struct: inner_value, value })
     } else {
         return Analysis::NoRemoteCode;
     };
@@ -200,7 +201,7 @@ pub(super) fn analyze<'a>(
         Code::Local => return Analysis::NoRemoteCode,
         Code::Remote(remote) => remote,
     };
-    let (url, want) = match request_for(&remote, info.env.as_deref(), &tec_name, &info.plugin_name, default_timeout) {
+    let (url, want) = match request_for(remote, info.env, &tec_name, &info.plugin_name, default_timeout) {
         Ok(req) => (req.url.clone(), Ok(req)),
         Err((url, status, cause)) => (url, Err((status, cause))),
     };
@@ -220,42 +221,42 @@ pub(super) fn analyze<'a>(
 }
 
 /// `vm_config.code`: the `AsyncDataSource` oneof `specifier` (`local` = 1, `remote` = 2), or neither.
-enum Code {
+enum Code<'a> {
     Neither,
     Local,
-    /// The `RemoteDataSource` bytes.
-    Remote(Vec<u8>),
+    /// The `RemoteDataSource`.
+    Remote(Msg<'a>),
 }
 
-struct WasmInfo {
+struct WasmInfo<'a> {
     fail_open: bool,
-    code: Code,
+    code: Code<'a>,
     plugin_name: String,
     /// `vm_config.environment_variables`, its occurrences merged.
-    env: Option<Vec<u8>>,
+    env: Option<Msg<'a>>,
 }
 
 /// Reads what the conversion needs from a (validated) Wasm message, with protobuf merge semantics. Field
 /// numbers from envoy `api/envoy/extensions/wasm/v3/wasm.proto`: `Wasm.config` 1; `PluginConfig.name` 1,
 /// `vm_config` 3, `fail_open` 5, `failure_policy` 7; `VmConfig.code` 3, `environment_variables` 7.
-fn read_wasm(wasm: &[u8]) -> Result<WasmInfo, wire::WireError> {
-    let config = wire::merged(wasm, 1)?.unwrap_or(Cow::Borrowed(&[]));
-    let failure_policy = wire::last(&config, 7)?.map(|f| f.varint()).transpose()?.unwrap_or(0) as i32;
-    let fail_open_flag = wire::last(&config, 5)?.map(|f| f.varint()).transpose()?.unwrap_or(0) != 0;
+fn read_wasm(wasm: &[u8]) -> Result<WasmInfo<'_>, wire::WireError> {
+    let config = Msg::from(wasm).child(1)?.unwrap_or(Msg::from(&[][..]));
+    let failure_policy = config.last(7)?.map(|f| f.varint()).transpose()?.unwrap_or(0) as i32;
+    let fail_open_flag = config.last(5)?.map(|f| f.varint()).transpose()?.unwrap_or(0) != 0;
     // istio `pkg/wasm/convert.go`: a set `failure_policy` decides (open only for FAIL_OPEN); unset, the
     // deprecated bool does.
     let fail_open = if failure_policy != 0 { failure_policy as u64 == FAIL_OPEN } else { fail_open_flag };
-    let plugin_name = wire::last_string(&config, 1)?.to_owned();
-    let (code, env) = match wire::merged(&config, 3)? {
+    let plugin_name = config.last_string(1)?.to_owned();
+    let (code, env) = match config.child(3)? {
         None => (Code::Neither, None),
         Some(vm) => {
-            let env = wire::merged(&vm, 7)?.map(Cow::into_owned);
-            let code = match wire::merged(&vm, 3)? {
+            let env = vm.child(7)?;
+            let code = match vm.child(3)? {
                 None => Code::Neither,
-                Some(code) => match wire::oneof(&code, &[1, 2])? {
+                Some(code) => match code.oneof(&[1, 2])? {
                     None => Code::Neither,
-                    Some((1, _)) => Code::Local,
-                    Some((_, remote)) => Code::Remote(remote.into_owned()),
+                    Some(member) if member.number == 1 => Code::Local,
+                    Some(member) => Code::Remote(member.merged),
                 },
             };
             (code, env)
@@ -266,9 +267,9 @@ fn read_wasm(wasm: &[u8]) -> Result<WasmInfo, wire::WireError> {
 
 /// The environment variables' `key_values` (map field 2: entries of key 1, value 2) as Go's map would hold
 /// them (a later duplicate key wins).
-fn env_map(env: &[u8]) -> Result<Vec<(String, String)>, wire::WireError> {
+fn env_map(env: Msg<'_>) -> Result<Vec<(String, String)>, wire::WireError> {
     let mut map: Vec<(String, String)> = Vec::new();
-    for field in Fields::new(env) {
+    for field in env.fields() {
         let field = field?;
         if field.number != 2 {
             continue;
@@ -289,16 +290,16 @@ type NoRequest = (String, ConversionResult, String);
 /// `HttpUri.uri` 1, `timeout` 3), in the order of checks of istio `rewriteVMConfig`: the pull secret, then
 /// `http_uri`.
 fn request_for(
-    remote: &[u8],
-    env: Option<&[u8]>,
+    remote: Msg<'_>,
+    env: Option<Msg<'_>>,
     tec_name: &str,
     plugin_name: &str,
     default_timeout: Duration,
 ) -> Result<ModuleRequest, NoRequest> {
     let internal = |e: wire::WireError| (String::new(), ConversionResult::UnmarshalFailure, e.to_string());
-    let http_uri = wire::merged(remote, 1).map_err(internal)?;
+    let http_uri = remote.child(1).map_err(internal)?;
     let url = match &http_uri {
-        Some(h) => wire::last_string(h, 1).map_err(internal)?.to_owned(),
+        Some(h) => h.last_string(1).map_err(internal)?.to_owned(),
         None => String::new(),
     };
     let env = match env {
@@ -325,13 +326,13 @@ fn request_for(
         ));
     };
     // Envoy requires a non-empty sha256, so control planes write "nil" for none.
-    let sha = wire::last_string(remote, 2).map_err(internal)?;
+    let sha = remote.last_string(2).map_err(internal)?;
     let sha256 = if sha.is_empty() || sha == "nil" { None } else { Some(sha.to_ascii_lowercase()) };
-    let timeout = match wire::merged(&http_uri, 3).map_err(internal)? {
+    let timeout = match http_uri.child(3).map_err(internal)? {
         None => None,
         Some(d) => {
-            let seconds = wire::last(&d, 1).map_err(internal)?.map(|f| f.varint()).transpose().map_err(internal)?;
-            let nanos = wire::last(&d, 2).map_err(internal)?.map(|f| f.varint()).transpose().map_err(internal)?;
+            let seconds = d.last(1).map_err(internal)?.map(|f| f.varint()).transpose().map_err(internal)?;
+            let nanos = d.last(2).map_err(internal)?.map(|f| f.varint()).transpose().map_err(internal)?;
             Some(duration(seconds.unwrap_or(0) as i64, nanos.unwrap_or(0) as i32))
         }
     };

@@ -134,7 +134,8 @@ mod tests {
     #[test]
     fn a_failed_fetch_falls_back_or_rejects_by_fail_open_and_policy() {
         let any = wasm_resource("p", &remote_wasm("http://h/m.wasm")).encode_to_vec();
-        let analysis = analyze(&any, 1, None, std::time::Duration::from_secs(5));
+        let mut budget = crate::schema::Budget::for_response(any.len());
+        let analysis = analyze((&any).into(), 1, None, std::time::Duration::from_secs(5), &mut budget);
         let module = Module { path: "/cache/m.wasm".into(), sha256: "s".into() };
         let failed = || Some(Err(ModuleError { counted_as: None, message: "gone".to_owned() }));
         assert!(matches!(

@@ -18,8 +18,8 @@ use std::time::Duration;
 use crate::metrics::{ConversionResult, Metrics};
 use crate::module::{ModuleError, ModuleList, ModuleSource};
 use crate::options::OnFetchFailure;
-use crate::schema::{self, short_name};
-use crate::wire::{self, Fields, WireError};
+use crate::schema::{self, short_name, Budget};
+use crate::wire::{self, Fields, Msg, WireError};
 
 use analyze::{analyze, label, Analysis};
 use decide::{decide, rbac_extension_config, Decision};
@@ -119,9 +119,9 @@ impl Envelope {
     /// The resource in a resource field's payload.
     fn resource(self, payload: &[u8]) -> Result<Resource<'_>, WireError> {
         Ok(match self {
-            Envelope::Sotw => Resource { any: Some(Cow::Borrowed(payload)), name: None },
+            Envelope::Sotw => Resource { any: Some(Msg::from(payload)), name: None },
             Envelope::Delta => {
-                Resource { any: wire::merged(payload, 2)?, name: Some(wire::last_string(payload, 3)?.to_owned()) }
+                Resource { any: Msg::from(payload).child(2)?, name: Some(wire::last_string(payload, 3)?.to_owned()) }
             }
         })
     }
@@ -146,8 +146,8 @@ impl Envelope {
 
 /// One resource as its envelope holds it.
 struct Resource<'a> {
-    /// The resource's `Any`; `None` when a delta `Resource` has no body.
-    any: Option<Cow<'a, [u8]>>,
+    /// The resource's `Any` (its occurrences merged); `None` when a delta `Resource` has no body.
+    any: Option<Msg<'a>>,
     /// Delta: `Resource.name`.
     name: Option<String>,
 }
@@ -186,7 +186,8 @@ fn convert(
         let modules = vec![None; resources.len()];
         return Ok(ConvertedResponse { bytes: input.to_vec(), names, modules, removed });
     }
-    let converted = convert_resources(&resources, source, policy, metrics)?;
+    let mut budget = Budget::for_response(input.len());
+    let converted = convert_resources(&resources, source, policy, metrics, &mut budget)?;
     let modules = converted.iter().map(|c| c.module.clone()).collect();
     if converted.iter().all(|c| c.any.is_none()) {
         return Ok(ConvertedResponse { bytes: input.to_vec(), names, modules, removed });
@@ -218,18 +219,19 @@ struct ResourceOutcome {
 }
 
 /// Analyses and decides every resource, and rewrites the ones that change. Every resource is counted; the
-/// reasons of all that fail make one rejection.
+/// reasons of all that fail make one rejection. What the resources decode is charged to `budget`.
 fn convert_resources(
     resources: &[Resource<'_>],
     source: &dyn ModuleSource,
     policy: &ConversionPolicy,
     metrics: &Metrics,
+    budget: &mut Budget,
 ) -> Result<Vec<ResourceOutcome>, Rejection> {
     let analyses: Vec<Analysis<'_>> = resources
         .iter()
         .enumerate()
-        .map(|(i, r)| match &r.any {
-            Some(any) => analyze(any, i + 1, r.name.as_deref(), policy.default_timeout),
+        .map(|(i, r)| match r.any {
+            Some(any) => analyze(any, i + 1, r.name.as_deref(), policy.default_timeout, budget),
             None => Analysis::Malformed(format!("{}: has no resource body", label(i + 1, "", r.name.as_deref()))),
         })
         .collect();
@@ -250,7 +252,7 @@ fn convert_resources(
     for analysis in &analyses {
         let answer = analysis.request().and_then(|_| answers.next());
         let decision = decide(analysis, answer, policy.on_fetch_failure);
-        outcomes.push(apply(decision, metrics, &mut reasons));
+        outcomes.push(apply(decision, metrics, budget, &mut reasons));
     }
     if reasons.is_empty() {
         Ok(outcomes)
@@ -260,13 +262,23 @@ fn convert_resources(
 }
 
 /// Carries out a decision: rewrites or replaces the resource, or notes why the response fails; counts it.
-fn apply(decision: Decision<'_, '_>, metrics: &Metrics, reasons: &mut Vec<String>) -> ResourceOutcome {
+fn apply(
+    decision: Decision<'_, '_>,
+    metrics: &Metrics,
+    budget: &mut Budget,
+    reasons: &mut Vec<String>,
+) -> ResourceOutcome {
     let mut counter = decision.counter();
     let unchanged = ResourceOutcome { any: None, module: None };
     let outcome = match decision {
         Decision::Pass => unchanged,
-        Decision::Convert { remote, module } => match rewrite(remote, &module.path) {
+        Decision::Convert { remote, module } => match rewrite(remote, &module.path, budget) {
             Ok(any) => ResourceOutcome { any: Some(any), module: Some(module.sha256) },
+            Err(_) if budget.exceeded() => {
+                counter = ConversionResult::MarshalFailure;
+                reasons.push(format!("{}: typed_config: {}", remote.label, budget.reason()));
+                unchanged
+            }
             Err(e) => {
                 counter = ConversionResult::MarshalFailure;
                 reasons.push(format!("{}: rewriting the config failed: {e}", remote.label));

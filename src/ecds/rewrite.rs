@@ -1,18 +1,18 @@
 //! The rewrite of a converted resource (istio `rewriteVMConfig` in `pkg/wasm/convert.go`): `vm_config.code`
 //! becomes `local { filename }` and the `ISTIO_META_*` env vars go. Lossless: each enclosing message is
-//! rebuilt with `wire::replace_*`, which keeps the bytes of every other field, unknown ones included.
+//! rebuilt with `wire::rebuild`, which keeps the bytes of every other field, unknown ones included, around the
+//! next message rebuilt in place, so that the new resource is written into one buffer.
 //!
 //! Field numbers from envoy `api/envoy/extensions/wasm/v3/wasm.proto` (`Wasm.config` 1,
 //! `PluginConfig.vm_config` 3, `VmConfig.code` 3, `VmConfig.environment_variables` 7,
 //! `EnvironmentVariables.host_env_keys` 1 and `key_values` 2), `api/envoy/config/core/v3/base.proto`
 //! (`AsyncDataSource.local` 1, `DataSource.filename` 1), `api/envoy/config/core/v3/extension.proto`
-//! (`TypedExtensionConfig.typed_config` 2) and protobuf `google/protobuf/any.proto` (`Any.type_url` 1,
-//! `value` 2).
+//! (`TypedExtensionConfig.typed_config` 2), cncf/xds `udpa/type/v1/typed_struct.proto` (`TypedStruct.value` 2)
+//! and protobuf `google/protobuf/any.proto` (`Any.type_url` 1, `value` 2).
 
-use std::borrow::Cow;
-
+use crate::schema::Budget;
 use crate::typed_struct;
-use crate::wire::{self, Fields, WireError};
+use crate::wire::{self, Msg, Replace, WireError};
 
 use super::analyze::{Form, Remote};
 
@@ -20,56 +20,95 @@ const TYPE_PREFIX: &str = "type.googleapis.com/";
 /// Istio strips every env var with this prefix, not only the ones it reads.
 const INTERNAL_ENV_PREFIX: &str = "ISTIO_META_";
 
-/// The new bytes of the resource's `Any` with its code at `path`.
-pub(super) fn rewrite(remote: &Remote<'_>, path: &str) -> Result<Vec<u8>, String> {
-    let typed_config = match &remote.form {
+/// The new bytes of the resource's `Any` with its code at `path`. A Struct re-encoded is charged to `budget`.
+pub(super) fn rewrite(remote: &Remote<'_>, path: &str, budget: &mut Budget) -> Result<Vec<u8>, String> {
+    // A Struct naming an `Any` we cannot encode stays a TypedStruct, rewritten as a Struct (its tree is taken,
+    // not copied: a resource is rewritten once).
+    let new_struct = match &remote.form {
+        Form::Struct { encodable: false, value, typed_struct, .. } => {
+            let mut value = value.take();
+            typed_struct::rewrite_struct(&mut value, path).map_err(|e| e.to_string())?;
+            Some(typed_struct::encode_struct(&value, budget, typed_struct.len()).map_err(|e| e.to_string())?)
+        }
+        _ => None,
+    };
+    // The size of the new TypedExtensionConfig, about: the old one with the code's path and, for a TypedStruct,
+    // its new content in place of the old.
+    let new_tec_size = remote.tec.len()
+        + path.len()
+        + 128
+        + match (&remote.form, &new_struct) {
+            (Form::Direct { .. }, _) => 0,
+            (Form::Struct { typed_struct, .. }, Some(new_struct)) => {
+                new_struct.len().saturating_sub(typed_struct.len())
+            }
+            (Form::Struct { wasm, typed_struct, .. }, None) => wasm.len().saturating_sub(typed_struct.len()),
+        };
+    let mut any = Vec::new();
+    // Any.value (last) -> TypedExtensionConfig.typed_config (merged) -> typed_config's content. The outermost
+    // rebuild sizes the buffer for all; the inner ones then fit.
+    let typed_config = |out: &mut Vec<u8>| new_typed_config(remote, path, new_struct.as_deref(), out);
+    let tec = |out: &mut Vec<u8>| wire::rebuild(out, remote.tec, 2, Replace::Merged, 0, Some(typed_config));
+    wire::rebuild(&mut any, remote.any, 2, Replace::Last, new_tec_size, Some(tec)).map_err(|e| e.to_string())?;
+    Ok(any)
+}
+
+/// The resource's new `typed_config` (an `Any`), appended to `out`; `new_struct` is the rewritten Struct of a
+/// TypedStruct that stays one.
+fn new_typed_config(
+    remote: &Remote<'_>,
+    path: &str,
+    new_struct: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) -> Result<(), WireError> {
+    match (&remote.form, new_struct) {
         // typed_config.value (last) is the Wasm message
-        Form::Direct { wasm } => {
-            let wasm = with_local_code(wasm, path).map_err(|e| e.to_string())?;
-            wire::replace_last(&remote.typed_config, 2, &wasm).map_err(|e| e.to_string())?
+        (Form::Direct { wasm }, _) => {
+            let wasm = |out: &mut Vec<u8>| with_local_code(Msg::from(*wasm), path, out);
+            wire::rebuild(out, remote.typed_config, 2, Replace::Last, path.len(), Some(wasm))
+        }
+        // The TypedStruct stays one, with its Struct (`value`, merged) replaced.
+        (Form::Struct { typed_struct, .. }, Some(new_struct)) => {
+            let value = |out: &mut Vec<u8>| {
+                out.extend_from_slice(new_struct);
+                Ok(())
+            };
+            let ts = |out: &mut Vec<u8>| wire::rebuild(out, *typed_struct, 2, Replace::Merged, 0, Some(value));
+            wire::rebuild(out, remote.typed_config, 2, Replace::Last, new_struct.len(), Some(ts))
         }
         // The TypedStruct becomes the typed Wasm message it describes (as Istio does).
-        Form::Struct { wasm, encodable: true, .. } => {
-            let wasm = with_local_code(wasm, path).map_err(|e| e.to_string())?;
-            let mut any = Vec::with_capacity(wasm.len() + 80);
-            wire::put_len(&mut any, 1, format!("{TYPE_PREFIX}{}", remote.kind.type_name()).as_bytes());
-            wire::put_len(&mut any, 2, &wasm);
-            any
+        (Form::Struct { wasm, .. }, None) => {
+            wire::put_len(out, 1, format!("{TYPE_PREFIX}{}", remote.kind.type_name()).as_bytes());
+            wire::put_len_with(out, 2, |out| with_local_code(Msg::from(wasm), path, out))?;
+            Ok(())
         }
-        // A Struct naming an `Any` we cannot encode stays a TypedStruct, rewritten as a Struct.
-        Form::Struct { encodable: false, typed_struct, value, .. } => {
-            let mut value = value.clone();
-            typed_struct::rewrite_struct(&mut value, path).map_err(|e| e.to_string())?;
-            let encoded = typed_struct::encode_struct(&value).map_err(|e| e.to_string())?;
-            // TypedStruct.value is field 2 (cncf/xds `udpa/type/v1/typed_struct.proto`).
-            let ts = wire::replace_merged(typed_struct, 2, Some(&encoded)).map_err(|e| e.to_string())?;
-            wire::replace_last(&remote.typed_config, 2, &ts).map_err(|e| e.to_string())?
-        }
+    }
+}
+
+/// The Wasm message with `config.vm_config` replaced by [`new_vm_config`] (the occurrences of each merged),
+/// appended to `out`.
+fn with_local_code(wasm: Msg<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let config = wasm.child(1)?.unwrap_or(Msg::from(&[][..]));
+    let vm = new_vm_config(config, path)?;
+    let vm_config = |out: &mut Vec<u8>| {
+        out.extend_from_slice(&vm);
+        Ok(())
     };
-    // Any.value (last) -> TypedExtensionConfig.typed_config (merged)
-    let tec = wire::replace_merged(remote.tec, 2, Some(&typed_config)).map_err(|e| e.to_string())?;
-    wire::replace_last(remote.any, 2, &tec).map_err(|e| e.to_string())
+    let plugin_config = |out: &mut Vec<u8>| wire::rebuild(out, config, 3, Replace::Merged, vm.len(), Some(vm_config));
+    wire::rebuild(out, wasm, 1, Replace::Merged, vm.len(), Some(plugin_config))
 }
 
-/// The Wasm message with `config.vm_config` replaced by [`new_vm_config`] (both occurrences merged).
-fn with_local_code(wasm: &[u8], path: &str) -> Result<Vec<u8>, WireError> {
-    let config = wire::merged(wasm, 1)?.unwrap_or(Cow::Borrowed(&[]));
-    let vm = new_vm_config(&config, path)?;
-    let config = wire::replace_merged(&config, 3, Some(&vm))?;
-    wire::replace_merged(wasm, 1, Some(&config))
-}
-
-/// `config.vm_config` (of the merged `PluginConfig` bytes) with `code` = `local{filename: path}` and the
-/// internal env vars stripped.
-pub(super) fn new_vm_config(config: &[u8], path: &str) -> Result<Vec<u8>, WireError> {
-    let vm = wire::merged(config, 3)?.unwrap_or(Cow::Borrowed(&[]));
+/// `config.vm_config` (of the merged `PluginConfig`) with `code` = `local{filename: path}` and the internal env
+/// vars stripped.
+pub(super) fn new_vm_config(config: Msg<'_>, path: &str) -> Result<Vec<u8>, WireError> {
+    let vm = config.child(3)?.unwrap_or(Msg::from(&[][..]));
     let mut data_source = Vec::with_capacity(path.len() + 4);
     wire::put_len(&mut data_source, 1, path.as_bytes());
     let mut code = Vec::with_capacity(data_source.len() + 4);
     wire::put_len(&mut code, 1, &data_source);
-    let mut new_vm = wire::replace_merged(&vm, 3, Some(&code))?;
-    if let Some(env) = wire::merged(&new_vm, 7)? {
-        let stripped = strip_env(&env)?;
+    let mut new_vm = wire::replace_merged(vm, 3, Some(&code))?;
+    if let Some(env) = Msg::from(&new_vm).child(7)? {
+        let stripped = strip_env(env)?;
         new_vm = wire::replace_merged(&new_vm, 7, stripped.as_deref())?;
     }
     Ok(new_vm)
@@ -77,10 +116,10 @@ pub(super) fn new_vm_config(config: &[u8], path: &str) -> Result<Vec<u8>, WireEr
 
 /// `EnvironmentVariables` without `ISTIO_META_*` entries; `None` (the block goes) when neither key/values nor
 /// host keys remain.
-pub(super) fn strip_env(env: &[u8]) -> Result<Option<Vec<u8>>, WireError> {
-    let mut out = Vec::with_capacity(env.len());
+pub(super) fn strip_env(env: Msg<'_>) -> Result<Option<Vec<u8>>, WireError> {
+    let mut out = Vec::new();
     let (mut key_values, mut host_keys) = (0, 0);
-    for field in Fields::new(env) {
+    for field in env.fields() {
         let field = field?;
         match field.number {
             1 => host_keys += 1,

@@ -416,6 +416,70 @@ fn delta_responses() {
     assert!(err.reason.starts_with("malformed DeltaDiscoveryResponse"), "{}", err.reason);
 }
 
+/// `msg` with the message field `path[0]` written as two occurrences (its fields split between them), and so
+/// on down `path`: protobuf merges them back into the same message.
+fn split_along(msg: &[u8], path: &[u32]) -> Vec<u8> {
+    let Some((&number, rest)) = path.split_first() else { return msg.to_vec() };
+    let mut out = Vec::new();
+    for field in wire::Fields::new(msg) {
+        let field = field.unwrap();
+        if field.number != number {
+            out.extend_from_slice(field.raw);
+            continue;
+        }
+        let inner = split_along(field.payload, rest);
+        let pieces: Vec<&[u8]> = wire::Fields::new(&inner).map(|f| f.unwrap().raw).collect();
+        let half = pieces.len().div_ceil(2);
+        wire::put_len(&mut out, number, &pieces[..half].concat());
+        wire::put_len(&mut out, number, &pieces[half..].concat());
+    }
+    out
+}
+
+/// Every message on the way to the code written as two occurrences — `typed_config`, `Wasm.config`,
+/// `vm_config`, `code`, `remote`, `http_uri`, `timeout`, and a delta `Resource.resource` — converts as the
+/// same filter written once: the request is the same and the output decodes to the same filter.
+#[test]
+fn every_level_written_twice_converts_as_protobuf_merges_it() {
+    let mut code = remote_code("http://h/m.wasm", "abc");
+    code.remote_mut().http_uri.as_mut().unwrap().timeout = Some(prost_types::Duration { seconds: 7, nanos: 9 });
+    let filter = wasm(Some(code), Some(env_vars(&[("ISTIO_META_WASM_IMAGE_PULL_POLICY", "Always"), ("A", "b")], &[])));
+    let once = wasm_resource("w", &filter);
+    // Wasm.config 1, PluginConfig.vm_config 3, VmConfig.code 3, AsyncDataSource.remote 2,
+    // RemoteDataSource.http_uri 1, HttpUri.timeout 3; TypedExtensionConfig.typed_config 2.
+    let wasm_split = split_along(&filter.encode_to_vec(), &[1, 3, 3, 2, 1, 3]);
+    let tec = TypedExtensionConfig { name: "w".into(), typed_config: Some(any_bytes(HTTP, wasm_split)) };
+    let twice = any_bytes(ECDS, split_along(&tec.encode_to_vec(), &[2]));
+    let (fake, m) = (Fake::default(), Metrics::new());
+    let a = convert_sotw(&response(vec![once.clone()]), &fake, &policy(), &m).ok().unwrap();
+    let b = convert_sotw(&response(vec![twice.clone()]), &fake, &policy(), &m).ok().unwrap();
+    let reqs = fake.requests();
+    assert_eq!(reqs[0], reqs[1]);
+    assert_eq!(reqs[1].timeout, Duration::new(7, 9));
+    assert_eq!(reqs[1].sha256.as_deref(), Some("abc"));
+    assert_eq!(reqs[1].pull_policy, crate::module::PullPolicy::Always);
+    assert_eq!(out_wasm(&extensions(&b.bytes)[0]), out_wasm(&extensions(&a.bytes)[0]));
+    // delta: Resource.resource (2) in two occurrences as well
+    let delta = |body: Any| {
+        let r = Resource { name: "w".into(), resource: Some(body), ..Default::default() };
+        DeltaDiscoveryResponse { resources: vec![r], type_url: ECDS.into(), ..Default::default() }
+    };
+    let mut split_delta = Vec::new();
+    for field in wire::Fields::new(&delta(twice).encode_to_vec()) {
+        let field = field.unwrap();
+        match field.number {
+            2 => wire::put_len(&mut split_delta, 2, &split_along(field.payload, &[2])),
+            _ => split_delta.extend_from_slice(field.raw),
+        }
+    }
+    let out = convert_delta(&split_delta, &fake, &policy(), &m).ok().unwrap();
+    let d = DeltaDiscoveryResponse::decode(out.bytes.as_slice()).unwrap();
+    let tec = TypedExtensionConfig::decode(d.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(out_wasm(&tec), out_wasm(&extensions(&a.bytes)[0]));
+    assert_eq!(fake.requests()[2], reqs[0]);
+    assert_eq!(counts(&m), [3, 0, 0, 0, 0, 0]);
+}
+
 /// Truncations and byte flips of valid responses must never panic.
 #[test]
 fn mutated_inputs_never_panic() {

@@ -11,16 +11,20 @@ use std::time::{Duration, Instant};
 
 use ureq::http::Uri;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
-use ureq::unversioned::transport::DefaultConnector;
+use ureq::unversioned::transport::{Connector, DefaultConnector};
 use ureq::{Agent, Proxy};
 
 use super::{copy_hashed, CopyError, FetchError, FetchErrorKind, Staged};
-use crate::guard::{AddressPolicy, GuardedResolver};
+use crate::guard::{AddressPolicy, GuardedResolver, ProxiedTargetGuard};
 use crate::options::Options;
 use crate::store::files::new_temp_file;
 
 /// Redirects followed per request, as Go's default client.
 const MAX_REDIRECTS: u32 = 10;
+/// The most a response's status line and headers (a redirect's `Location` included) may take. ureq's default,
+/// named here because it bounds what a server can make the client buffer; Go allows 1 MiB, no module server
+/// needs more than a few hundred bytes.
+const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
 /// Per-attempt timeout when the options say zero (Istio's `NewHTTPFetcher` does the same).
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -52,7 +56,8 @@ enum AttemptError {
 
 impl HttpFetcher {
     /// Clients that use the proxy named by `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (first set wins, as
-    /// ureq reads them) except for hosts in `NO_PROXY`.
+    /// ureq reads them) except for hosts in `NO_PROXY`. The SSRF rules apply to the proxy's address and to
+    /// every target before the proxy is asked for it (see `guard`).
     pub fn new(options: &Options) -> Result<HttpFetcher, FetchError> {
         HttpFetcher::with_proxy(options, Proxy::try_from_env())
     }
@@ -87,12 +92,16 @@ impl HttpFetcher {
                 let config = Agent::config_builder()
                     .http_status_as_error(false)
                     .max_redirects(MAX_REDIRECTS)
+                    .max_response_header_size(MAX_RESPONSE_HEAD_BYTES)
                     .max_redirects_will_error(true)
                     .proxy(self.proxy.clone())
                     .tls_config(tls)
                     .user_agent(concat!("wasm-ecds/", env!("CARGO_PKG_VERSION")))
                     .build();
-                Agent::with_parts(config, DefaultConnector::new(), GuardedResolver::new(self.policy.clone()))
+                // The SSRF rules: the resolver checks every host ureq resolves, the guard in front of the
+                // connectors every target handed to a proxy (see `guard`).
+                let connector = ProxiedTargetGuard::new(self.policy.clone()).chain(DefaultConnector::new());
+                Agent::with_parts(config, connector, GuardedResolver::new(self.policy.clone()))
             };
             let secure = agent(TlsConfig::builder().root_certs(roots.clone()).build());
             let insecure = agent(TlsConfig::builder().root_certs(roots).disable_verification(true).build());
@@ -213,6 +222,9 @@ fn describe(e: &ureq::Error, timeout: Duration) -> String {
         },
         ureq::Error::Other(other) => other.to_string(),
         ureq::Error::TooManyRedirects => format!("stopped after {MAX_REDIRECTS} redirects"),
+        ureq::Error::LargeResponseHeader(..) => {
+            format!("the response's status line and headers exceed the limit of {MAX_RESPONSE_HEAD_BYTES} bytes")
+        }
         other => other.to_string(),
     }
 }
@@ -228,7 +240,35 @@ pub(super) fn parse_url(url: &str) -> Result<Uri, FetchError> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(invalid("missing host".to_string()));
     }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    check_port(authority).map_err(invalid)?;
     Ok(uri)
+}
+
+/// What may follow the host: nothing, or `:` and ASCII digits (none meaning the scheme's default port) worth at
+/// most 65535. Go's `url.Parse` (`net/url` `validOptionalPort`) refuses anything but digits; a value above 65535
+/// passes it and fails in Go's dialer (`net` `lookup.go`: `dial tcp: address 65536: invalid port`, a transport
+/// error Istio retries). Both are refused here, before any request, in `url.Parse`'s words. The `http` crate
+/// alone would read `:+80` as 80 and `:65536`, `:-1` or twenty digits as no port, so port 80.
+fn check_port(authority: &str) -> Result<(), String> {
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let port = match host_port.strip_prefix('[') {
+        // An IPv6 literal: whatever follows `]` (the `http` crate has checked the brackets).
+        Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
+        None => host_port.rfind(':').map_or("", |colon| &host_port[colon..]),
+    };
+    let valid = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(digits) => {
+            digits.bytes().all(|b| b.is_ascii_digit())
+                && digits.bytes().fold(0u32, |n, b| (n * 10 + u32::from(b - b'0')).min(65536)) <= 65535
+        }
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("invalid port {port:?} after host"))
+    }
 }
 
 /// The trust roots: the system's, plus the certificates of `ca_file`. With neither (no system store found and
@@ -248,13 +288,62 @@ fn root_certs(ca_certs: &[Certificate<'static>]) -> RootCerts {
     RootCerts::new_with_certs(&certs)
 }
 
+/// The most `ca_file` may hold. PEM roots are far smaller (the whole Mozilla bundle is about 220 KiB); the limit
+/// keeps a mistaken path (a log, a device) from being read into memory.
+const MAX_CA_FILE_BYTES: u64 = 4 << 20;
+
+/// `O_NONBLOCK` of `<fcntl.h>` (the crate has no libc dependency): opening a FIFO with it returns at once
+/// instead of waiting for a writer. Linux's generic value and MIPS's and SPARC's own; the BSDs' and macOS's.
+/// Other targets open without it.
+#[cfg(unix)]
+const O_NONBLOCK: i32 = if cfg!(any(target_os = "linux", target_os = "android")) {
+    if cfg!(any(target_arch = "mips", target_arch = "mips64", target_arch = "mips32r6", target_arch = "mips64r6")) {
+        0o200
+    } else if cfg!(any(target_arch = "sparc", target_arch = "sparc64")) {
+        0x4000
+    } else {
+        0o4000
+    }
+} else if cfg!(any(
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+)) {
+    0x4
+} else {
+    0
+};
+
+/// The bytes of `ca_file`: a regular file (checked on the opened handle, so a FIFO, a device such as
+/// `/dev/zero` or a directory is refused before anything is read) of at most [`MAX_CA_FILE_BYTES`].
+fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, O_NONBLOCK);
+    let file = options.open(path).map_err(|e| e.to_string())?;
+    if !file.metadata().map_err(|e| e.to_string())?.is_file() {
+        return Err("not a regular file".to_string());
+    }
+    let mut pem = Vec::new();
+    file.take(MAX_CA_FILE_BYTES + 1).read_to_end(&mut pem).map_err(|e| e.to_string())?;
+    if pem.len() as u64 > MAX_CA_FILE_BYTES {
+        return Err(format!("larger than the limit of {MAX_CA_FILE_BYTES} bytes for PEM roots"));
+    }
+    Ok(pem)
+}
+
 /// The certificates of `ca_file` (PEM): at least one, each a DER SEQUENCE.
 fn ca_file_certs(path: &Path) -> Result<Vec<Certificate<'static>>, FetchError> {
     let mut certs: Vec<Certificate<'static>> = Vec::new();
     {
         let tls_error =
             |why: String| FetchError::new(FetchErrorKind::Io, format!("cannot load ca_file {}: {why}", path.display()));
-        let pem = std::fs::read(path).map_err(|e| tls_error(e.to_string()))?;
+        let pem = read_ca_file(path).map_err(tls_error)?;
         let mut found = 0;
         for item in ureq::tls::parse_pem(&pem) {
             match item {

@@ -189,6 +189,7 @@ mod tests {
 
     use super::*;
     use crate::store::files::{new_temp_file, TEMP_PREFIX};
+    use wasm_ecds_testkit::proxy::TestProxy;
     use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
 
     /// Every option a fetch reads, set for these tests; the rest are the built-in defaults.
@@ -478,6 +479,22 @@ mod tests {
     }
 
     #[test]
+    fn oversized_response_head_is_refused() {
+        let server = TestServer::http();
+        server.route("/m.wasm", Route::bytes(wasm_module(10)).header("X-Filler", &"x".repeat(70_000)));
+        server.route("/r", Route::redirect(302, format!("/{}", "a".repeat(70_000))));
+        let s = Options { max_attempts: 1, ..options() };
+        for path in ["/m.wasm", "/r"] {
+            let err = fetch_err(&s, &server.url(path));
+            assert_eq!(
+                err.message,
+                "wasm module download failed after 1 attempts, last error: the response's status line and headers exceed the limit of 65536 bytes",
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
     fn content_encoding_gzip_is_decoded() {
         let server = TestServer::http();
         let module = wasm_module(30_000);
@@ -615,28 +632,87 @@ mod tests {
     }
 
     #[test]
-    fn proxy_is_used_and_guarded() {
-        // The test server is no proxy: it answers the CONNECT with 404, which shows the request went there.
-        let proxy = TestServer::http();
+    fn proxy_carries_an_allowed_target_and_its_own_address_is_guarded() {
+        let server = TestServer::http();
+        let module = wasm_module(1000);
+        server.route("/m.wasm", Route::bytes(module.clone()));
+        let proxy = TestProxy::start();
         let s = Options { max_attempts: 1, ..options() };
         let dir = tempfile::tempdir().unwrap();
-        let f = fetcher_with_proxy(&s, &proxy.base_url());
-        let err = f.fetch("http://wasm.example.invalid/m.wasm", in_10s(), dir.path()).err().unwrap();
-        assert!(
-            err.message.starts_with("wasm module download failed after 1 attempts, last error: "),
-            "{}",
-            err.message
-        );
-        assert_eq!(proxy.total_requests(), 1);
+        let d = fetcher_with_proxy(&s, &proxy.url()).fetch(&server.url("/m.wasm"), in_10s(), dir.path()).unwrap();
+        assert_module(&d, &module);
+        drop(d);
+        assert_eq!(proxy.requests(), vec![format!("CONNECT 127.0.0.1:{}", server.port())]);
+        assert_eq!(server.requests("/m.wasm"), 1);
         // The proxy's own address is checked too.
         let s = Options { blocked_cidrs: vec!["127.0.0.0/8".parse().unwrap()], ..s };
-        let f = fetcher_with_proxy(&s, &proxy.base_url());
-        let err = f.fetch("http://wasm.example.invalid/m.wasm", in_10s(), dir.path()).err().unwrap();
+        let f = fetcher_with_proxy(&s, &proxy.url());
+        let err = f.fetch("http://198.51.100.7/m.wasm", in_10s(), dir.path()).err().unwrap();
         assert_eq!(
             err.message,
             "wasm module download failed after 1 attempts, last error: connection blocked: resolved IP 127.0.0.1 is in blocked CIDR range 127.0.0.0/8"
         );
-        assert_eq!(proxy.total_requests(), 1);
+        assert_eq!(proxy.requests().len(), 1);
+        assert!(files(dir.path()).is_empty());
+    }
+
+    /// With a proxy, the proxy resolves and connects to the target: the target is checked before the proxy
+    /// is asked for it, and a refused one never reaches the proxy.
+    #[test]
+    fn blocked_targets_never_reach_the_proxy() {
+        let proxy = TestProxy::start();
+        let s = Options { max_attempts: 1, blocked_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..options() };
+        let f = fetcher_with_proxy(&s, &proxy.url());
+        let dir = tempfile::tempdir().unwrap();
+        for (url, reason) in [
+            ("http://169.254.169.254/latest/meta-data/", "resolved IP 169.254.169.254 is link-local"),
+            ("https://169.254.169.254/latest/meta-data/", "resolved IP 169.254.169.254 is link-local"),
+            ("http://[::ffff:169.254.169.254]/", "resolved IP 169.254.169.254 is link-local"),
+            (
+                "http://100.100.100.200/latest/meta-data/",
+                "resolved IP 100.100.100.200 is a known cloud metadata address",
+            ),
+            ("http://10.1.2.3/m.wasm", "resolved IP 10.1.2.3 is in blocked CIDR range 10.0.0.0/8"),
+            ("http://0.0.0.0:8080/m.wasm", "resolved IP 0.0.0.0 is unspecified"),
+        ] {
+            let err = f.fetch(url, in_10s(), dir.path()).err().unwrap();
+            assert_eq!(
+                err.message,
+                format!("wasm module download failed after 1 attempts, last error: connection blocked: {reason}"),
+                "{url}"
+            );
+        }
+        assert_eq!(proxy.requests(), Vec::<String>::new());
+        assert!(files(dir.path()).is_empty());
+    }
+
+    /// Each redirect hop's target is checked before the proxy is asked for it.
+    #[test]
+    fn redirect_hops_through_the_proxy_are_checked() {
+        let server = TestServer::http();
+        server.route("/metadata", Route::redirect(302, "http://169.254.169.254/latest/meta-data/"));
+        server.route("/private", Route::redirect(307, "https://10.9.8.7:8443/m.wasm"));
+        server.route("/chain", Route::redirect(301, "/private"));
+        let proxy = TestProxy::start();
+        let s = Options { max_attempts: 1, blocked_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..options() };
+        let f = fetcher_with_proxy(&s, &proxy.url());
+        let dir = tempfile::tempdir().unwrap();
+        for (path, reason) in [
+            ("/metadata", "resolved IP 169.254.169.254 is link-local"),
+            ("/private", "resolved IP 10.9.8.7 is in blocked CIDR range 10.0.0.0/8"),
+            ("/chain", "resolved IP 10.9.8.7 is in blocked CIDR range 10.0.0.0/8"),
+        ] {
+            let err = f.fetch(&server.url(path), in_10s(), dir.path()).err().unwrap();
+            assert_eq!(
+                err.message,
+                format!("wasm module download failed after 1 attempts, last error: connection blocked: {reason}"),
+                "{path}"
+            );
+        }
+        // Only the allowed hops went to the proxy, each to the loopback server.
+        let to_server = format!("CONNECT 127.0.0.1:{}", server.port());
+        assert!(proxy.requests().iter().all(|r| *r == to_server), "{:?}", proxy.requests());
+        assert_eq!(server.total_requests(), 4);
         assert!(files(dir.path()).is_empty());
     }
 
@@ -671,6 +747,52 @@ mod tests {
             assert_eq!(err.kind, FetchErrorKind::InvalidUrl, "{url}: {}", err.message);
             assert!(err.message.starts_with(&format!("fail to parse Wasm module fetch url: {url}, error: ")));
             assert_eq!(err.counted_as(), None);
+        }
+    }
+
+    /// A port that is not 0–65535 in ASCII digits is a URL error (Go's `url.Parse` checks the digits, its
+    /// dialer the range), never a request: not even the proxy, which sees every request, is asked.
+    #[test]
+    fn invalid_ports_are_url_errors_without_a_request() {
+        let proxy = TestProxy::start();
+        let f = fetcher_with_proxy(&options(), &proxy.url());
+        let dir = tempfile::tempdir().unwrap();
+        for (url, port) in [
+            ("http://127.0.0.1:99999999/m.wasm", ":99999999"),
+            ("http://127.0.0.1:65536/m.wasm", ":65536"),
+            ("http://127.0.0.1:-1/m.wasm", ":-1"),
+            ("http://127.0.0.1:+80/m.wasm", ":+80"),
+            ("http://127.0.0.1:12345678901234567890/m.wasm", ":12345678901234567890"),
+            ("https://user@127.0.0.1:8a/m.wasm", ":8a"),
+            ("http://[::1]:65536/m.wasm", ":65536"),
+            ("http://[::1]x/m.wasm", "x"),
+        ] {
+            let err = f.fetch(url, in_10s(), dir.path()).err().unwrap();
+            assert_eq!(err.kind, FetchErrorKind::InvalidUrl, "{url}: {}", err.message);
+            assert_eq!(
+                err.message,
+                format!("fail to parse Wasm module fetch url: {url}, error: invalid port \"{port}\" after host")
+            );
+            assert_eq!(err.counted_as(), None);
+        }
+        assert_eq!(proxy.requests(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn valid_ports_parse_as_go_does() {
+        for (url, port) in [
+            ("http://h/m.wasm", None),
+            // An empty port means the scheme's default, as in Go.
+            ("http://h:/m.wasm", None),
+            ("http://[::1]:/m.wasm", None),
+            ("http://h:0/m.wasm", Some(0)),
+            ("http://h:080/m.wasm", Some(80)),
+            ("http://h:00000000000000000080/m.wasm", Some(80)),
+            ("http://h:65535/m.wasm", Some(65535)),
+            ("http://u:p@[::1]:8443/m.wasm", Some(8443)),
+        ] {
+            let uri = http::parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(uri.port_u16(), port, "{url}");
         }
     }
 

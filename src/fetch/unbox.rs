@@ -10,10 +10,16 @@
 //! `max_module_bytes` fails with `TooLarge` instead of being silently truncated (Istio's LimitReader) or
 //! skipped; disk errors fail with `Io`; nesting stops after [`MAX_DEPTH`] layers (a gzip quine would loop
 //! forever in Istio).
+//!
+//! Every read is bounded: gzip output and a tar entry by `max_module_bytes` (`TooLarge`), a tar's special
+//! records (long names, pax headers) by 1 MiB as in Go's `archive/tar` (see [`first_tar_entry`]), the format
+//! sniffing by one 512-byte block.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+
+use tar::EntryType;
 
 use super::{copy_hashed, CopyError, FetchError, Staged, WASM_MAGIC};
 use crate::store::files::new_temp_file;
@@ -136,25 +142,144 @@ fn gunzip(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<O
     decode_into(&mut decoder, temp_dir, max, buf, "gzip")
 }
 
+/// The first entry of a tar, as Go's `archive/tar` `Reader.Next` (`reader.go`) finds it for Istio.
+///
+/// The records before it are read here, not by the crate: its non-raw iterator reads every GNU long name
+/// (`L`), long link (`K`) and pax (`x`) record whole into memory, whatever size it declares. Here a special
+/// record over [`MAX_SPECIAL_RECORD_BYTES`] fails the unboxing (as Go's `readSpecialFile` fails with
+/// `ErrFieldTooLong`, after which Istio keeps the download as it is); `L` and `K` are skipped unread (the
+/// name is not needed); `x` is read (at most 1 MiB) for its `size` record. Then the entry, as Go gives it:
+/// - a pax global header (`g`) is an entry of its own, holding no file;
+/// - a link, device, directory or FIFO holds no data (`isHeaderOnlyType`);
+/// - anything else holds the bytes its size says (a pax `size` record overrides the header's).
+///
+/// Not followed, on purpose, each keeping the download as it is: GNU sparse files (old `S` entries and the
+/// pax `GNU.sparse.*` formats: the crate would hold a map growing with the archive; no Wasm tooling writes
+/// them), and a pax `size` that disagrees with the header's (the crate reads the header's; writers add the
+/// record only when the header cannot hold the size, 8 GiB and more, far past `max_module_bytes`).
 fn first_tar_entry(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<Option<Staged>, FetchError> {
     let file = reopen(layer, temp_dir)?;
     let mut archive = tar::Archive::new(BufReader::new(file));
-    let entries = match archive.entries() {
-        Ok(entries) => entries,
+    let mut entries = match archive.entries() {
+        // Raw: every record as it is; the crate skips the data of a record not read (with a fixed buffer).
+        Ok(entries) => entries.raw(true),
         Err(e) => return not_unpackable(e),
     };
-    let mut entry = match entries.into_iter().next() {
-        Some(Ok(entry)) => entry,
-        Some(Err(e)) => return not_unpackable(e),
-        None => return not_unpackable(io::Error::new(io::ErrorKind::InvalidData, "empty archive")),
-    };
-    if entry.header().size().is_ok_and(|size| size > max) {
-        return Err(FetchError::too_large(max));
+    // What the last pax `x` record said about the next entry's size.
+    let mut pax_size = None;
+    loop {
+        let mut entry = match entries.next() {
+            Some(Ok(entry)) => entry,
+            Some(Err(e)) => return not_unpackable(e),
+            None => return not_unpackable(invalid("the archive holds no file")),
+        };
+        let kind = entry.header().entry_type();
+        let size = entry.size();
+        let is_special = kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions();
+        if is_special && size > MAX_SPECIAL_RECORD_BYTES {
+            return not_unpackable(invalid(format!(
+                "its {} record of {size} bytes is over the limit of {MAX_SPECIAL_RECORD_BYTES} bytes for tar headers",
+                record_name(kind)
+            )));
+        }
+        if kind.is_gnu_longname() || kind.is_gnu_longlink() {
+            continue;
+        }
+        if kind.is_pax_local_extensions() {
+            let mut records = Vec::with_capacity(size as usize);
+            if let Err(e) = (&mut entry).take(size).read_to_end(&mut records) {
+                return not_unpackable(e);
+            }
+            if records.len() as u64 != size {
+                return not_unpackable(io::Error::new(io::ErrorKind::UnexpectedEof, "pax record is truncated"));
+            }
+            pax_size = match pax_size_of(&records) {
+                Ok(size) => size,
+                Err(e) => return not_unpackable(invalid(e)),
+            };
+            continue;
+        }
+        if kind.is_pax_global_extensions() {
+            return not_unpackable(invalid("its first entry is a pax global header, which holds no file"));
+        }
+        if kind.is_gnu_sparse() {
+            return not_unpackable(invalid("its first entry is a GNU sparse file, which is not unpacked"));
+        }
+        if matches!(
+            kind,
+            EntryType::Link
+                | EntryType::Symlink
+                | EntryType::Char
+                | EntryType::Block
+                | EntryType::Directory
+                | EntryType::Fifo
+        ) {
+            return not_unpackable(invalid(format!("its first entry is a {kind:?}, which holds no data")));
+        }
+        if let Some(pax) = pax_size.filter(|&pax| pax != size) {
+            return not_unpackable(invalid(format!(
+                "its pax size record ({pax}) disagrees with the header's size ({size})"
+            )));
+        }
+        if size > max {
+            return Err(FetchError::too_large(max));
+        }
+        // A short entry surfaces as a read error (UnexpectedEof) inside decode_into.
+        let mut exact = ExactLen { inner: &mut entry, remaining: size };
+        return decode_into(&mut exact, temp_dir, max, buf, "tar");
     }
-    // A short entry surfaces as a read error (UnexpectedEof) inside decode_into.
-    let mut exact = ExactLen { inner: &mut entry, remaining: None };
-    exact.remaining = exact.inner.header().size().ok();
-    decode_into(&mut exact, temp_dir, max, buf, "tar")
+}
+
+/// The largest tar special record (GNU long name or long link, pax header) read, as Go's `archive/tar`
+/// (`maxSpecialFileSize` in `reader.go`).
+const MAX_SPECIAL_RECORD_BYTES: u64 = 1 << 20;
+
+fn record_name(kind: EntryType) -> &'static str {
+    if kind.is_gnu_longname() {
+        "GNU long name (L)"
+    } else if kind.is_gnu_longlink() {
+        "GNU long link (K)"
+    } else if kind.is_pax_local_extensions() {
+        "pax header (x)"
+    } else {
+        "pax global header (g)"
+    }
+}
+
+/// The `size` record of a pax header, parsed as Go's `parsePAX` and `mergePAX` (`archive/tar` `reader.go`,
+/// `strconv.go`) do: records are `"<length> <key>=<value>\n"`, the length counting the whole record; the last
+/// `size` wins. GNU sparse records are refused (see [`first_tar_entry`]).
+fn pax_size_of(mut records: &[u8]) -> Result<Option<u64>, String> {
+    let malformed = || "its pax header is malformed".to_string();
+    let mut size = None;
+    while !records.is_empty() {
+        let space = records.iter().position(|&b| b == b' ').ok_or_else(malformed)?;
+        let len: usize = std::str::from_utf8(&records[..space])
+            .ok()
+            .and_then(|digits| digits.parse().ok())
+            .filter(|&len| len > space + 1 && len <= records.len())
+            .ok_or_else(malformed)?;
+        let (record, rest) = records.split_at(len);
+        let record = record[space + 1..].strip_suffix(b"\n").ok_or_else(malformed)?;
+        let equals = record.iter().position(|&b| b == b'=').filter(|&i| i > 0).ok_or_else(malformed)?;
+        let (key, value) = (&record[..equals], &record[equals + 1..]);
+        if key.starts_with(b"GNU.sparse.") {
+            return Err("its first entry is a GNU sparse file (pax), which is not unpacked".into());
+        }
+        if key == b"size" {
+            let value = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+            size = Some(value.ok_or_else(|| "its pax size record is not a number".to_string())?);
+        }
+        records = rest;
+    }
+    Ok(size)
+}
+
+fn invalid(reason: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, reason.into())
 }
 
 fn not_unpackable(e: io::Error) -> Result<Option<Staged>, FetchError> {
@@ -166,18 +291,16 @@ fn not_unpackable(e: io::Error) -> Result<Option<Staged>, FetchError> {
 /// Go's `io.ReadFull` fails the same way).
 struct ExactLen<'a, R: Read> {
     inner: &'a mut R,
-    remaining: Option<u64>,
+    remaining: u64,
 }
 
 impl<R: Read> Read for ExactLen<'_, R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(out)?;
-        if let Some(remaining) = &mut self.remaining {
-            if n == 0 && *remaining > 0 && !out.is_empty() {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar entry is truncated"));
-            }
-            *remaining = remaining.saturating_sub(n as u64);
+        if n == 0 && self.remaining > 0 && !out.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar entry is truncated"));
         }
+        self.remaining = self.remaining.saturating_sub(n as u64);
         Ok(n)
     }
 }
@@ -188,6 +311,7 @@ mod tests {
 
     use super::super::{FetchErrorKind, COPY_BUFFER_BYTES};
     use super::*;
+    use wasm_ecds_testkit::archives::{header, pax_record, tar_records, BLOCK};
     use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module};
 
     fn stage(dir: &Path, bytes: &[u8]) -> Staged {
@@ -297,5 +421,149 @@ mod tests {
         unboxed_to(&nested, &m);
         let too_deep = gzip(&nested);
         unboxed_to(&too_deep, &too_deep);
+    }
+
+    /// The content of a special record of exactly `len` bytes: a NUL-ended name for `L`/`K`, one `comment`
+    /// record for `x`/`g`.
+    fn special_content(kind: u8, len: usize) -> Vec<u8> {
+        match kind {
+            b'L' | b'K' => [vec![b'n'; len - 1], vec![0]].concat(),
+            _ => {
+                let overhead = len.to_string().len() + " comment=\n".len();
+                let record = pax_record("comment", &"c".repeat(len - overhead));
+                assert_eq!(record.len(), len);
+                record
+            }
+        }
+    }
+
+    fn special_name(kind: u8) -> &'static str {
+        match kind {
+            b'L' | b'K' => "././@LongLink",
+            b'x' => "PaxHeaders.0/plugin.wasm",
+            _ => "GlobalHead.0.0",
+        }
+    }
+
+    #[test]
+    fn special_records_over_1_mib_keep_the_original() {
+        // Go's archive/tar fails Next with ErrFieldTooLong past 1 MiB; Istio then keeps the download.
+        let m = wasm_module(1000);
+        for kind in [b'L', b'K', b'x', b'g'] {
+            let content = special_content(kind, (1 << 20) + 1);
+            let archive = tar_records(&[
+                (header(special_name(kind), kind, content.len() as u64), &content),
+                (header("plugin.wasm", b'0', m.len() as u64), &m),
+            ]);
+            unboxed_to(&archive, &archive);
+            unboxed_to(&gzip(&archive), &gzip(&archive));
+        }
+    }
+
+    #[test]
+    fn special_records_up_to_1_mib_are_followed() {
+        let m = wasm_module(1000);
+        let file = (header("plugin.wasm", b'0', m.len() as u64), m.as_slice());
+        for kind in [b'L', b'K', b'x'] {
+            let content = special_content(kind, 1 << 20);
+            let archive = tar_records(&[(header(special_name(kind), kind, content.len() as u64), &content), file]);
+            unboxed_to(&archive, &m);
+        }
+        // Several in a row, as Go reads them (the last of each kind applies); the crate's own iterator refused
+        // two long names for one entry.
+        let name = special_content(b'L', 300);
+        let pax = pax_record("path", &"p/".repeat(60));
+        let archive = tar_records(&[
+            (header("././@LongLink", b'L', name.len() as u64), &name),
+            (header("././@LongLink", b'L', name.len() as u64), &name),
+            (header("PaxHeaders.0/a", b'x', pax.len() as u64), &pax),
+            (header("././@LongLink", b'K', name.len() as u64), &name),
+            (header("PaxHeaders.0/a", b'x', pax.len() as u64), &pax),
+            file,
+        ]);
+        unboxed_to(&archive, &m);
+        // Empty special records.
+        let archive =
+            tar_records(&[(header("././@LongLink", b'L', 0), b""), (header("PaxHeaders.0/a", b'x', 0), b""), file]);
+        unboxed_to(&archive, &m);
+    }
+
+    #[test]
+    fn a_truncated_special_record_keeps_the_original() {
+        let m = wasm_module(1000);
+        for kind in [b'L', b'x'] {
+            let content = special_content(kind, 4096);
+            let mut archive = tar_records(&[
+                (header(special_name(kind), kind, content.len() as u64), &content),
+                (header("plugin.wasm", b'0', m.len() as u64), &m),
+            ]);
+            archive.truncate(BLOCK + 1000);
+            // Still a tar to `format_of`: the first header is whole.
+            unboxed_to(&archive, &archive);
+        }
+    }
+
+    #[test]
+    fn pax_size_records() {
+        let m = wasm_module(1000);
+        let len = m.len() as u64;
+        let with_pax = |pax: &[u8], declared: u64| {
+            tar_records(&[(header("PaxHeaders.0/a", b'x', pax.len() as u64), pax), (header("a", b'0', declared), &m)])
+        };
+        // Agreeing with the header (with other records around it): followed.
+        let pax = [pax_record("path", "plugin.wasm"), pax_record("size", &len.to_string()), pax_record("mtime", "1.5")]
+            .concat();
+        unboxed_to(&with_pax(&pax, len), &m);
+        // The last `x` record is the one that applies (Go replaces the whole set).
+        let stale = pax_record("size", "1");
+        let archive = tar_records(&[
+            (header("PaxHeaders.0/a", b'x', stale.len() as u64), &stale),
+            (header("PaxHeaders.0/a", b'x', pax.len() as u64), &pax),
+            (header("a", b'0', len), &m),
+        ]);
+        unboxed_to(&archive, &m);
+        for original in [
+            // Disagreeing with the header: not followed either way.
+            with_pax(&pax_record("size", &(len - 10).to_string()), len),
+            with_pax(&pax_record("size", &(len + 10).to_string()), len),
+            // Malformed: length not matching, missing '=', not a number, empty key, trailing garbage.
+            with_pax(b"99 size=1000\n", len),
+            with_pax(b"11 size1000\n", len),
+            with_pax(&pax_record("size", "ten"), len),
+            with_pax(&pax_record("size", "-1"), len),
+            with_pax(&pax_record("", "x"), len),
+            with_pax(&[pax_record("path", "a"), b"junk".to_vec()].concat(), len),
+            // GNU sparse in pax form.
+            with_pax(&pax_record("GNU.sparse.major", "1"), len),
+        ] {
+            unboxed_to(&original, &original);
+        }
+        // A value holding a newline is framed by its length, as in Go.
+        unboxed_to(
+            &with_pax(&[pax_record("comment", "two\nlines"), pax_record("size", &len.to_string())].concat(), len),
+            &m,
+        );
+    }
+
+    #[test]
+    fn first_entries_without_file_data_keep_the_original() {
+        let m = wasm_module(1000);
+        let rest = (header("plugin.wasm", b'0', m.len() as u64), m.as_slice());
+        let global = pax_record("comment", "git archive writes one");
+        for first in [
+            // Go gives header-only types no data whatever their size field says.
+            (header("dir/", b'5', m.len() as u64), m.as_slice()),
+            (header("link", b'2', m.len() as u64), m.as_slice()),
+            // A pax global header is an entry of its own in Go.
+            (header("GlobalHead.0.0", b'g', global.len() as u64), global.as_slice()),
+            // Old GNU sparse files are not unpacked.
+            (header("sparse", b'S', m.len() as u64), m.as_slice()),
+        ] {
+            let archive = tar_records(&[first, rest]);
+            unboxed_to(&archive, &archive);
+        }
+        let archive = tar_records(&[]);
+        assert!(archive.len() > 262);
+        unboxed_to(&archive, &archive);
     }
 }

@@ -2,9 +2,10 @@
 //! deleted so that neighbouring processes sharing the directory never see a half-written file, and never
 //! lose a file they serve.
 
+use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
@@ -12,16 +13,34 @@ use tempfile::NamedTempFile;
 /// Prefix of every temp file the library writes.
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
-/// Creates a temp file in `dir` named `.tmp-<pid>-<random>`: the pid lets a later process tell a crashed
-/// writer's leftovers (pid gone) from a live neighbour's download in a shared cache directory.
+/// Creates a temp file in `dir` named `.tmp-<pid>-<random>`, holding a shared `flock` on it from right after
+/// its creation for as long as it is open (until it is persisted and dropped, or dropped). That lock is what
+/// tells a live writer's file from a crash leftover ([`remove_stale_temp_files`]); the pid is in the name only
+/// for people reading the directory: a neighbour in another PID namespace (another container sharing the
+/// directory) has pids this process cannot see. Shared rather than exclusive, because a module file keeps a
+/// shared lock once it is in place ([`persist_module`]) and flock(2) converts a lock from one kind to the
+/// other non-atomically; an exclusive `try_lock` by a clean-up fails against either.
 ///
 /// A directory this process may not write to (a cache seeded into a read-only container image) fails with
 /// an error that says so: the modules already there are still served, only nothing new can be stored.
 pub(crate) fn new_temp_file(dir: &Path) -> io::Result<NamedTempFile> {
-    tempfile::Builder::new()
-        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
-        .tempfile_in(dir)
-        .map_err(read_only_error)
+    for _ in 0..3 {
+        let file = tempfile::Builder::new()
+            .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+            .tempfile_in(dir)
+            .map_err(read_only_error)?;
+        match file.as_file().try_lock_shared() {
+            Ok(()) => {}
+            // A neighbour's start-up clean-up took the file in the instant before the lock, to delete it.
+            Err(fs::TryLockError::WouldBlock) => continue,
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        // Or it took and deleted it already: then the name is gone or another file's.
+        if same_file(file.as_file(), file.path()) {
+            return Ok(file);
+        }
+    }
+    Err(io::Error::other(format!("temp files in {} kept disappearing as they were created", dir.display())))
 }
 
 /// Names the cause of an error that creating a file in the cache directory ended with, when it is that the
@@ -48,40 +67,165 @@ pub(super) fn create_private_dir(dir: &Path) -> io::Result<()> {
     builder.create(dir)
 }
 
-/// Removes `.tmp-<pid>-…` files whose writer process is gone. Without `/proc` nothing is removed.
+/// Removes the `.tmp-…` files in `dir` that no writer holds: a writer holds a lock on its temp file for as
+/// long as it lives ([`new_temp_file`]), so a file this process can lock exclusively is a crash leftover,
+/// whatever pid its name carries. Anything that is not a regular file is left alone.
 pub(super) fn remove_stale_temp_files(dir: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if Path::new("/proc").join(pid.to_string()).exists() {
+        if !entry.file_name().to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
             continue;
         }
-        match fs::remove_file(entry.path()) {
-            Ok(()) => log::info!("removed {} left by a crashed process", entry.path().display()),
+        let path = entry.path();
+        let Ok(Opened::File(file)) = open_regular(&path) else { continue };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => continue, // its writer is alive
+            Err(fs::TryLockError::Error(e)) => {
+                log::warn!("cannot lock {} to tell whether its writer is alive: {e}", path.display());
+                continue;
+            }
+        }
+        if !same_file(&file, &path) {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => log::info!("removed {}, left by a process that ended without finishing it", path.display()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!("cannot remove stale temp file {}: {e}", entry.path().display()),
+            Err(e) => log::warn!("cannot remove stale temp file {}: {e}", path.display()),
         }
     }
+}
+
+/// What is at a path where the store expects a regular file, when it is something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NotRegular {
+    Symlink,
+    Directory,
+    Fifo,
+    Socket,
+    Device,
+    Other,
+}
+
+impl NotRegular {
+    fn of(file_type: fs::FileType) -> NotRegular {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if file_type.is_fifo() {
+                return NotRegular::Fifo;
+            }
+            if file_type.is_socket() {
+                return NotRegular::Socket;
+            }
+            if file_type.is_block_device() || file_type.is_char_device() {
+                return NotRegular::Device;
+            }
+        }
+        if file_type.is_symlink() {
+            NotRegular::Symlink
+        } else if file_type.is_dir() {
+            NotRegular::Directory
+        } else {
+            NotRegular::Other
+        }
+    }
+}
+
+impl fmt::Display for NotRegular {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NotRegular::Symlink => "a symbolic link",
+            NotRegular::Directory => "a directory",
+            NotRegular::Fifo => "a FIFO",
+            NotRegular::Socket => "a socket",
+            NotRegular::Device => "a device",
+            NotRegular::Other => "not a regular file",
+        })
+    }
+}
+
+/// What [`open_regular`] found.
+pub(super) enum Opened {
+    /// A regular file, open for reading.
+    File(File),
+    Missing,
+    NotRegular(NotRegular),
+}
+
+/// Opens `path` for reading the way the store opens every file of the cache directory: without following a
+/// symlink (`O_NOFOLLOW`: a link to `/dev/zero` would be read forever, one elsewhere would serve or lock a
+/// file outside the directory), without blocking (`O_NONBLOCK`: opening a FIFO that has no writer waits
+/// forever; it changes nothing for a regular file), and only if it is a regular file (checked on the open
+/// handle, so nothing can be swapped in between). The flags come from `libc`: their values differ between
+/// architectures.
+pub(super) fn open_regular(path: &Path) -> io::Result<Opened> {
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    match options.open(path) {
+        Ok(file) => {
+            let file_type = file.metadata()?.file_type();
+            Ok(if file_type.is_file() { Opened::File(file) } else { Opened::NotRegular(NotRegular::of(file_type)) })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Opened::Missing),
+        // A symlink fails with ELOOP under O_NOFOLLOW, a socket with ENXIO: say what it is instead.
+        Err(e) => match fs::symlink_metadata(path) {
+            Ok(md) if !md.is_file() => Ok(Opened::NotRegular(NotRegular::of(md.file_type()))),
+            _ => Err(e),
+        },
+    }
+}
+
+/// Makes room for a regular file at `path`, where there is a directory: removes it if it is empty, else
+/// renames it to `<name>.aside-<random>` beside it (it is not the store's to delete), and says so in the log.
+/// (Any other kind of special file needs no clearing: a rename onto it replaces it atomically.)
+pub(super) fn clear_directory(path: &Path) -> io::Result<()> {
+    match fs::remove_dir(path) {
+        Ok(()) => {
+            log::warn!("removed the empty directory {} where a file belongs", path.display());
+            return Ok(());
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => {}
+    }
+    // Still a directory (not, say, a module a neighbour stored here since): then move it aside.
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside: PathBuf = path.with_file_name(format!("{name}.aside-{:016x}", fastrand::u64(..)));
+    fs::rename(path, &aside)?;
+    log::warn!("moved the directory {} aside to {}: a file belongs at its name", path.display(), aside.display());
+    Ok(())
 }
 
 pub(super) enum Verify {
     /// The file is not there (or was replaced while we looked).
     Gone,
+    /// Something that is not a regular file is at its name.
+    NotRegular(NotRegular),
     /// Its content hashes to something else (the actual sha256, and the open file).
     Mismatch(String, File),
     Io(io::Error),
 }
 
-/// Opens a module file, takes a shared lock on it and checks its hash. The returned file keeps the lock.
+/// Opens a module file (see [`open_regular`]), takes a shared lock on it and checks its hash. The returned
+/// file keeps the lock. Reads no more than the length the file had when it was opened, and a file whose
+/// length changes meanwhile does not verify.
 pub(super) fn open_verified(path: &Path, sha: &str) -> Result<File, Verify> {
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Verify::Gone),
+    let file = match open_regular(path) {
+        Ok(Opened::File(f)) => f,
+        Ok(Opened::Missing) => return Err(Verify::Gone),
+        Ok(Opened::NotRegular(what)) => return Err(Verify::NotRegular(what)),
         Err(e) => return Err(Verify::Io(e)),
     };
     // Blocks only while a neighbour's purge holds it exclusively (briefly, before deleting it).
@@ -89,8 +233,10 @@ pub(super) fn open_verified(path: &Path, sha: &str) -> Result<File, Verify> {
     if !same_file(&file, path) {
         return Err(Verify::Gone);
     }
-    let actual = hash_reader(&mut file).map_err(Verify::Io)?;
-    if actual == sha {
+    let len = file.metadata().map_err(Verify::Io)?.len();
+    let actual = hash_reader(&mut (&file).take(len)).map_err(Verify::Io)?;
+    let unchanged = file.metadata().map_err(Verify::Io)?.len() == len;
+    if actual == sha && unchanged {
         Ok(file)
     } else {
         Err(Verify::Mismatch(actual, file))
@@ -101,7 +247,8 @@ pub(super) fn open_verified(path: &Path, sha: &str) -> Result<File, Verify> {
 /// existing file that is intact), fsync the directory. Returns the module file, holding a shared lock.
 pub(super) fn persist_module(file: NamedTempFile, path: &Path, sha: &str) -> io::Result<File> {
     file.as_file().sync_all()?;
-    // Lock the inode before it becomes visible, so no neighbour's purge can take it in between.
+    // The inode must be locked before it becomes visible, so that no neighbour's purge can take it in
+    // between: [`new_temp_file`] locked it already (this is then a no-op), any other temp file is locked now.
     match file.as_file().try_lock_shared() {
         Ok(()) | Err(fs::TryLockError::WouldBlock) => {}
         Err(fs::TryLockError::Error(e)) => return Err(e),
@@ -118,7 +265,13 @@ pub(super) fn persist_module(file: NamedTempFile, path: &Path, sha: &str) -> io:
                 temp = e.file;
                 match open_verified(path, sha) {
                     Ok(existing) => return Ok(existing),
-                    Err(Verify::Mismatch(..)) => {
+                    Err(Verify::NotRegular(NotRegular::Directory)) => clear_directory(path)?,
+                    Err(e @ (Verify::Mismatch(..) | Verify::NotRegular(_))) => {
+                        if let Verify::NotRegular(what) = e {
+                            log::warn!("{} is {what}, not a module file; replacing it", path.display());
+                        }
+                        // A rename replaces a symlink, FIFO or corrupt file atomically: at no moment is
+                        // there nothing at the name that a neighbour could fill and then lose.
                         let persisted = temp.persist(path).map_err(|e| e.error)?;
                         sync_parent(path);
                         return Ok(persisted);
@@ -137,9 +290,14 @@ pub(super) fn persist_module(file: NamedTempFile, path: &Path, sha: &str) -> io:
 pub(super) fn delete_module_file(path: &Path, open: Option<File>) -> bool {
     let file = match open {
         Some(f) => f,
-        None => match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+        None => match open_regular(path) {
+            Ok(Opened::File(f)) => f,
+            Ok(Opened::Missing) => return false,
+            Ok(Opened::NotRegular(what)) => {
+                // Not a module; the next download of this module replaces it.
+                log::debug!("not deleting {}: it is {what}", path.display());
+                return false;
+            }
             Err(e) => {
                 log::warn!("cannot open {} to delete it: {e}", path.display());
                 return false;
@@ -175,7 +333,7 @@ fn same_file(file: &File, path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        match (file.metadata(), fs::metadata(path)) {
+        match (file.metadata(), fs::symlink_metadata(path)) {
             (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
             _ => false,
         }
@@ -236,17 +394,25 @@ mod tests {
     #[test]
     fn dead_writers_temp_files_are_removed_live_ones_kept() {
         let f = fixture();
-        // A pid above the kernel's maximum (4194304) cannot be alive.
+        // Nobody holds it (a pid above the kernel's maximum, 4194304, cannot be alive anyway).
         let dead = f.cache_dir().join(format!("{TEMP_PREFIX}4194305-abc"));
-        let live = f.cache_dir().join(format!("{TEMP_PREFIX}{}-def", std::process::id()));
+        // A live writer's temp file: locked for as long as it is open.
+        let writing = new_temp_file(&f.cache_dir()).unwrap();
+        let live = writing.path().to_path_buf();
+        // The pid decides nothing: this process is alive, but nobody holds this file.
+        let unheld = f.cache_dir().join(format!("{TEMP_PREFIX}{}-def", std::process::id()));
         let other = f.cache_dir().join("unrelated");
-        for p in [&dead, &live, &other] {
+        for p in [&dead, &unheld, &other] {
             fs::write(p, b"partial").unwrap();
         }
         let (_store, _, _) = f.reopen();
         assert!(!dead.exists());
         assert!(live.exists());
+        assert!(!unheld.exists());
         assert!(other.exists());
+        // Until it is dropped (or persisted).
+        drop(writing);
+        assert!(!live.exists());
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(super) struct TestFetcher {
     calls: AtomicUsize,
     current: AtomicUsize,
     pub max_concurrent: AtomicUsize,
+    /// The least time any fetch had left before its deadline when it started.
+    pub min_time_left: Mutex<Option<Duration>>,
 }
 
 impl TestFetcher {
@@ -40,8 +42,12 @@ impl TestFetcher {
 pub(super) struct Shared(pub Arc<TestFetcher>);
 
 impl ModuleFetcher for Shared {
-    fn fetch(&self, url: &str, _deadline: Instant, temp_dir: &Path) -> Result<Downloaded, FetchError> {
+    fn fetch(&self, url: &str, deadline: Instant, temp_dir: &Path) -> Result<Downloaded, FetchError> {
         let f = &self.0;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut min = f.min_time_left.lock().unwrap();
+        *min = Some(min.map_or(left, |m| m.min(left)));
+        drop(min);
         f.calls.fetch_add(1, Ordering::SeqCst);
         let now = f.current.fetch_add(1, Ordering::SeqCst) + 1;
         f.max_concurrent.fetch_max(now, Ordering::SeqCst);

@@ -4,19 +4,22 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::files::{is_sha256_hex, new_temp_file, sync_dir};
+use super::files::{clear_directory, is_sha256_hex, new_temp_file, open_regular, sync_dir, NotRegular, Opened};
 use super::urls::UrlEntry;
 use super::{now_ms, system_time_ms, State};
 
 const INDEX_FILE: &str = "index.json";
 const INDEX_VERSION: u32 = 1;
+/// The largest `index.json` read. An entry takes about 130 bytes per module and 250 per URL, so 100 000
+/// modules and URLs take under 40 MiB; a larger file is not an index this library wrote.
+const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 #[derive(Serialize, Deserialize, Default)]
 pub(super) struct IndexFile {
@@ -80,9 +83,9 @@ impl IndexFile {
     /// the modules are still found on disk by their checksum).
     fn read(dir: &Path) -> IndexFile {
         let path = dir.join(INDEX_FILE);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return IndexFile::default(),
+        let bytes = match read_bounded(&path) {
+            Ok(Some(b)) => b,
+            Ok(None) => return IndexFile::default(),
             Err(e) => {
                 log::warn!("ignoring the module index {}: {e}", path.display());
                 return IndexFile::default();
@@ -100,6 +103,33 @@ impl IndexFile {
             }
         }
     }
+}
+
+/// The bytes of the index at `path` (opened as [`open_regular`] does, so a FIFO or a symlink cannot hang or
+/// redirect the read), at most [`MAX_INDEX_BYTES`]; `None` when there is none. Something other than a regular
+/// file is an error, after a directory was cleared away so that the next index write can take its name (the
+/// write's rename replaces anything else).
+fn read_bounded(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let file = match open_regular(path)? {
+        Opened::File(f) => f,
+        Opened::Missing => return Ok(None),
+        Opened::NotRegular(what) => {
+            if what == NotRegular::Directory {
+                if let Err(e) = clear_directory(path) {
+                    log::warn!("cannot clear the directory {} away: {e}", path.display());
+                }
+            }
+            return Err(io::Error::other(format!("it is {what}, not a regular file")));
+        }
+    };
+    let mut bytes = Vec::new();
+    (&file).take(MAX_INDEX_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_INDEX_BYTES {
+        return Err(io::Error::other(format!(
+            "it is larger than {MAX_INDEX_BYTES} bytes (64 MiB), more than any index this library writes"
+        )));
+    }
+    Ok(Some(bytes))
 }
 
 /// The state at open: index entries whose file exists, plus `<sha>.wasm` files the index does not know
@@ -204,6 +234,32 @@ mod tests {
         drop(store);
         fs::write(f.cache_dir().join(INDEX_FILE), b"\xff\xfe").unwrap();
         let _ = f.reopen();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn oversized_or_special_index_is_ignored() {
+        let f = fixture();
+        let path = f.cache_dir().join(INDEX_FILE);
+        // Sparse: costs no disk, reads as zeros.
+        fs::File::create(&path).unwrap().set_len(MAX_INDEX_BYTES + 1).unwrap();
+        let err = read_bounded(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "it is larger than 67108864 bytes (64 MiB), more than any index this library writes"
+        );
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        assert_eq!(read_bounded(&path).unwrap_err().to_string(), "it is a symbolic link, not a regular file");
+        fs::remove_file(&path).unwrap();
+        // A directory is moved out of the way, so that the next write can take the name.
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("x"), b"x").unwrap();
+        assert_eq!(read_bounded(&path).unwrap_err().to_string(), "it is a directory, not a regular file");
+        assert!(!path.exists());
+        let (store, _, _) = f.reopen();
+        drop(store);
+        assert!(fs::symlink_metadata(&path).unwrap().is_file(), "the index was written");
     }
 
     #[test]

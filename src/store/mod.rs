@@ -6,12 +6,17 @@
 //!
 //! * `modules/<sha256>.wasm` — one file per module; the name derives only from the module's hex digest.
 //! * `index.json` — what a later process needs to reuse the modules ([`index`]).
-//! * `.tmp-<pid>-<random>` — downloads and index writes in progress; renamed into place when complete.
+//! * `.tmp-<pid>-<random>` — downloads and index writes in progress, each locked by its writer while it lives
+//!   (so that a start-up clean-up removes only crash leftovers); renamed into place when complete.
 //!
 //! Multi-process safety: files only ever appear under their final name by an atomic rename of a complete,
 //! synced file. A process holds a shared `flock` on every module file it serves from memory (so its
 //! stat-free hit path can trust the file is there); a purge deletes a file only while holding an exclusive
-//! lock on it, which it cannot get while any other process holds a shared one ([`files`]).
+//! lock on it, which it cannot get while any other process holds a shared one ([`files`]). Every file of the
+//! directory is opened without following a symlink or blocking on a FIFO, and must be a regular file; what is
+//! not is replaced by the download ([`files::open_regular`]).
+//!
+//! Within a process, a purge also spares the modules a conversion in progress was answered with ([`Pins`]).
 
 pub(crate) mod files;
 #[cfg(test)]
@@ -80,11 +85,72 @@ struct State {
     sotw_in_use: ModuleList,
     delta_in_use: HashMap<String, Arc<str>>,
     flights: HashMap<FlightKey, Arc<Flight>>,
+    /// Modules that conversions in progress were answered with, and how many times ([`Pins`]).
+    pinned: HashMap<Arc<str>, usize>,
 }
 
 impl State {
     fn entry_count(&self) -> usize {
         self.modules.len() + self.pending.len()
+    }
+
+    /// The module `sha` if this process serves it: marked used now, and pinned for `pins`.
+    fn take(&mut self, sha: &str, pins: &Pins<'_>) -> Option<Module> {
+        let entry = self.modules.get(sha)?;
+        entry.touch();
+        let module = entry.module.clone();
+        pins.pin(self, &module.sha256);
+        Some(module)
+    }
+}
+
+/// The modules one conversion in progress has been answered with. From the moment a module is chosen for a
+/// response until the conversion has recorded its in-use set, the response references a module that no
+/// in-use set protects: a purge meanwhile could delete a file the returned response names. So every answer
+/// pins its module (in the store's state, where it is chosen) and [`Store::purge`] spares pinned modules;
+/// dropping this releases its pins, after the conversion recorded its in-use set (or panicked).
+pub(crate) struct Pins<'a> {
+    store: &'a Store,
+    held: Mutex<Vec<Arc<str>>>,
+}
+
+impl Pins<'_> {
+    /// Pins `sha`; called with the state locked, where the module is chosen, so no purge comes in between.
+    fn pin(&self, st: &mut State, sha: &Arc<str>) {
+        *st.pinned.entry(sha.clone()).or_insert(0) += 1;
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).push(sha.clone());
+    }
+
+    /// Answers one request (see [`Store::get_all`]), pinning its module.
+    pub fn get(&self, req: &ModuleRequest) -> Result<Module, ModuleError> {
+        match self.store.lookup(req, self) {
+            Lookup::Hit(module) => Ok(module),
+            Lookup::Miss(pending) => self.store.finish(req, pending, self),
+        }
+    }
+}
+
+impl ModuleSource for Pins<'_> {
+    fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>> {
+        self.store.get_all(requests, self)
+    }
+}
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        let held = std::mem::take(self.held.get_mut().unwrap_or_else(PoisonError::into_inner));
+        if held.is_empty() {
+            return;
+        }
+        let mut st = self.store.state();
+        for sha in held {
+            if let Some(n) = st.pinned.get_mut(&sha) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pinned.remove(&sha);
+                }
+            }
+        }
     }
 }
 
@@ -159,20 +225,23 @@ impl Store {
         self.threads_spawned.load(Ordering::Relaxed)
     }
 
-    /// Answers one request from memory, disk or the network, as Istio's `Get` (`pkg/wasm/cache.go`) does,
-    /// with one download per module however many ask at once.
-    pub fn get(&self, req: &ModuleRequest) -> Result<Module, ModuleError> {
-        match self.lookup(req) {
-            Lookup::Hit(module) => Ok(module),
-            Lookup::Miss(pending) => self.finish(req, pending),
-        }
+    /// What a conversion asks the store through: answers requests, and keeps the modules it answered with
+    /// from being purged until it is dropped ([`Pins`]).
+    pub fn pinning(&self) -> Pins<'_> {
+        Pins { store: self, held: Mutex::new(Vec::new()) }
     }
 
-    /// The in-memory part of [`Store::get`]: a hit is answered (touched, counted) at once; otherwise the
-    /// request joins or leads a flight, to be completed by [`Store::finish`]. Never blocks beyond the
-    /// state lock.
-    fn lookup<'a>(&'a self, req: &'a ModuleRequest) -> Lookup<'a> {
-        let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
+    /// Answers one request and releases its pin at once (tests).
+    #[cfg(test)]
+    fn get(&self, req: &ModuleRequest) -> Result<Module, ModuleError> {
+        self.pinning().get(req)
+    }
+
+    /// The in-memory part of answering a request, as Istio's `Get` (`pkg/wasm/cache.go`) does: a hit is
+    /// answered (touched, pinned, counted) at once; otherwise the request joins or leads a flight (one
+    /// download per module however many ask at once), to be completed by [`Store::finish`]. Never blocks
+    /// beyond the state lock.
+    fn lookup<'a>(&'a self, req: &'a ModuleRequest, pins: &Pins<'_>) -> Lookup<'a> {
         let expected: Option<Cow<'a, str>> = match req.sha256.as_deref() {
             None | Some("") | Some("nil") => None,
             Some(s) if s.bytes().any(|b| b.is_ascii_uppercase()) => Some(Cow::Owned(s.to_ascii_lowercase())),
@@ -186,9 +255,7 @@ impl Store {
             None => st.urls.lookup_url(req, ignore_rv),
         };
         let key = expected.as_deref().or(candidate.as_deref());
-        if let Some(entry) = key.and_then(|k| st.modules.get(k)) {
-            entry.touch();
-            let module = entry.module.clone();
+        if let Some(module) = key.and_then(|k| st.take(k, pins)) {
             st.urls.refresh_url(req, &module.sha256);
             drop(guard);
             self.metrics.record_lookup(true);
@@ -199,24 +266,32 @@ impl Store {
             None => FlightKey::Url(req.url.clone()),
         };
         let (flight, leader) = flight::join(self, &mut st.flights, fkey);
-        Lookup::Miss(Pending { flight, leader, expected, candidate, deadline })
+        Lookup::Miss(Pending { flight, leader, expected, candidate })
     }
 
-    /// The rest of a [`Store::get`] that missed: lead the flight (reuse from disk or download) or follow it.
-    fn finish(&self, req: &ModuleRequest, pending: Pending<'_>) -> Result<Module, ModuleError> {
-        let Pending { flight, leader, expected, candidate, deadline } = pending;
+    /// The rest of answering a request that missed: lead the flight (reuse from disk or download) or follow
+    /// it. The request's deadline (`timeout`) starts now, when this work starts, not when it was looked up.
+    fn finish(&self, req: &ModuleRequest, pending: Pending<'_>, pins: &Pins<'_>) -> Result<Module, ModuleError> {
+        let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
+        let Pending { flight, leader, expected, candidate } = pending;
         match leader {
             Some(mut guard) => {
-                let outcome = self.resolve(req, expected.as_deref(), candidate, deadline);
+                let outcome = self.resolve(req, expected.as_deref(), candidate, deadline, pins);
                 guard.publish(outcome.clone());
                 outcome.result
             }
-            None => self.follow(&flight, req, deadline),
+            None => self.follow(&flight, req, deadline, pins),
         }
     }
 
     /// Waits for the leader of `flight`, bounded by this request's own deadline.
-    fn follow(&self, flight: &Flight, req: &ModuleRequest, deadline: Instant) -> Result<Module, ModuleError> {
+    fn follow(
+        &self,
+        flight: &Flight,
+        req: &ModuleRequest,
+        deadline: Instant,
+        pins: &Pins<'_>,
+    ) -> Result<Module, ModuleError> {
         let Some(outcome) = flight.wait(deadline) else {
             self.metrics.record_lookup(false);
             return Err(ModuleError {
@@ -225,14 +300,17 @@ impl Store {
             });
         };
         self.metrics.record_lookup(!outcome.fetched);
-        if let Ok(module) = &outcome.result {
-            let mut st = self.state();
-            if let Some(entry) = st.modules.get(&*module.sha256) {
-                entry.touch();
-            }
-            st.urls.refresh_url(req, &module.sha256);
+        let module = outcome.result?;
+        let mut st = self.state();
+        if st.take(&module.sha256, pins).is_none() {
+            // Purged since the leader used it: possible only when this thread woke up later than the expiry.
+            return Err(ModuleError {
+                counted_as: None,
+                message: format!("module {} expired and was purged while this request waited for it", module.sha256),
+            });
         }
-        outcome.result
+        st.urls.refresh_url(req, &module.sha256);
+        Ok(module)
     }
 
     /// The leader's work: reuse a known module (verifying it first if needed), else download.
@@ -242,33 +320,37 @@ impl Store {
         expected: Option<&str>,
         candidate: Option<Arc<str>>,
         deadline: Instant,
+        pins: &Pins<'_>,
     ) -> Outcome {
         let known = expected.filter(|s| is_sha256_hex(s)).or(candidate.as_deref());
         if let Some(sha) = known {
-            if let Some(module) = self.load_existing(sha) {
+            if let Some(module) = self.load_existing(sha, pins) {
                 self.state().urls.refresh_url(req, &module.sha256);
                 self.metrics.record_lookup(true);
                 return Outcome { result: Ok(module), fetched: false };
             }
         }
         self.metrics.record_lookup(false);
-        Outcome { result: self.fetch_and_install(req, expected, deadline), fetched: true }
+        Outcome { result: self.fetch_and_install(req, expected, deadline, pins), fetched: true }
     }
 
     /// A module already in memory, or on disk and verified now. A file that fails verification is deleted.
-    fn load_existing(&self, sha: &str) -> Option<Module> {
+    fn load_existing(&self, sha: &str, pins: &Pins<'_>) -> Option<Module> {
         {
             let mut st = self.state();
-            if let Some(entry) = st.modules.get(sha) {
-                entry.touch();
-                return Some(entry.module.clone());
+            if let Some(module) = st.take(sha, pins) {
+                return Some(module);
             }
             st.pending.remove(sha);
         }
         let path = self.module_path(sha);
         match open_verified(&path, sha) {
-            Ok(file) => Some(self.insert_verified(sha, file)),
-            Err(Verify::Gone) => {
+            Ok(file) => Some(self.insert_verified(sha, file, pins)),
+            Err(e @ (Verify::Gone | Verify::NotRegular(_))) => {
+                if let Verify::NotRegular(what) = e {
+                    // Not a module: fetched again, and the download replaces it (see `persist_module`).
+                    log::warn!("module file {} is {what}, not a regular file", path.display());
+                }
                 let mut st = self.state();
                 st.urls.forget_urls_of(sha);
                 self.metrics.set_cache_entries(st.entry_count());
@@ -294,6 +376,7 @@ impl Store {
         req: &ModuleRequest,
         expected: Option<&str>,
         deadline: Instant,
+        pins: &Pins<'_>,
     ) -> Result<Module, ModuleError> {
         let fail = |counted_as: Option<FetchResult>, message: String| {
             if let Some(result) = counted_as {
@@ -322,9 +405,7 @@ impl Store {
                 // As Istio's `Get` (`pkg/wasm/cache.go`): look up again with the downloaded checksum. A hit
                 // is served as it is and not counted as a remote fetch.
                 let mut st = self.state();
-                if let Some(entry) = st.modules.get(actual.as_str()) {
-                    entry.touch();
-                    let module = entry.module.clone();
+                if let Some(module) = st.take(&actual, pins) {
                     st.urls.refresh_url(req, &module.sha256);
                     drop(st);
                     self.metrics.record_lookup(true);
@@ -338,7 +419,7 @@ impl Store {
             return fail(Some(FetchResult::FetchFailure), format!("fetched Wasm binary from {} is invalid", req.url));
         }
         let size = downloaded.len;
-        match self.install(downloaded.file, &actual) {
+        match self.install(downloaded.file, &actual, pins) {
             Ok(module) => {
                 log::info!("stored module {} ({size} bytes) from {}", module.sha256, req.url);
                 self.metrics.record_fetch(FetchResult::Success);
@@ -353,22 +434,23 @@ impl Store {
     }
 
     /// Puts a complete download in place (see [`persist_module`]) and serves it from now on.
-    fn install(&self, file: tempfile::NamedTempFile, sha: &str) -> io::Result<Module> {
+    fn install(&self, file: tempfile::NamedTempFile, sha: &str, pins: &Pins<'_>) -> io::Result<Module> {
         let file = persist_module(file, &self.module_path(sha), sha)?;
-        Ok(self.insert_verified(sha, file))
+        Ok(self.insert_verified(sha, file, pins))
     }
 
-    fn insert_verified(&self, sha: &str, lock: File) -> Module {
+    fn insert_verified(&self, sha: &str, lock: File, pins: &Pins<'_>) -> Module {
         let mut st = self.state();
-        if let Some(entry) = st.modules.get(sha) {
-            entry.touch();
-            return entry.module.clone();
+        if let Some(module) = st.take(sha, pins) {
+            return module;
         }
         let sha: Arc<str> = Arc::from(sha);
         let path: Arc<str> = Arc::from(self.module_path(&sha).to_str().unwrap_or_default());
         let module = Module { path, sha256: sha.clone() };
         st.pending.remove(&sha);
-        st.modules.insert(sha, Arc::new(Entry { module: module.clone(), last_used: AtomicU64::new(now_ms()), lock }));
+        st.modules
+            .insert(sha.clone(), Arc::new(Entry { module: module.clone(), last_used: AtomicU64::new(now_ms()), lock }));
+        pins.pin(&mut st, &sha);
         self.metrics.set_cache_entries(st.entry_count());
         module
     }
@@ -415,9 +497,10 @@ impl Store {
         true
     }
 
-    /// Deletes modules unused for longer than the expiry that the latest ECDS state does not reference.
-    /// Returns how many module files were deleted. A file another process holds stays on disk (this process
-    /// forgets it). Writes the index (with the current last-use times).
+    /// Deletes modules unused for longer than the expiry that neither the latest ECDS state references nor a
+    /// conversion in progress was answered with ([`Pins`]). Returns how many module files were deleted. A
+    /// file another process holds stays on disk (this process forgets it). Writes the index (with the current
+    /// last-use times).
     pub fn purge(&self) -> io::Result<usize> {
         let now = now_ms();
         let expiry = duration_ms(self.module_expiry);
@@ -428,6 +511,7 @@ impl Store {
             let st = &mut *guard;
             let mut protected: HashSet<&str> = st.sotw_in_use.iter().map(|s| &**s).collect();
             protected.extend(st.delta_in_use.values().map(|s| &**s));
+            protected.extend(st.pinned.keys().map(|s| &**s));
             let dead_modules: Vec<Arc<str>> = st
                 .modules
                 .iter()
@@ -483,8 +567,9 @@ impl Drop for Store {
     }
 }
 
-/// At most this many threads (the caller's included) resolve the misses of one `get_all` call.
-const MAX_FETCH_WORKERS: usize = 8;
+/// At most this many threads (the caller's included) fetch the misses of one `get_all` call: more distinct
+/// modules than a response has in practice, and a bound on the threads a hostile response can start.
+const MAX_FETCH_THREADS: usize = 256;
 
 /// The misses of one group of identical requests: the first one's pending lookup, then the rest of the group.
 struct Job<'a> {
@@ -492,100 +577,85 @@ struct Job<'a> {
     pending: Pending<'a>,
 }
 
-impl ModuleSource for Store {
-    /// Every request is first answered from the in-memory index on the caller's thread (hits cost no thread).
-    /// Identical modules (same sha256, or same URL without one) are answered in request order by one worker;
-    /// the misses of distinct modules are resolved concurrently: on the caller's thread when there is one,
-    /// else by up to [`MAX_FETCH_WORKERS`] workers (the caller and scoped threads that end before this
-    /// returns) each taking the next miss.
-    fn get_all(&self, requests: &[ModuleRequest]) -> Vec<Result<Module, ModuleError>> {
-        let mut results: Vec<Option<Result<Module, ModuleError>>> = vec![None; requests.len()];
+impl Store {
+    /// Answers every request of one conversion, pinning each module for `pins`; result `i` answers request
+    /// `i`. Every request is first answered from the in-memory index on the caller's thread (hits cost no
+    /// thread). Identical modules (same sha256, or same URL without one) are answered in request order by one
+    /// thread. Every distinct module that misses is fetched at once, as Istio starts one goroutine per
+    /// resource (`pkg/wasm/convert.go`), so that no module waits behind a stalled one and each deadline starts
+    /// when its own fetch starts: one thread per miss, the caller's thread taking one and scoped threads (all
+    /// ended before this returns) the others, up to [`MAX_FETCH_THREADS`]; misses past that are fetched by
+    /// those threads as they free up.
+    fn get_all(&self, requests: &[ModuleRequest], pins: &Pins<'_>) -> Vec<Result<Module, ModuleError>> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut jobs: Vec<Mutex<Option<Job<'_>>>> = Vec::new();
-        if requests.len() == 1 {
-            results[0] = Some(self.get(&requests[0]));
-        } else {
-            let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
-            for (i, req) in requests.iter().enumerate() {
-                let key = match req.sha256.as_deref() {
-                    None | Some("") | Some("nil") => (false, req.url.as_str()),
-                    Some(s) => (true, s),
-                };
-                let g = *by_key.entry(key).or_insert_with(|| {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                });
-                groups[g].push(i);
-            }
-            let groups = &groups;
-            for group in groups {
-                for (n, &i) in group.iter().enumerate() {
-                    match self.lookup(&requests[i]) {
-                        Lookup::Hit(module) => results[i] = Some(Ok(module)),
-                        Lookup::Miss(pending) => {
-                            jobs.push(Mutex::new(Some(Job { group: &group[n..], pending })));
-                            break;
-                        }
+        let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
+        for (i, req) in requests.iter().enumerate() {
+            let key = match req.sha256.as_deref() {
+                None | Some("") | Some("nil") => (false, req.url.as_str()),
+                Some(s) => (true, s),
+            };
+            let g = *by_key.entry(key).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(i);
+        }
+        let mut results: Vec<Option<Result<Module, ModuleError>>> = vec![None; requests.len()];
+        let mut jobs = Vec::new();
+        for group in &groups {
+            for (n, &i) in group.iter().enumerate() {
+                match self.lookup(&requests[i], pins) {
+                    Lookup::Hit(module) => results[i] = Some(Ok(module)),
+                    Lookup::Miss(pending) => {
+                        jobs.push(Job { group: &group[n..], pending });
+                        break;
                     }
                 }
             }
         }
-        let run = |job: Job<'_>| -> Vec<(usize, Result<Module, ModuleError>)> {
-            let Job { group, pending } = job;
-            let mut done = Vec::with_capacity(group.len());
-            done.push((group[0], self.finish(&requests[group[0]], pending)));
-            for &i in &group[1..] {
-                done.push((i, self.get(&requests[i])));
-            }
-            done
-        };
-        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = jobs.len().min(MAX_FETCH_THREADS);
+        let queue = Mutex::new(jobs.into_iter());
         let work = || -> Vec<(usize, Result<Module, ModuleError>)> {
             let mut done = Vec::new();
             loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                let Some(slot) = jobs.get(n) else { break };
-                if let Some(job) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                    done.extend(run(job));
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                let Some(Job { group, pending }) = next else { break };
+                done.push((group[0], self.finish(&requests[group[0]], pending, pins)));
+                for &i in &group[1..] {
+                    done.push((i, pins.get(&requests[i])));
                 }
             }
             done
         };
-        match jobs.len() {
-            0 => {}
-            1 => {
-                for (i, r) in work() {
-                    results[i] = Some(r);
-                }
-            }
-            n => std::thread::scope(|scope| {
-                let mut handles = Vec::new();
-                for _ in 1..n.min(MAX_FETCH_WORKERS) {
+        let done = if threads <= 1 {
+            work()
+        } else {
+            std::thread::scope(|scope| {
+                let mut handles = Vec::with_capacity(threads - 1);
+                for _ in 1..threads {
                     match std::thread::Builder::new().name("wasm-ecds-fetch".into()).spawn_scoped(scope, work) {
                         Ok(h) => {
                             self.threads_spawned.fetch_add(1, Ordering::Relaxed);
                             handles.push(h);
                         }
                         Err(e) => {
-                            log::warn!("cannot start a fetch thread ({e}); fetching in the caller's thread");
+                            log::warn!("cannot start a fetch thread ({e}); the running ones fetch the rest");
                             break;
                         }
                     }
                 }
-                for (i, r) in work() {
-                    results[i] = Some(r);
-                }
+                let mut done = work();
                 for h in handles {
                     match h.join() {
-                        Ok(done) => {
-                            for (i, r) in done {
-                                results[i] = Some(r);
-                            }
-                        }
+                        Ok(theirs) => done.extend(theirs),
                         Err(panic) => std::panic::resume_unwind(panic),
                     }
                 }
-            }),
+                done
+            })
+        };
+        for (i, r) in done {
+            results[i] = Some(r);
         }
         results
             .into_iter()
@@ -609,7 +679,6 @@ struct Pending<'a> {
     leader: Option<FlightGuard<'a>>,
     expected: Option<Cow<'a, str>>,
     candidate: Option<Arc<str>>,
-    deadline: Instant,
 }
 
 fn duration_ms(d: Duration) -> u64 {
@@ -788,6 +857,36 @@ mod tests {
     }
 
     #[test]
+    fn purge_spares_modules_a_conversion_in_progress_was_answered_with() {
+        let f = fixture_with(Duration::ZERO, Duration::from_secs(3600));
+        for name in ["a", "b"] {
+            f.fetcher.serve(&format!("http://x/{name}.wasm"), &wasm(name));
+        }
+        let pins = f.store().pinning();
+        let a = pins.get(&req("http://x/a.wasm")).unwrap(); // fetched
+        assert_eq!(pins.get(&req("http://x/a.wasm")).unwrap(), a); // hit
+        let b = f.store().get(&req("http://x/b.wasm")).unwrap(); // another conversion, over
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert!(Path::new(&*a.path).exists(), "pinned, yet purged");
+        assert!(!Path::new(&*b.path).exists());
+        drop(pins);
+        assert!(f.store().state().pinned.is_empty());
+        assert_eq!(f.store().purge().unwrap(), 1);
+        assert!(!Path::new(&*a.path).exists());
+
+        // A conversion that panics releases its pins too.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let pins = f.store().pinning();
+            pins.get(&req("http://x/a.wasm")).unwrap();
+            assert_eq!(f.store().state().pinned.len(), 1);
+            panic!("a bug in the conversion");
+        }));
+        assert!(panicked.is_err());
+        assert!(f.store().state().pinned.is_empty());
+    }
+
+    #[test]
     fn a_new_sotw_in_use_list_replaces_the_old_one() {
         let f = fixture_with(Duration::ZERO, Duration::from_secs(3600));
         let mut mods = Vec::new();
@@ -860,7 +959,7 @@ mod tests {
         }
         // Duplicates (same URL for another resource) are answered without another download.
         requests.push(ModuleRequest { resource_name: "dup".into(), ..req("http://x/3.wasm") });
-        let results = f.store().get_all(&requests);
+        let results = f.store().pinning().get_all(&requests);
         assert_eq!(results.len(), 9);
         for (i, r) in results.iter().enumerate().take(8) {
             assert_eq!(&*r.as_ref().unwrap().sha256, sha256_hex(&wasm(&i.to_string())));
@@ -869,11 +968,11 @@ mod tests {
         assert_eq!(f.fetcher.calls(), 8);
         assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
         assert_eq!(f.metrics.cache_entries(), 8);
-        assert!(f.store().get_all(&[]).is_empty());
+        assert!(f.store().pinning().get_all(&[]).is_empty());
     }
 
     #[test]
-    fn get_all_answers_hits_without_threads_and_caps_the_workers() {
+    fn get_all_answers_hits_without_threads_and_fetches_every_miss_at_once() {
         let f = fixture();
         let mut requests = Vec::new();
         for i in 0..20 {
@@ -881,37 +980,56 @@ mod tests {
             f.fetcher.serve(&url, &wasm(&i.to_string()));
             requests.push(req(&url));
         }
-        // cold: 20 distinct misses, at most 8 workers (7 threads besides the caller)
+        // cold: 20 distinct misses, one thread each (19 besides the caller)
         f.fetcher.set_delay(Duration::from_millis(50));
-        let results = f.store().get_all(&requests);
+        let results = f.store().pinning().get_all(&requests);
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(f.fetcher.calls(), 20);
-        assert_eq!(f.store().threads_spawned(), 7);
-        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) <= 8);
+        assert_eq!(f.store().threads_spawned(), 19);
+        assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) <= 20);
         assert!(f.fetcher.max_concurrent.load(Ordering::SeqCst) >= 2);
         // all hits: answered on the caller's thread, counted as hits, no thread started
         let before = lookups(&f.metrics);
-        let again = f.store().get_all(&requests);
+        let again = f.store().pinning().get_all(&requests);
         assert_eq!(again, results);
-        assert_eq!(f.store().threads_spawned(), 7);
+        assert_eq!(f.store().threads_spawned(), 19);
         assert_eq!(lookups(&f.metrics), (before.0 + 20, before.1));
         // one miss among hits: resolved inline, still no thread
         let url = "http://x/new.wasm";
         f.fetcher.serve(url, &wasm("new"));
         requests.push(req(url));
-        let results = f.store().get_all(&requests);
+        let results = f.store().pinning().get_all(&requests);
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(f.fetcher.calls(), 21);
-        assert_eq!(f.store().threads_spawned(), 7);
+        assert_eq!(f.store().threads_spawned(), 19);
         // two misses: one thread besides the caller
         for name in ["a", "b"] {
             let url = format!("http://x/{name}.wasm");
             f.fetcher.serve(&url, &wasm(name));
             requests.push(req(&url));
         }
-        assert!(f.store().get_all(&requests).iter().all(Result::is_ok));
+        assert!(f.store().pinning().get_all(&requests).iter().all(Result::is_ok));
         assert_eq!(f.fetcher.calls(), 23);
-        assert_eq!(f.store().threads_spawned(), 8);
+        assert_eq!(f.store().threads_spawned(), 20);
+    }
+
+    #[test]
+    fn get_all_caps_its_threads_and_starts_each_deadline_with_its_fetch() {
+        let f = fixture();
+        let timeout = Duration::from_secs(1);
+        // Not served (404): nothing is stored, so the test costs no fsyncs.
+        let requests: Vec<ModuleRequest> = (0..MAX_FETCH_THREADS + 44)
+            .map(|i| ModuleRequest { timeout, ..req(&format!("http://x/{i}.wasm")) })
+            .collect();
+        // 300 misses of 20 ms each: the 44 past the cap wait one round for a thread. With a deadline started
+        // at lookup, or 8 workers (38 rounds, 760 ms), the last fetches would start with little time left.
+        f.fetcher.set_delay(Duration::from_millis(20));
+        let results = f.store().pinning().get_all(&requests);
+        assert!(results.iter().all(|r| r.as_ref().unwrap_err().message.contains("404")));
+        assert_eq!(f.fetcher.calls(), 300);
+        assert_eq!(f.store().threads_spawned(), MAX_FETCH_THREADS as u64 - 1);
+        let left = f.fetcher.min_time_left.lock().unwrap().unwrap();
+        assert!(left > timeout * 9 / 10, "a fetch started with only {left:?} of its {timeout:?}");
     }
 
     #[test]

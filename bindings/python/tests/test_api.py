@@ -20,6 +20,10 @@ def test_version_is_the_library_semver() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+([-+].*)?", wasm_ecds.version())
 
 
+def test_dunder_version_is_the_loaded_librarys() -> None:
+    assert wasm_ecds.__version__ == wasm_ecds.version()
+
+
 def test_nack_carries_type_url_nonce_last_acked_version_and_reason() -> None:
     response = discovery_response(version="v7", nonce="n-42")
     raw = wasm_ecds.nack(response, "v6", 'resource "x": checksum mismatch')

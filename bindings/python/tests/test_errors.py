@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from pathlib import Path
 from typing import Dict
@@ -13,7 +14,8 @@ import wasm_ecds
 import wasm_ecds._native as native
 from ecds_testkit import delta_response, discovery_response
 
-HEADER = Path(__file__).resolve().parents[3] / "include" / "wasm_ecds.h"
+# The repository's header; $WASM_ECDS_HEADER names it when these tests run from a copy outside the repository.
+HEADER = Path(os.environ.get("WASM_ECDS_HEADER") or Path(__file__).resolve().parents[3] / "include" / "wasm_ecds.h")
 
 
 def header_defines() -> Dict[str, int]:
@@ -59,15 +61,17 @@ def test_a_status_unknown_to_the_binding_raises_the_base_error_with_that_status(
 
 def test_the_loaded_library_has_the_abi_the_binding_declares() -> None:
     assert native.abi_compatible(wasm_ecds.version())
-    assert wasm_ecds.version().startswith(f"{native.ABI_MAJOR}.{native.ABI_MINOR}.")
+    assert wasm_ecds.version().startswith(f"{native.ABI_MAJOR}.")
 
 
 @pytest.mark.parametrize(
     "version, compatible",
-    [("0.2.0", True), ("0.2.7", True), ("0.2.0-rc.1", True), ("0.1.0", False), ("0.3.0", False),
-     ("1.2.0", False), ("", False), ("garbage", False)],
+    [("0.2.0", True), ("0.2.7", True), ("0.2.0-rc.1", True), ("0.3.0", True), ("0.10.1", True),
+     ("0.1.0", False), ("1.2.0", False), ("", False), ("garbage", False)],
 )
-def test_a_0x_library_must_match_the_minor_version(version: str, compatible: bool) -> None:
+def test_a_library_of_the_same_major_and_a_minor_at_least_the_bindings_is_compatible(
+    version: str, compatible: bool
+) -> None:
     assert native.abi_compatible(version) is compatible
 
 

@@ -50,8 +50,6 @@ __all__ = [
     "TRACE",
 ]
 
-__version__ = "0.2.0"
-
 BytesLike = Union[bytes, bytearray, memoryview]
 
 #: The :mod:`logging` level used for the library's ``trace`` records (below ``DEBUG``).
@@ -253,6 +251,14 @@ def version() -> str:
     """The version of the loaded libwasm_ecds, e.g. ``"0.2.0"``."""
     raw = _lib().wasm_ecds_version()
     return raw.decode("utf-8") if raw else ""
+
+
+def __getattr__(name: str) -> Any:
+    # ``__version__`` is the loaded library's version (PEP 562: asked for, not computed at import, so that the
+    # import works before the library is found). A wheel's library and package share one version, the crate's.
+    if name == "__version__":
+        return version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Cache:

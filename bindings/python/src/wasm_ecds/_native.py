@@ -19,9 +19,9 @@ INVALID_ARGUMENT = -1
 INTERNAL_ERROR = -2
 IO_ERROR = -3
 
-# The C ABI this module declares (WASM_ECDS_VERSION_MAJOR / _MINOR of the header it follows). Before 1.0 a new
-# minor version may change signatures, so a 0.x library must match the minor exactly; from 1.0 on, a library
-# of the same major with this minor or a later one is compatible (functions and statuses are only added).
+# The C ABI this module declares (WASM_ECDS_VERSION_MAJOR / _MINOR of the header it follows). From 0.2 on, a
+# library of the same major version with this minor or a later one is compatible: functions, types and statuses
+# are only ever added within a major version (the header's "ABI stability"; the soname is libwasm_ecds.so.0).
 ABI_MAJOR = 0
 ABI_MINOR = 2
 
@@ -161,9 +161,7 @@ def abi_compatible(version: str) -> bool:
         major, minor = int(parts[0]), int(parts[1])
     except (IndexError, ValueError):
         return False
-    if major != ABI_MAJOR:
-        return False
-    return minor == ABI_MINOR if major == 0 else minor >= ABI_MINOR
+    return major == ABI_MAJOR and minor >= ABI_MINOR
 
 
 def _library_version(lib: ctypes.CDLL) -> str:
