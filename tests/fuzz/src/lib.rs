@@ -81,13 +81,6 @@ impl Mode {
     }
 }
 
-/// Whether the checks skip the open findings (`tests/fuzz/findings/`, not yet fixed in the library), so that
-/// a fuzzing run goes on past them; `WASM_ECDS_FUZZ_STRICT=1` makes them failures again. A finding that is
-/// fixed loses its exception here and its input moves to `regressions/`.
-fn tolerate_open_findings() -> bool {
-    std::env::var_os("WASM_ECDS_FUZZ_STRICT").is_none_or(|v| v != "1")
-}
-
 /// Every IPv4 address but 127.0.0.0/8, and all of IPv6: only loopback over IPv4 can be reached.
 const NOT_LOOPBACK: &[&str] = &[
     "0.0.0.0/2",
@@ -389,14 +382,7 @@ pub fn options(data: &[u8]) {
             let trimmed = json.trim();
             let defaults = trimmed.is_empty() || trimmed == "null";
             let object = |text| matches!(serde_json::from_str(text), Ok(serde_json::Value::Object(_)));
-            if !defaults && !object(trimmed) {
-                // Open findings `findings/options/trailing-data` (text after the first JSON value is ignored)
-                // and `array-positional` (an array of 14 elements is taken as the 14 options, by position).
-                let mut values = serde_json::Deserializer::from_str(trimmed).into_iter::<serde_json::Value>();
-                let known =
-                    matches!(values.next(), Some(Ok(serde_json::Value::Object(_) | serde_json::Value::Array(_))));
-                assert!(known && tolerate_open_findings(), "accepted options that are not a JSON object: {json:?}");
-            }
+            assert!(defaults || object(trimmed), "accepted options that are not a JSON object: {json:?}");
             assert!(!o.cache_dir.as_os_str().is_empty());
             assert!(o.max_attempts > 0 && o.max_module_bytes > 0 && !o.http_request_timeout.is_zero());
             assert!(!o.module_expiry.is_zero() && !o.purge_interval.is_zero());
