@@ -3,6 +3,7 @@
 #   make test    lint, then every test: Rust, C, C++, Go, Python, protobuf fidelity, real Envoy end to end
 #   make lint    rustfmt and clippy (warnings are errors)
 #   make bench   benchmarks with baselines side by side (BENCHMARKS.md)
+#   make fuzz    runs every fuzz target for FUZZ_SECONDS (default 600), two at a time (docs/fuzzing.md)
 #   make header  copies the header the build generated into include/wasm_ecds.h (commit it)
 #   make install PREFIX=/usr/local [LIBDIR=… INCLUDEDIR=… DESTDIR=…]  headers, libraries, pkg-config, CMake files
 
@@ -12,7 +13,7 @@ REPO := $(abspath .)
 export WASM_ECDS_LIB_DIR ?= $(REPO)/target/release
 CFLAGS_TEST := -std=c11 -Wall -Wextra -Werror -pedantic -g -fsanitize=address,undefined -fno-omit-frame-pointer
 
-.PHONY: all build demo header lint test test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e bench clean-tests
+.PHONY: all build demo header lint test test-rust test-fuzz test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e bench fuzz fuzz-seeds clean-tests
 
 all: build
 
@@ -31,15 +32,22 @@ header:
 	cp "$$out_dir/wasm_ecds.h" include/wasm_ecds.h
 	@git diff --stat -- include/ || true
 
+# The fuzz crate (tests/fuzz) is a crate of its own; it shares the library's target directory.
 lint:
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
+	cargo fmt --check --manifest-path tests/fuzz/Cargo.toml
+	CARGO_TARGET_DIR=$(REPO)/target cargo clippy --release --manifest-path tests/fuzz/Cargo.toml --all-targets -- -D warnings
 
-test: lint build test-rust test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e test-install
+test: lint build test-rust test-fuzz test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e test-install
 	@echo "make test: all suites passed"
 
 test-rust:
 	cargo test --release
+
+# Every checked-in corpus and regression input through every fuzz target, on stable (no libFuzzer needed).
+test-fuzz:
+	bash tests/fuzz/run.sh replay
 
 test-c: build
 	mkdir -p target/c
@@ -68,6 +76,16 @@ test-e2e: build
 
 bench:
 	bash benches/run.sh
+
+# libFuzzer on stable Rust: FUZZ_SECONDS per target (default 600), FUZZ_JOBS at a time (default 2),
+# FUZZ_TARGETS to choose (default all). Crashes land in tests/fuzz/artifacts/<target>/.
+FUZZ_TARGETS ?=
+fuzz:
+	bash tests/fuzz/run.sh fuzz $(FUZZ_TARGETS)
+
+# Regenerates the checked-in seed corpora (tests/fuzz/corpus/) from the test kit's builders.
+fuzz-seeds:
+	bash tests/fuzz/run.sh seeds
 
 # Install as C, C++ and Go toolchains expect (bindings/c/install.sh lists the files); DESTDIR stages a package.
 .PHONY: install uninstall test-install

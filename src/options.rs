@@ -119,6 +119,11 @@ impl Options {
         let raw: RawOptions = if trimmed.is_empty() || trimmed == "null" {
             RawOptions::default()
         } else {
+            // Only an object: serde's derived struct would also take an array, its elements by position
+            // (found by the options fuzz target).
+            if !trimmed.starts_with('{') {
+                return Err(OptionsError("invalid options: expected a JSON object".into()));
+            }
             let mut de = serde_json::Deserializer::from_str(trimmed);
             let raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
                 let key = e.path().to_string();
@@ -452,6 +457,15 @@ mod tests {
         assert!(e.0.contains(&format!("more than the limit of {MAX_OPTIONS_JSON_BYTES}")), "{e}");
         let short = serde_json::json!({ "cache_dir": "/c", "insecure_hosts": vec!["h"; 1000] }).to_string();
         assert_eq!(with_env(&short, &[]).unwrap().insecure_hosts.len(), 1000);
+    }
+
+    #[test]
+    fn options_other_than_an_object_are_an_error() {
+        let fourteen = format!("[\"/c\"{}]", ", null".repeat(13));
+        for json in [fourteen.as_str(), "[]", "3", "\"x\"", "true"] {
+            let e = with_env(json, &[]).unwrap_err();
+            assert_eq!(e.0, "invalid options: expected a JSON object", "{json}");
+        }
     }
 
     #[test]
