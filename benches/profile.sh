@@ -59,19 +59,25 @@ STAGES=(
     "core::ptr::drop_in_place<wasm_ecds::ecds::analyze::Analysis>|freeing the analyses (the Struct trees)"
     "wasm_ecds::store::Store::set_sotw_in_use|the in-use set"
 )
-instructions() { # FUNCTION ITERS -> instructions collected inside FUNCTION
+instructions() { # FUNCTION ITERS [LOOP ARGS] -> instructions collected inside FUNCTION
     valgrind --tool=callgrind --collect-atstart=no --toggle-collect="$1" --callgrind-out-file="$OUT/cg.tmp" \
-        "$BENCH" loop --cache-dir "$WORK/hit-cache" --response "$RESP" --iters "$2" >/dev/null 2>"$OUT/valgrind.err"
+        "$BENCH" loop --cache-dir "$WORK/hit-cache" --response "$RESP" --iters "$2" "${@:3}" >/dev/null \
+        2>"$OUT/valgrind.err"
     sed -n 's/^totals: \([0-9]*\).*/\1/p' "$OUT/cg.tmp"
+}
+per_call() { # FUNCTION [LOOP ARGS]
+    local a b
+    a=$(instructions "$1" 10 "${@:2}")
+    b=$(instructions "$1" 60 "${@:2}")
+    echo $(((b - a) / 50))
 }
 {
     echo "instructions per cache-hit call ($WHICH), by stage:"
     for stage in "${STAGES[@]}"; do
-        fn=${stage%%|*}
-        a=$(instructions "$fn" 10)
-        b=$(instructions "$fn" 60)
-        printf '  %9d  %s\n' $(((b - a) / 50)) "${stage#*|}"
+        printf '  %9d  %s\n' "$(per_call "${stage%%|*}")" "${stage#*|}"
     done
+    printf '  %9d  %s\n' "$(per_call 'wasm_ecds_testkit::proto::decode_reencode' --prost 1)" \
+        "baseline: prost decode + re-encode of the same push"
 } | tee "$OUT/stages.txt"
 # the whole call's instructions by function (self cost), from the last run of the whole call
 valgrind --tool=callgrind --collect-atstart=no --toggle-collect='wasm_ecds::Cache::convert' \

@@ -134,6 +134,8 @@ micro_ratio("pass-through (50 non-Wasm) vs prost (info)", "pass", "hit_pass", "p
 micro_ratio("large (200 res) per resource vs typical per resource (info)", "large", "hit_large", "hit_typical_again",
             None, "the same work per resource, ten times over", per=(200, 20), unit="us/res",
             baseline="hit_typical (same process) / 20")
+micro_ratio("cache-hit typical vs prost, in the large group's process (info)", "large", "hit_typical_again",
+            "prost_typical_again", None, "as the headline, in a process whose malloc no longer trims its heap")
 micro_ratio("large vs prost (info)", "large", "hit_large", "prost_large", None, "")
 micro_ratio("large vs copy (info)", "large", "hit_large", "copy_large", None, "")
 micro_ratio("direct Wasm only (20 res) vs prost (info)", "variants", "hit_direct20", "prost_direct20", None,

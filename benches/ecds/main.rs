@@ -13,7 +13,9 @@
 //!   fanin    --server A --dir D --work W --threads N  N threads convert one cold response (slow module)
 //!   fanout   --server A --dir D --work W --modules N  one response naming N slow modules
 //!   warm     --server A --dir D --cache-dir C --phase download|restart
-//!   loop     --cache-dir C --response F [--iters N]   cache hits in a loop, for benches/profile.sh
+//!   loop     --cache-dir C --response F [--iters N] [--prost 1]
+//!                                                     cache hits (or the prost baseline) in a loop, for
+//!                                                     benches/profile.sh
 
 mod inputs;
 mod measure;
@@ -241,11 +243,13 @@ fn micro(args: &Args) -> serde_json::Value {
         }
         "large" => {
             let (large, typical) = (input("large"), input("typical"));
+            // The typical push again, in a process whose allocator no longer trims (see BENCHMARKS.md).
             vec![
                 hit("hit_large", large),
                 hit("hit_typical_again", typical),
                 copy("copy_large", large),
                 prost("prost_large", large),
+                prost("prost_typical_again", typical),
             ]
         }
         "variants" => {
@@ -439,16 +443,22 @@ fn warm(args: &Args) -> serde_json::Value {
     })
 }
 
-/// The cache-hit conversion in a loop on fresh pushes, as the figures measure it (for `benches/profile.sh`).
+/// The cache-hit conversion in a loop on fresh pushes, as the figures measure it (for `benches/profile.sh`);
+/// `--prost 1`: the prost decode and re-encode of the same pushes instead.
 fn hit_loop(args: &Args) -> serde_json::Value {
     let response = std::fs::read(args.path("response")).unwrap();
     let cache = open_cache(&args.path("cache-dir"), json!({}));
     black_box(cache.convert(&response).expect("converts"));
     let iters = args.num("iters", 1000);
+    let prost = args.num("prost", 0) != 0;
     let mut pushes = FreshPushes::new(&response);
     let t = Instant::now();
     for _ in 0..iters {
-        black_box(cache.convert(black_box(pushes.next())).unwrap());
+        if prost {
+            black_box(proto::decode_reencode(black_box(pushes.next())));
+        } else {
+            black_box(cache.convert(black_box(pushes.next())).unwrap());
+        }
     }
     json!({ "iters": iters, "per_iter_ns": t.elapsed().as_nanos() as f64 / iters as f64 })
 }
