@@ -57,7 +57,8 @@ def machine():
         "kernel": platform.release(),
         "rustc": cmd("rustc", "-V"),
         "commit": cmd("git", "rev-parse", "--short", "HEAD"),
-        "worktree_dirty": cmd("git", "status", "--porcelain", "--untracked-files=no") not in ("", "?"),
+        "worktree_dirty": cmd("git", "status", "--porcelain", "--untracked-files=no", "--", "src", "benches",
+                              "tests/kit", "Cargo.toml", "Cargo.lock", "build.rs") not in ("", "?"),
         "load_1min_min": min(loads) if loads else None,
         "load_1min_max": max(loads) if loads else None,
     }
@@ -221,7 +222,8 @@ def abi(prefix):
     runs = [r for r in reps(prefix) if "median_ns" in r]
     if not runs:
         return {"error": (reps(prefix) or [{"error": "missing"}])[0].get("error")}
-    return {"median_ns": med([r["median_ns"] for r in runs]), "runs": [r["median_ns"] for r in runs]}
+    return {"median_ns": med([r["median_ns"] for r in runs]), "runs": [r["median_ns"] for r in runs],
+            "faults": med([r.get("faults_per_iter", float("nan")) for r in runs])}
 
 
 for input, what in (("typical", "typical"), ("pass", "pass-through")):
@@ -235,8 +237,10 @@ for input, what in (("typical", "typical"), ("pass", "pass-through")):
         name = "ABI %s: %s vs Rust Cache::convert (info)" % (what, {"c": "C", "py": "Python ctypes"}[lang])
         if "median_ns" in d:
             ratios = [x / y for x, y in zip(d["runs"], ar["runs"])]
+            spread = "; ".join(x for x in (ratio_range(ratios), "page faults per call %.1f vs %.1f" %
+                                           (d["faults"], ar["faults"])) if x)
             row(name, round(d["median_ns"] / 1000, 2), "us", "Rust", round(ar["median_ns"] / 1000, 2),
-                round(d["median_ns"] / ar["median_ns"], 3), "-", None, bound, ratio_range(ratios))
+                round(d["median_ns"] / ar["median_ns"], 3), "-", None, bound, spread)
         else:
             err_row(name, "-", d.get("error"))
 
