@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# wasm-ecds benchmarks (issue 5): builds in release, runs every figure with its baseline in the same run, prints
-# one table of ratios and writes target/bench/results.json. Loopback only; the server it starts is stopped on
-# exit. Usage: bash benches/run.sh   (or make bench).   REPS=5 by default for the process-level figures.
+# wasm-ecds benchmarks: builds in release, runs every figure with its baseline in the same run (the same
+# process for in-process figures), prints one table of ratios and writes target/bench/results.json and
+# target/bench/table.md. Loopback only; the server it starts is stopped on exit.
+# Usage: bash benches/run.sh   (or make bench).   REPS=5 by default: processes per figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -13,10 +14,12 @@ REPS=${REPS:-5}
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
 # no WASM_* / ISTIO_* environment leaks into the caches' options
 for v in $(env | sed -n 's/^\(WASM_[A-Z_]*\|ISTIO_AGENT_[A-Z_]*\|BLOCKED_CIDRS_IN_WASM_FETCH\)=.*/\1/p'); do unset "$v"; done
+# glibc's allocator with its defaults (its trim threshold shows in the cache-hit figures)
+for v in $(env | sed -n 's/^\(MALLOC_[A-Z_]*\|GLIBC_TUNABLES\)=.*/\1/p'); do unset "$v"; done
 mkdir -p "$OUT" "$WORK" "$RAW"
-cp /proc/loadavg "$OUT/loadavg_start.txt"
-rm -f "$RAW"/*.json "$RAW"/*.err "$RAW"/*.txt
-log() { printf '== %s\n' "$*" >&2; }
+rm -f "$RAW"/*.json "$RAW"/*.err "$RAW"/*.txt "$OUT"/loadavg*.txt
+# the load average at every step: the machine is shared, so the table says what else was running
+log() { printf '== %s\n' "$*" >&2; cut -d' ' -f1-3 /proc/loadavg >>"$OUT/loadavg.txt"; }
 # run_json FILE CMD...: CMD's stdout (one JSON object) into FILE; a failing figure is recorded, not fatal.
 run_json() {
     local file=$1; shift
@@ -58,16 +61,27 @@ for _ in $(seq 1 100); do [ -s "$OUT/port" ] && break; sleep 0.1; done
 SERVER=127.0.0.1:$(cat "$OUT/port")
 COMMON=(--server "$SERVER" --dir "$MODULES" --work "$WORK")
 
-log "cache-hit, pass-through, large (in-process, interleaved with copy and prost baselines)"
-run_json "$RAW/micro.json" "$BENCH" micro "${COMMON[@]}"
+log "in-process inputs and the cache they hit (every module stored once)"
+run_json "$RAW/prepare.json" "$BENCH" prepare "${COMMON[@]}"
+
+log "cache hits beside prost and copy: each group in a fresh process, $REPS reps interleaved"
+for r in $(seq 1 "$REPS"); do
+    for group in typical pass large variants; do
+        run_json "$RAW/micro_${group}_$r.json" "$BENCH" micro --server "$SERVER" --work "$WORK" --group "$group"
+    done
+done
 
 log "C ABI: Rust, C and Python ctypes, each a fresh process on the same cache and response, $REPS reps interleaved"
+# The three compare call paths, not heap states: none of them gives heap memory back between calls (Python's
+# own heap would otherwise spare it the allocator's trim-and-fault cycle that the other two pay).
+NO_TRIM=MALLOC_TRIM_THRESHOLD_=$((64 << 20))
 for r in $(seq 1 "$REPS"); do
     for input in typical pass; do
-        run_json "$RAW/abi_rust_${input}_$r.json" "$BENCH" abi-rust --cache-dir "$WORK/hit-cache" --response "$WORK/$input.pb"
-        run_json "$RAW/abi_c_${input}_$r.json" "$OUT/capi_bench" "$WORK/hit-cache" "$WORK/$input.pb"
-        run_json "$RAW/abi_py_${input}_$r.json" python3 benches/py/capi_bench.py "$REPO/target/release/libwasm_ecds.so" \
-            "$WORK/hit-cache" "$WORK/$input.pb"
+        run_json "$RAW/abi_rust_${input}_$r.json" env "$NO_TRIM" "$BENCH" abi-rust --cache-dir "$WORK/hit-cache" \
+            --response "$WORK/$input.pb"
+        run_json "$RAW/abi_c_${input}_$r.json" env "$NO_TRIM" "$OUT/capi_bench" "$WORK/hit-cache" "$WORK/$input.pb"
+        run_json "$RAW/abi_py_${input}_$r.json" env "$NO_TRIM" python3 benches/py/capi_bench.py \
+            "$REPO/target/release/libwasm_ecds.so" "$WORK/hit-cache" "$WORK/$input.pb"
     done
 done
 
@@ -108,6 +122,5 @@ for r in $(seq 1 "$REPS"); do
     rm -rf "$D"
 done
 
-cp /proc/loadavg "$OUT/loadavg_end.txt"
 log "report"
 python3 benches/report.py "$RAW" "$OUT/results.json"

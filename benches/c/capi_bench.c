@@ -1,11 +1,13 @@
 /* The cache-hit conversion through the C ABI: same method as the Rust side (benches/ecds/measure.rs):
- * warm-up, calibration to ~3 ms samples, 41 samples, median and spread. Prints one JSON object.
+ * warm-up, calibration to ~3 ms samples, 41 samples, median and spread, minor page faults per call.
+ * Prints one JSON object.
  * usage: capi_bench CACHE_DIR RESPONSE_FILE */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 #include "wasm_ecds.h"
 
 static double now_ns(void) {
@@ -29,6 +31,12 @@ static void run(long n) {
         }
         wasm_ecds_bytes_free(out);
     }
+}
+
+static long minor_faults(void) {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return u.ru_minflt;
 }
 
 static int cmp(const void *a, const void *b) {
@@ -67,17 +75,20 @@ int main(int argc, char **argv) {
     long iters = (long)(3e6 / per) + 1;
 
     enum { ROUNDS = 41 };
-    double s[ROUNDS];
+    double s[ROUNDS], faults[ROUNDS];
     for (int r = 0; r < ROUNDS; r++) {
+        long f = minor_faults();
         double t = now_ns();
         run(iters);
         s[r] = (now_ns() - t) / (double)iters;
+        faults[r] = (double)(minor_faults() - f) / (double)iters;
     }
     qsort(s, ROUNDS, sizeof s[0], cmp);
-    printf("{\"median_ns\": %.1f, \"p10_ns\": %.1f, \"p90_ns\": %.1f, \"min_ns\": %.1f, \"samples\": %d, "
-           "\"iters_per_sample\": %ld, \"open_and_first_convert_secs\": %.6f}\n",
-           s[ROUNDS / 2], s[(int)((ROUNDS - 1) * 0.1 + 0.5)], s[(int)((ROUNDS - 1) * 0.9 + 0.5)], s[0], ROUNDS,
-           iters, first);
+    qsort(faults, ROUNDS, sizeof faults[0], cmp);
+    printf("{\"median_ns\": %.1f, \"p10_ns\": %.1f, \"p90_ns\": %.1f, \"min_ns\": %.1f, \"faults_per_iter\": %.2f, "
+           "\"samples\": %d, \"iters_per_sample\": %ld, \"open_and_first_convert_secs\": %.6f}\n",
+           s[ROUNDS / 2], s[(int)((ROUNDS - 1) * 0.1 + 0.5)], s[(int)((ROUNDS - 1) * 0.9 + 0.5)], s[0],
+           faults[ROUNDS / 2], ROUNDS, iters, first);
     wasm_ecds_cache_free(cache);
     free(resp);
     return 0;

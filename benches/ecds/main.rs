@@ -1,16 +1,21 @@
-//! wasm-ecds benchmarks (issue 5). One binary, one subcommand per figure, each printing one JSON object on
+//! wasm-ecds benchmarks. One binary, one subcommand per figure, each printing one JSON object on
 //! stdout; `benches/run.sh` runs them (separate processes where the figure needs it), runs the shell
 //! baselines and builds the table. See BENCHMARKS.md.
 //!
 //!   gen      --dir D                                  module files + manifest (deterministic)
 //!   serve    --dir D --port-file F [--delay-ms 200] [--max-secs 900]
-//!   micro    --server A --dir D --work W              cache-hit / pass-through / large vs copy and prost
+//!   prepare  --server A --dir D --work W              in-process inputs + the cache they hit (work/hit-cache)
+//!   micro    --server A --work W --group G            one group of cache hits (typical, pass, large,
+//!                                                     variants) interleaved with its prost and copy baselines
 //!   abi-rust --cache-dir C --response F               the cache-hit call from Rust in a fresh process
 //!   cold     --server A --dir D --work W --module M   one cold conversion (fresh cache dir)
 //!   mem      --server A --dir D --work W --module M   peak RSS around one cold conversion
 //!   fanin    --server A --dir D --work W --threads N  N threads convert one cold response (slow module)
 //!   fanout   --server A --dir D --work W --modules N  one response naming N slow modules
 //!   warm     --server A --dir D --cache-dir C --phase download|restart
+//!   loop     --cache-dir C --response F [--iters N] [--prost 1]
+//!                                                     cache hits (or the prost baseline) in a loop, for
+//!                                                     benches/profile.sh
 
 mod inputs;
 mod measure;
@@ -100,6 +105,7 @@ fn main() {
             );
             return;
         }
+        "prepare" => prepare(&args),
         "micro" => micro(&args),
         "abi-rust" => abi_rust(&args),
         "cold" => cold(&args),
@@ -120,74 +126,76 @@ fn base(args: &Args) -> String {
     format!("http://{}", args.get("server"))
 }
 
-fn micro(args: &Args) -> serde_json::Value {
+/// The in-process inputs, by the name of their file in the work directory.
+const INPUTS: [&str; 5] = ["typical", "pass", "large", "direct20", "struct20"];
+
+/// Writes the in-process inputs to the work directory and fills the cache directory they are converted
+/// against (work/hit-cache): converting "large" once stores s0..s199, so every later conversion of any input
+/// is a cache hit. Checks that each input converts as expected.
+fn prepare(args: &Args) -> serde_json::Value {
     let manifest = inputs::load_manifest(&args.path("dir"));
     let work = args.path("work");
     std::fs::create_dir_all(&work).unwrap();
-    let typical = inputs::typical(&base(args), &manifest, 20);
-    let large = inputs::typical(&base(args), &manifest, 200);
-    let pass = inputs::pass_through(50);
-    // Breakdown of "typical" (information): all 20 direct, all 20 TypedStruct.
-    let direct = inputs::typical_with(&base(args), &manifest, 20, |_| false);
-    let structs = inputs::typical_with(&base(args), &manifest, 20, |_| true);
-    std::fs::write(work.join("typical.pb"), &typical).unwrap();
-    std::fs::write(work.join("large.pb"), &large).unwrap();
-    std::fs::write(work.join("pass.pb"), &pass).unwrap();
-
-    // The cache the C / Python / Rust ABI drivers reopen: kept in work/hit-cache. Until the library works,
-    // only the baselines are measured (the figures are then reported as errors).
+    let responses = [
+        inputs::typical(&base(args), &manifest, 20),
+        inputs::pass_through(50),
+        inputs::typical(&base(args), &manifest, 200),
+        // The two halves of "typical": all 20 direct, all 20 TypedStruct.
+        inputs::typical_with(&base(args), &manifest, 20, |_| false),
+        inputs::typical_with(&base(args), &manifest, 20, |_| true),
+    ];
+    for (name, bytes) in INPUTS.iter().zip(&responses) {
+        std::fs::write(work.join(format!("{name}.pb")), bytes).unwrap();
+    }
+    let [typical, pass, large, direct, structs] = &responses;
     let cache_dir = work.join("hit-cache");
     let _ = std::fs::remove_dir_all(&cache_dir);
-    let server = args.get("server").to_string();
-    let prepared = std::panic::catch_unwind(|| {
-        let cache = open_cache(&cache_dir, json!({}));
-        let gets_before = total_gets(&server);
-        let t = Instant::now();
-        let first_large = cache.convert(&large).expect("large response converts (cold)");
-        let cold_large_secs = t.elapsed().as_secs_f64();
-        let gets = total_gets(&server) - gets_before;
-        let out_typical = cache.convert(&typical).expect("typical converts");
-        let out_pass = cache.convert(&pass).expect("pass-through converts");
-        assert_eq!(inputs::count_local(&cache.convert(&direct).expect("direct converts")), 20);
-        assert_eq!(inputs::count_local(&cache.convert(&structs).expect("TypedStruct converts")), 20);
-        assert_eq!(inputs::count_local(&out_typical), 20, "every typical resource should load a local file");
-        let sanity = json!({
-            "typical_local": inputs::count_local(&out_typical),
-            "large_local": inputs::count_local(&first_large),
-            "pass_identical": out_pass == pass,
-            "setup_downloads": gets,
-            "cold_large_secs": cold_large_secs,
-            "typical_out_bytes": out_typical.len(),
-        });
-        (cache, sanity)
-    });
-    let (cache, sanity) = match prepared {
-        Ok((c, s)) => (Some(c), s),
-        Err(e) => {
-            let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
-            (None, json!({ "library_error": why.unwrap_or_default() }))
-        }
-    };
-    assert!(!proto::decode_reencode(&typical).is_empty());
+    let cache = open_cache(&cache_dir, json!({}));
+    let server = args.get("server");
+    let gets_before = total_gets(server);
+    let t = Instant::now();
+    let out_large = cache.convert(large).expect("large response converts (cold)");
+    let cold_large_secs = t.elapsed().as_secs_f64();
+    let gets = total_gets(server) - gets_before;
+    let out_typical = cache.convert(typical).expect("typical converts");
+    let out_pass = cache.convert(pass).expect("pass-through converts");
+    assert_eq!(inputs::count_local(&out_large), 200);
+    assert_eq!(inputs::count_local(&out_typical), 20, "every typical resource should load a local file");
+    assert_eq!(inputs::count_local(&cache.convert(direct).expect("direct converts")), 20);
+    assert_eq!(inputs::count_local(&cache.convert(structs).expect("TypedStruct converts")), 20);
+    assert!(out_pass == *pass, "a pass-through response leaves byte-identical");
+    let bytes: serde_json::Map<_, _> =
+        INPUTS.iter().zip(&responses).map(|(n, b)| (n.to_string(), json!(b.len()))).collect();
+    json!({
+        "bytes": bytes,
+        "setup_downloads": gets,
+        "cold_large_secs": cold_large_secs,
+        "typical_out_bytes": out_typical.len(),
+    })
+}
 
-    let warm = Duration::from_millis(200);
-    let sample = Duration::from_millis(3);
-    let rounds = 41;
-    let mut results = serde_json::Map::new();
-    // Every push istiod sends carries a new nonce (and often a new version_info) even when no resource
-    // changed, so a cache hit is measured on pushes that differ there on every call — never on the very
-    // same bytes again, which real traffic does not send.
-    // One push buffer per input, shared by the library case and its baselines: each reads the very same bytes
-    // (same addresses, so the same alignment for the copies).
+/// One group of in-process figures, sampled interleaved, in a process that did nothing before but open the
+/// cache `prepare` filled: the library's cache hits beside their prost and copy baselines.
+fn micro(args: &Args) -> serde_json::Value {
+    let work = args.path("work");
+    let input = |name: &str| -> &'static [u8] {
+        std::fs::read(work.join(format!("{name}.pb"))).expect("run `prepare` first").leak()
+    };
+    let cache = open_cache(&work.join("hit-cache"), json!({}));
+    let server = args.get("server");
+    // istiod sends every push with a new nonce (and usually a new version_info), even when no resource
+    // changed. Each input has one push buffer whose nonce and version are rewritten before every call, and
+    // the library and its baselines read that very buffer (same bytes, same addresses).
     let buffers: RefCell<HashMap<usize, Rc<RefCell<FreshPushes>>>> = RefCell::default();
     let pushes_of = |input: &'static [u8]| -> Rc<RefCell<FreshPushes>> {
         let mut buffers = buffers.borrow_mut();
         buffers.entry(input.as_ptr() as usize).or_insert_with(|| Rc::new(RefCell::new(FreshPushes::new(input)))).clone()
     };
-    let hit = |name: &'static str, input: &'static [u8]| -> Option<Case<'_>> {
-        let cache = cache.as_ref()?;
+    // The library: `Cache::convert` with every module already in the store.
+    let hit = |name: &'static str, input: &'static [u8]| {
         let pushes = pushes_of(input);
-        Some(Case {
+        let cache = &cache;
+        Case {
             name,
             run: Box::new(move |n| {
                 let mut pushes = pushes.borrow_mut(); // one case runs at a time
@@ -195,8 +203,9 @@ fn micro(args: &Args) -> serde_json::Value {
                     black_box(cache.convert(black_box(pushes.next())).unwrap());
                 }
             }),
-        })
+        }
     };
+    // Baseline: one allocation and memcpy of the push.
     let copy = |name: &'static str, input: &'static [u8]| {
         let pushes = pushes_of(input);
         Case {
@@ -209,128 +218,74 @@ fn micro(args: &Args) -> serde_json::Value {
             }),
         }
     };
-    // Every resource new on every push: the memo never answers, the store does (modules cached).
-    let changed = |name: &'static str, input: &'static [u8]| -> Option<Case<'_>> {
-        let cache = cache.as_ref()?;
-        let mut pushes = FreshPushes::with_changed_configs(input);
-        assert_eq!(inputs::count_local(&cache.convert(pushes.next()).expect("changed push converts")), 20);
-        Some(Case {
-            name,
-            run: Box::new(move |n| {
-                for _ in 0..n {
-                    black_box(cache.convert(black_box(pushes.next())).unwrap());
-                }
-            }),
-        })
-    };
-    let prost = |name: &'static str, input: &'static [u8]| Case {
-        name,
-        run: Box::new(move |n| {
-            for _ in 0..n {
-                black_box(proto::decode_reencode(black_box(input)));
-            }
-        }),
-    };
-    // What any pass-through that checks every byte and records its duration must do, with nothing else: the
-    // push compared with a kept copy of the resources, the copy out, two readings of the cheapest clock.
-    let exact_floor = |name: &'static str, input: &'static [u8]| {
+    // Baseline: the push decoded into complete prost types (every nested `Any` the kit knows) and re-encoded.
+    let prost = |name: &'static str, input: &'static [u8]| {
         let pushes = pushes_of(input);
-        let (start, end) = resource_span(pushes.borrow_mut().next());
-        let kept = pushes.borrow_mut().next()[start..end].to_vec();
         Case {
             name,
             run: Box::new(move |n| {
                 let mut pushes = pushes.borrow_mut();
                 for _ in 0..n {
-                    let t = cheapest_clock();
-                    let push = black_box(pushes.next());
-                    assert!(push[start..end] == kept[..]);
-                    black_box((push.to_vec(), cheapest_clock() - t));
+                    black_box(proto::decode_reencode(black_box(pushes.next())));
                 }
             }),
         }
     };
-    let typical: &'static [u8] = typical.leak();
-    let large: &'static [u8] = large.leak();
-    let pass: &'static [u8] = pass.leak();
-    let direct: &'static [u8] = direct.leak();
-    let structs: &'static [u8] = structs.leak();
-    let groups: Vec<Vec<Option<Case<'_>>>> = vec![
-        vec![hit("hit_typical", typical), Some(copy("copy_typical", typical)), Some(prost("prost_typical", typical))],
-        vec![hit("hit_pass", pass), Some(copy("copy_pass", pass)), Some(exact_floor("floor_pass", pass))],
-        vec![
-            hit("hit_large", large),
-            Some(copy("copy_large", large)),
-            Some(prost("prost_large", large)),
-            hit("hit_typical_again", typical),
-        ],
-        vec![changed("changed_typical", typical), Some(prost("prost_typical_changed", typical))],
-        vec![
-            hit("hit_direct20", direct),
-            Some(copy("copy_direct20", direct)),
-            hit("hit_struct20", structs),
-            Some(copy("copy_struct20", structs)),
-        ],
-    ];
-    for group in groups {
-        let mut cases: Vec<Case<'_>> = group.into_iter().flatten().collect();
-        for (name, s) in run_group(&mut cases, warm, sample, rounds) {
-            results.insert(name.into(), s.json());
+    let group = args.get("group");
+    let mut cases = match group {
+        "typical" => {
+            let typical = input("typical");
+            vec![hit("hit_typical", typical), prost("prost_typical", typical), copy("copy_typical", typical)]
         }
-    }
+        "pass" => {
+            let pass = input("pass");
+            vec![hit("hit_pass", pass), copy("copy_pass", pass), prost("prost_pass", pass)]
+        }
+        "large" => {
+            let (large, typical) = (input("large"), input("typical"));
+            // The typical push again, in a process whose allocator no longer trims (see BENCHMARKS.md).
+            vec![
+                hit("hit_large", large),
+                hit("hit_typical_again", typical),
+                copy("copy_large", large),
+                prost("prost_large", large),
+                prost("prost_typical_again", typical),
+            ]
+        }
+        "variants" => {
+            let (direct, structs) = (input("direct20"), input("struct20"));
+            vec![
+                hit("hit_direct20", direct),
+                prost("prost_direct20", direct),
+                hit("hit_struct20", structs),
+                prost("prost_struct20", structs),
+            ]
+        }
+        other => panic!("unknown group {other:?}"),
+    };
+    // Every measured conversion must be a cache hit: nothing may be fetched while measuring.
+    let gets_before = total_gets(server);
+    let stats = run_group(&mut cases, Duration::from_millis(200), Duration::from_millis(3), 41);
+    let measured_downloads = total_gets(server) - gets_before;
     json!({
-        "bytes": { "typical": typical.len(), "large": large.len(), "pass": pass.len() },
-        "sanity": sanity,
-        "stats": results,
+        "group": group,
+        "measured_downloads": measured_downloads,
+        "stats": stats.into_iter().map(|(name, s)| (name.to_string(), s.json())).collect::<serde_json::Map<_, _>>(),
     })
-}
-
-/// The cheapest timestamp a call can take: the TSC on x86_64 (one `rdtsc`), the monotonic clock elsewhere.
-fn cheapest_clock() -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `rdtsc` exists on every x86_64 CPU and has no preconditions.
-    return unsafe { core::arch::x86_64::_rdtsc() };
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
-    }
-}
-
-/// Where the resource fields of a serialized `DiscoveryResponse` stand (they are contiguous in the inputs).
-fn resource_span(response: &[u8]) -> (usize, usize) {
-    let (mut pos, mut span) = (0, (usize::MAX, 0));
-    while pos < response.len() {
-        let mut rest = &response[pos..];
-        let key = prost::encoding::decode_varint(&mut rest).unwrap();
-        let len = prost::encoding::decode_varint(&mut rest).unwrap() as usize; // every field is length-delimited
-        let end = response.len() - rest.len() + len;
-        if key >> 3 == 2 {
-            span = (span.0.min(pos), end);
-        }
-        pos = end;
-    }
-    span
 }
 
 /// The pushes istiod sends when no resource changed: the same resources, a new nonce and version each time.
 /// One buffer is rewritten in place before every call (a fixed-width counter in both fields), as a receive
-/// buffer is: the bytes are new to the library on every call, and hot in the CPU caches as a push that was
-/// just received and decoded is.
+/// buffer is: the bytes are new on every call, and hot in the CPU caches as a push that was just received is.
 struct FreshPushes {
     buf: Vec<u8>,
     /// Where the counter digits of the nonce and of the version sit in `buf`.
     slots: [usize; 2],
-    /// Where each plugin configuration has a credential whose 7 letters are rewritten too (empty: resources
-    /// stay the same).
-    config_slots: Vec<usize>,
     count: u64,
 }
 
 impl FreshPushes {
     const DIGITS: usize = 16;
-    /// The start of each rule's base64 credential in the plugin configurations (`inputs::plugin_configuration`).
-    const CREDENTIAL: &'static [u8] = b"YWRtaW4";
 
     fn new(input: &[u8]) -> FreshPushes {
         use prost::Message;
@@ -344,33 +299,12 @@ impl FreshPushes {
             at + needle.len() - Self::DIGITS
         };
         let slots = [find(&format!("-n{zeros}")), find(&format!("-v{zeros}"))];
-        FreshPushes { buf, slots, config_slots: Vec::new(), count: 0 }
-    }
-
-    /// Pushes whose every Wasm resource also changes: istiod pushing a new configuration for every plugin
-    /// (what Istio's agent converts on every push anyway). The base64 credential `YWRtaW4…` of each rule in
-    /// the plugin configurations gets 7 new letters per push, so no memo entry ever matches.
-    fn with_changed_configs(input: &[u8]) -> FreshPushes {
-        let mut pushes = FreshPushes::new(input);
-        pushes.config_slots = pushes
-            .buf
-            .windows(Self::CREDENTIAL.len())
-            .enumerate()
-            .filter(|(_, w)| *w == Self::CREDENTIAL)
-            .map(|(at, _)| at)
-            .collect();
-        assert!(!pushes.config_slots.is_empty(), "no credential to rewrite");
-        pushes
+        FreshPushes { buf, slots, count: 0 }
     }
 
     /// The next push.
     fn next(&mut self) -> &[u8] {
         self.count += 1;
-        for &at in &self.config_slots {
-            for (i, letter) in self.buf[at..at + Self::CREDENTIAL.len()].iter_mut().enumerate() {
-                *letter = b"ABCDEFGHIJKLMNOP"[(self.count >> (4 * i) & 0xf) as usize];
-            }
-        }
         for at in self.slots {
             for (i, digit) in self.buf[at..at + Self::DIGITS].iter_mut().enumerate() {
                 *digit = b"0123456789abcdef"[(self.count >> (4 * (Self::DIGITS - 1 - i)) & 0xf) as usize];
@@ -509,19 +443,22 @@ fn warm(args: &Args) -> serde_json::Value {
     })
 }
 
+/// The cache-hit conversion in a loop on fresh pushes, as the figures measure it (for `benches/profile.sh`);
+/// `--prost 1`: the prost decode and re-encode of the same pushes instead.
 fn hit_loop(args: &Args) -> serde_json::Value {
     let response = std::fs::read(args.path("response")).unwrap();
     let cache = open_cache(&args.path("cache-dir"), json!({}));
     black_box(cache.convert(&response).expect("converts"));
     let iters = args.num("iters", 1000);
-    // `--changed 1`: every resource new on every push (the memo never answers).
-    let mut pushes = match args.num("changed", 0) {
-        0 => FreshPushes::new(&response),
-        _ => FreshPushes::with_changed_configs(&response),
-    };
+    let prost = args.num("prost", 0) != 0;
+    let mut pushes = FreshPushes::new(&response);
     let t = Instant::now();
     for _ in 0..iters {
-        black_box(cache.convert(black_box(pushes.next())).unwrap());
+        if prost {
+            black_box(proto::decode_reencode(black_box(pushes.next())));
+        } else {
+            black_box(cache.convert(black_box(pushes.next())).unwrap());
+        }
     }
     json!({ "iters": iters, "per_iter_ns": t.elapsed().as_nanos() as f64 / iters as f64 })
 }
