@@ -72,6 +72,7 @@ impl<'a> Fields<'a> {
         Fields { buf, pos: 0, failed: false }
     }
 
+    #[inline]
     fn read_field(&mut self) -> Result<Field<'a>, WireError> {
         let start = self.pos;
         let (number, wire_type) = self.read_key()?;
@@ -94,6 +95,19 @@ impl<'a> Fields<'a> {
     }
 
     fn read_varint(&mut self) -> Result<u64, WireError> {
+        // Keys and most lengths take one or two bytes: decoded here without the generic decoder's set-up,
+        // which keeps a cache-hit push under its benchmark target (≤ 2.5× a prost decode and re-encode).
+        match self.buf.get(self.pos..) {
+            Some([b0, ..]) if *b0 < 0x80 => {
+                self.pos += 1;
+                return Ok(u64::from(*b0));
+            }
+            Some([b0, b1, ..]) if *b1 < 0x80 => {
+                self.pos += 2;
+                return Ok(u64::from(*b0 & 0x7f) | u64::from(*b1) << 7);
+            }
+            _ => {}
+        }
         let mut rest = &self.buf[self.pos..];
         let before = rest.remaining();
         let v = decode_varint(&mut rest).map_err(|e| WireError(e.to_string()))?;
@@ -162,6 +176,7 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<Field<'a>, WireError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
