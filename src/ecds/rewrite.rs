@@ -255,25 +255,25 @@ mod tests {
         // code oneof: local then remote -> remote wins -> converted
         let local = local_file("/l");
         let remote = remote_code("http://h/m.wasm", "");
+        // A Wasm message whose `config.vm_config.code` is `code`, as raw bytes (so a oneof can repeat).
+        let wasm_with_code = |code: &[u8]| {
+            let mut vm = Vec::new();
+            wire::put_len(&mut vm, 3, code);
+            let mut pc = Vec::new();
+            wire::put_len(&mut pc, 3, &vm);
+            let mut w = Vec::new();
+            wire::put_len(&mut w, 1, &pc);
+            w
+        };
         let mut code = local.encode_to_vec();
         code.extend(remote.encode_to_vec());
-        let mut vm = Vec::new();
-        wire::put_len(&mut vm, 3, &code);
-        let mut pc = Vec::new();
-        wire::put_len(&mut pc, 3, &vm);
-        let mut w = Vec::new();
-        wire::put_len(&mut w, 1, &pc);
+        let w = wasm_with_code(&code);
         let out = convert_sotw(&response(vec![resource("a", any_bytes(HTTP, w))]), &fake, &policy(), &m).ok().unwrap();
         assert_eq!(out.modules.len(), 1);
         // remote then local -> local wins -> untouched
         let mut code = remote.encode_to_vec();
         code.extend(local.encode_to_vec());
-        let mut vm = Vec::new();
-        wire::put_len(&mut vm, 3, &code);
-        let mut pc = Vec::new();
-        wire::put_len(&mut pc, 3, &vm);
-        let mut w = Vec::new();
-        wire::put_len(&mut w, 1, &pc);
+        let w = wasm_with_code(&code);
         let input = response(vec![resource("a", any_bytes(HTTP, w))]);
         let out = convert_sotw(&input, &fake, &policy(), &m).ok().unwrap();
         assert_eq!(out.bytes, input);

@@ -285,38 +285,11 @@ fn local_filename(any: &kit::Any) -> Option<String> {
     kit::Wasm::decode(typed.value.as_slice()).ok()?.local_filename()
 }
 
-/// `envoy.service.discovery.v3.DiscoveryRequest` (envoy `api/envoy/service/discovery/v3/discovery.proto`),
-/// the fields a NACK carries.
-#[derive(Clone, PartialEq, prost::Message)]
-struct DiscoveryRequest {
-    #[prost(string, tag = "1")]
-    version_info: String,
-    #[prost(string, repeated, tag = "3")]
-    resource_names: Vec<String>,
-    #[prost(string, tag = "4")]
-    type_url: String,
-    #[prost(string, tag = "5")]
-    response_nonce: String,
-    #[prost(message, optional, tag = "6")]
-    error_detail: Option<kit::Status>,
-}
-
-/// `envoy.service.discovery.v3.DeltaDiscoveryRequest`, the fields a NACK carries.
-#[derive(Clone, PartialEq, prost::Message)]
-struct DeltaDiscoveryRequest {
-    #[prost(string, tag = "2")]
-    type_url: String,
-    #[prost(string, tag = "6")]
-    response_nonce: String,
-    #[prost(message, optional, tag = "7")]
-    error_detail: Option<kit::Status>,
-}
-
 /// `google.rpc.Code.INTERNAL`, the code of a Wasm NACK (istio `pkg/istio-agent/xds_proxy.go`).
 const CODE_INTERNAL: i32 = 13;
 
 fn check_nack(nack: &[u8], response: &[u8], version: &str, reason: &str) {
-    let request = DiscoveryRequest::decode(nack).expect("a NACK decodes as a DiscoveryRequest");
+    let request = kit::DiscoveryRequest::decode(nack).expect("a NACK decodes as a DiscoveryRequest");
     assert_eq!(request.version_info, version);
     let detail = request.error_detail.expect("a NACK has error_detail");
     assert_eq!((detail.code, detail.message.as_str()), (CODE_INTERNAL, reason));
@@ -326,7 +299,7 @@ fn check_nack(nack: &[u8], response: &[u8], version: &str, reason: &str) {
 }
 
 fn check_delta_nack(nack: &[u8], response: &[u8], reason: &str) {
-    let request = DeltaDiscoveryRequest::decode(nack).expect("a delta NACK decodes as a DeltaDiscoveryRequest");
+    let request = kit::DeltaDiscoveryRequest::decode(nack).expect("a delta NACK decodes as a DeltaDiscoveryRequest");
     let detail = request.error_detail.expect("a delta NACK has error_detail");
     assert_eq!((detail.code, detail.message.as_str()), (CODE_INTERNAL, reason));
     if let Ok(response) = DeltaDiscoveryResponse::decode(response) {

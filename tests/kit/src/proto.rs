@@ -50,6 +50,33 @@ pub struct ResourceName {
     pub name: String,
 }
 
+/// `envoy.service.discovery.v3.DiscoveryRequest` (envoy `api/envoy/service/discovery/v3/discovery.proto`),
+/// the fields a NACK carries.
+#[derive(Clone, PartialEq, Message)]
+pub struct DiscoveryRequest {
+    #[prost(string, tag = "1")]
+    pub version_info: String,
+    #[prost(string, repeated, tag = "3")]
+    pub resource_names: Vec<String>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub response_nonce: String,
+    #[prost(message, optional, tag = "6")]
+    pub error_detail: Option<Status>,
+}
+
+/// `envoy.service.discovery.v3.DeltaDiscoveryRequest`, the fields a NACK carries.
+#[derive(Clone, PartialEq, Message)]
+pub struct DeltaDiscoveryRequest {
+    #[prost(string, tag = "2")]
+    pub type_url: String,
+    #[prost(string, tag = "6")]
+    pub response_nonce: String,
+    #[prost(message, optional, tag = "7")]
+    pub error_detail: Option<Status>,
+}
+
 #[derive(Clone, PartialEq, Message)]
 pub struct Status {
     #[prost(int32, tag = "1")]
