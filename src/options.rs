@@ -41,6 +41,13 @@ pub struct Options {
     /// Operator CIDRs refused at connect time, on top of the always-blocked addresses.
     pub blocked_cidrs: Vec<IpNet>,
     pub on_fetch_failure: OnFetchFailure,
+    /// OCI registries (`host` or `host:port`, as in the `oci://` URL, or `*` for all) spoken to over plain
+    /// HTTP instead of HTTPS.
+    pub plain_http_hosts: Vec<String>,
+    /// Registry mirrors: for a registry host as written in the `oci://` URL (`ghcr.io`, `127.0.0.1:5000`),
+    /// endpoints (`https://mirror.corp:5000`, `http://127.0.0.1:5001`) tried in order for its manifest and
+    /// blob requests before the registry itself. Endpoints are `scheme://host[:port]`, scheme http or https.
+    pub registry_mirrors: Vec<(String, Vec<String>)>,
 }
 
 /// An option that could not be accepted; the message names the key or environment variable.
@@ -73,6 +80,8 @@ struct RawOptions {
     ca_file: Option<PathBuf>,
     blocked_cidrs: Option<Vec<String>>,
     on_fetch_failure: Option<OnFetchFailure>,
+    plain_http_hosts: Option<Vec<String>>,
+    registry_mirrors: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 /// Where the environment comes from; a function so tests can supply their own.
@@ -231,8 +240,47 @@ impl Options {
             ca_file: raw.ca_file,
             blocked_cidrs,
             on_fetch_failure: raw.on_fetch_failure.unwrap_or(OnFetchFailure::Reject),
+            plain_http_hosts: raw.plain_http_hosts.unwrap_or_default(),
+            registry_mirrors: registry_mirrors(raw.registry_mirrors.unwrap_or_default())?,
         })
     }
+}
+
+/// Checks every mirror endpoint: `http://` or `https://`, a host, an optional port, nothing else (a
+/// registry's API always lives at `/v2/` of its root).
+fn registry_mirrors(
+    raw: std::collections::BTreeMap<String, Vec<String>>,
+) -> Result<Vec<(String, Vec<String>)>, OptionsError> {
+    let mut mirrors = Vec::with_capacity(raw.len());
+    for (registry, endpoints) in raw {
+        if registry.is_empty() || registry.contains(['/', ' ']) {
+            return Err(OptionsError(format!(
+                "invalid options: registry_mirrors: {registry:?} is not a registry host (host or host:port)"
+            )));
+        }
+        let mut checked = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let trimmed = endpoint.strip_suffix('/').unwrap_or(&endpoint);
+            let rest = trimmed.strip_prefix("https://").or_else(|| trimmed.strip_prefix("http://"));
+            match rest {
+                Some(authority)
+                    if !authority.is_empty()
+                        && !authority.contains(['/', '?', '#', '@', ' '])
+                        && authority.parse::<ureq::http::uri::Authority>().is_ok() =>
+                {
+                    checked.push(trimmed.to_string())
+                }
+                _ => {
+                    return Err(OptionsError(format!(
+                        "invalid options: registry_mirrors: {registry}: {endpoint:?} is not an endpoint \
+                         (http:// or https://, a host and an optional port, no path)"
+                    )))
+                }
+            }
+        }
+        mirrors.push((registry, checked));
+    }
+    Ok(mirrors)
 }
 
 /// A set, non-blank environment value.

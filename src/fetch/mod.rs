@@ -1,6 +1,7 @@
 //! Network fetchers. A fetch streams a module into a temp file in the cache directory while hashing it.
 
 mod http;
+mod oci;
 mod unbox;
 
 use std::fmt;
@@ -31,6 +32,10 @@ pub(crate) enum FetchErrorKind {
     TooLarge,
     /// Writing the temp file failed (disk full, permissions).
     Io,
+    /// An OCI image's manifest could not be had or used (resolution, auth, an unusable image).
+    Manifest,
+    /// An OCI manifest's digest is not the one the config asks for.
+    ChecksumMismatch,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +52,8 @@ impl FetchError {
             FetchErrorKind::Download | FetchErrorKind::TooLarge | FetchErrorKind::Io => {
                 Some(FetchResult::DownloadFailure)
             }
+            FetchErrorKind::Manifest => Some(FetchResult::ManifestFailure),
+            FetchErrorKind::ChecksumMismatch => Some(FetchResult::ChecksumMismatched),
         }
     }
 }
@@ -59,16 +66,63 @@ impl fmt::Display for FetchError {
 
 impl std::error::Error for FetchError {}
 
-/// Fetches modules over HTTP/HTTPS. Cheap to share between threads.
+/// What an OCI image fetch needs from the module request.
+pub(crate) struct ImageRequest<'a> {
+    /// The `oci://` URL as given.
+    pub url: &'a str,
+    /// `ISTIO_META_WASM_IMAGE_PULL_SECRET` (a docker `config.json`); `None` is anonymous.
+    pub pull_secret: Option<&'a [u8]>,
+    /// The manifest digest the config asks for (lower-case hex, without `sha256:`): the config's `sha256`,
+    /// else the digest of an `@sha256:` reference. A manifest with another digest fails with
+    /// [`FetchErrorKind::ChecksumMismatch`] before any layer is fetched.
+    pub expected_manifest: Option<&'a str>,
+}
+
+/// How an OCI image fetch ended well.
+pub(crate) enum ImageFetched {
+    /// The manifest resolved to a digest the caller's `known` said it already has a module for: no layer was
+    /// fetched.
+    Known { manifest_digest: String },
+    /// The module, out of the image's layer.
+    Downloaded { manifest_digest: String, module: Downloaded },
+}
+
+/// Whether `url` names an OCI image (`oci://…`, the scheme in any case).
+pub(crate) fn is_oci_url(url: &str) -> bool {
+    url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("oci://"))
+}
+
+/// Fetches modules over HTTP/HTTPS and from OCI registries. Cheap to share between threads.
 pub(crate) struct Fetcher {
     http: http::HttpFetcher,
+    oci: oci::OciFetcher,
     max_module_bytes: u64,
 }
 
 impl Fetcher {
     /// Builds the HTTP clients; fails only when the TLS settings (`ca_file`) cannot be loaded.
     pub fn new(options: &Options) -> Result<Fetcher, FetchError> {
-        Ok(Fetcher { http: http::HttpFetcher::new(options)?, max_module_bytes: options.max_module_bytes })
+        Ok(Fetcher {
+            http: http::HttpFetcher::new(options)?,
+            oci: oci::OciFetcher::new(options)?,
+            max_module_bytes: options.max_module_bytes,
+        })
+    }
+
+    /// Fetches the module of the OCI image `req.url` names into a temp file in `temp_dir`, within `deadline`.
+    ///
+    /// Resolves the manifest first (errors: [`FetchErrorKind::Manifest`], counted as a manifest failure),
+    /// checks its digest against `req.expected_manifest`, then asks `known(manifest_digest)`: when it answers
+    /// true, nothing more is fetched. Otherwise the module's layer streams to disk with its digest verified
+    /// (errors: [`FetchErrorKind::Download`] and the other download kinds).
+    pub fn fetch_image(
+        &self,
+        req: &ImageRequest<'_>,
+        deadline: Instant,
+        temp_dir: &Path,
+        known: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ImageFetched, FetchError> {
+        self.oci.fetch(req, deadline, temp_dir, known)
     }
 
     /// Fetches `url` into a temp file in `temp_dir`, unboxing gzip/tar, all within `deadline`.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::files::{new_temp_file, sha256_hex, TEMP_PREFIX};
 use super::{ModuleFetcher, Store, MODULES_DIR};
-use crate::fetch::{Downloaded, FetchError, FetchErrorKind};
+use crate::fetch::{Downloaded, FetchError, FetchErrorKind, ImageFetched, ImageRequest};
 use crate::metrics::Metrics;
 use crate::module::{ModuleRequest, PullPolicy};
 use crate::options::Options;
@@ -70,6 +70,16 @@ impl ModuleFetcher for Shared {
             len: body.len() as u64,
             is_wasm: body.len() >= 8 && body.starts_with(b"\0asm"),
         })
+    }
+
+    fn fetch_image(
+        &self,
+        req: &ImageRequest<'_>,
+        _deadline: Instant,
+        _temp_dir: &Path,
+        _known: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ImageFetched, FetchError> {
+        Err(FetchError { kind: FetchErrorKind::Manifest, message: format!("no image {}", req.url) })
     }
 }
 

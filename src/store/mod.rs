@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::fetch::{Downloaded, FetchError, Fetcher};
+use crate::fetch::{Downloaded, FetchError, Fetcher, ImageFetched, ImageRequest};
 use crate::metrics::{FetchResult, Metrics};
 use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource};
 use crate::options::Options;
@@ -50,11 +50,30 @@ use urls::{ignore_resource_version, UrlMap};
 pub(crate) trait ModuleFetcher: Send + Sync {
     /// Fetches `url` into a temp file in `temp_dir` (see [`files::new_temp_file`]), all within `deadline`.
     fn fetch(&self, url: &str, deadline: Instant, temp_dir: &Path) -> Result<Downloaded, FetchError>;
+
+    /// Fetches an OCI image's module (see [`Fetcher::fetch_image`]).
+    fn fetch_image(
+        &self,
+        req: &ImageRequest<'_>,
+        deadline: Instant,
+        temp_dir: &Path,
+        known: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ImageFetched, FetchError>;
 }
 
 impl ModuleFetcher for Fetcher {
     fn fetch(&self, url: &str, deadline: Instant, temp_dir: &Path) -> Result<Downloaded, FetchError> {
         Fetcher::fetch(self, url, deadline, temp_dir)
+    }
+
+    fn fetch_image(
+        &self,
+        req: &ImageRequest<'_>,
+        deadline: Instant,
+        temp_dir: &Path,
+        known: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<ImageFetched, FetchError> {
+        Fetcher::fetch_image(self, req, deadline, temp_dir, known)
     }
 }
 
