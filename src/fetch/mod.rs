@@ -682,7 +682,11 @@ mod tests {
     /// A fetcher whose clients go through `proxy` (the environment is process-global; tests set it here).
     fn fetcher_with_proxy(s: &Options, proxy: &str) -> Fetcher {
         let proxy = ureq::Proxy::new(proxy).unwrap();
-        Fetcher { http: http::HttpFetcher::with_proxy(s, Some(proxy)).unwrap(), max_module_bytes: s.max_module_bytes }
+        Fetcher {
+            http: http::HttpFetcher::with_proxy(s, Some(proxy)).unwrap(),
+            oci: oci::OciFetcher::new(s).unwrap(),
+            max_module_bytes: s.max_module_bytes,
+        }
     }
 
     #[test]
