@@ -1,5 +1,10 @@
 //! Modules from OCI registries (`oci://`). Not implemented yet: every fetch fails with a manifest error.
 
+#[allow(dead_code)]
+mod auth;
+#[allow(dead_code)]
+mod reference;
+
 use std::path::Path;
 use std::time::Instant;
 
