@@ -161,6 +161,11 @@ impl<'a> Fields<'a> {
                                 return Ok(&self.buf[start..before]);
                             }
                         }
+                        WireType::StartGroup if open.len() >= MAX_GROUP_DEPTH => {
+                            return Err(WireError(format!(
+                                "group {number}: groups nested deeper than {MAX_GROUP_DEPTH}"
+                            )));
+                        }
                         WireType::StartGroup => open.push(inner),
                         other => {
                             self.read_value(inner, other)?;
@@ -228,6 +233,11 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, number: u32, value: u64) {
 /// the deepest is `Wasm` → `config` → `vm_config` → `code` → `remote` → `http_uri` → `timeout` (6 levels, and
 /// only when every one of them occurs more than once).
 const MAX_PATH: usize = 8;
+
+/// How deeply groups may nest when one is skipped: protobuf's own recursion limit (100 in the C++, Java and
+/// Go runtimes, and prost). Groups are deprecated and no Envoy config uses them; the limit keeps the stack of
+/// open groups small instead of growing with the input.
+const MAX_GROUP_DEPTH: usize = 100;
 
 /// One step from a message to a merged sub-message: the occurrences of field `number`, ignoring the first
 /// `skip` fields of the parent (a oneof member's occurrences since another member was last seen).
@@ -591,10 +601,15 @@ mod tests {
     }
 
     #[test]
-    fn deeply_nested_groups_do_not_recurse() {
-        let mut msg = vec![0x0b; 100_000];
-        msg.extend(std::iter::repeat_n(0x0c, 100_000));
-        assert!(check(&msg).is_ok());
+    fn nested_groups_are_skipped_up_to_the_depth_limit() {
+        let nested = |depth: usize| {
+            let mut msg = vec![0x0b; depth];
+            msg.extend(std::iter::repeat_n(0x0c, depth));
+            msg
+        };
+        assert!(check(&nested(MAX_GROUP_DEPTH)).is_ok());
+        let err = check(&nested(MAX_GROUP_DEPTH + 1)).unwrap_err();
+        assert!(err.0.contains("nested deeper than 100"), "{}", err.0);
         assert!(check(&vec![0x0b; 100_000]).is_err());
     }
 
