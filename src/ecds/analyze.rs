@@ -265,22 +265,24 @@ fn read_wasm(wasm: &[u8]) -> Result<WasmInfo<'_>, wire::WireError> {
     Ok(WasmInfo { fail_open, code, plugin_name, env })
 }
 
-/// The environment variables' `key_values` (map field 2: entries of key 1, value 2) as Go's map would hold
-/// them (a later duplicate key wins).
-fn env_map(env: Msg<'_>) -> Result<Vec<(String, String)>, wire::WireError> {
-    let mut map: Vec<(String, String)> = Vec::new();
+/// The values of the Istio variables among the environment variables' `key_values` (map field 2: entries of
+/// key 1, value 2), as Go's map would hold them (a later duplicate key wins). Only these three are kept: one
+/// pass, whatever the number of other entries.
+fn istio_env(env: Msg<'_>) -> Result<[Option<String>; 3], wire::WireError> {
+    const KEYS: [&str; 3] = [SECRET_ENV, POLICY_ENV, RESOURCE_VERSION_ENV];
+    let mut values: [Option<String>; 3] = Default::default();
     for field in env.fields() {
         let field = field?;
         if field.number != 2 {
             continue;
         }
         let entry = field.bytes()?;
-        let key = wire::last_string(entry, 1)?.to_owned();
-        let value = wire::last_string(entry, 2)?.to_owned();
-        map.retain(|(k, _)| *k != key);
-        map.push((key, value));
+        let key = wire::last_string(entry, 1)?;
+        if let Some(i) = KEYS.iter().position(|k| *k == key) {
+            values[i] = Some(wire::last_string(entry, 2)?.to_owned());
+        }
     }
-    Ok(map)
+    Ok(values)
 }
 
 /// Why a remote code source yields no request: its URL (maybe ""), the conversion counter and the cause.
@@ -302,21 +304,20 @@ fn request_for(
         Some(h) => h.last_string(1).map_err(internal)?.to_owned(),
         None => String::new(),
     };
-    let env = match env {
-        Some(env) => env_map(env).map_err(internal)?,
-        None => Vec::new(),
+    let [secret, policy, resource_version] = match env {
+        Some(env) => istio_env(env).map_err(internal)?,
+        None => Default::default(),
     };
-    let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
     // istiod leaves the secret empty when it could not read it.
-    let pull_secret = match get(SECRET_ENV) {
+    let pull_secret = match secret.as_deref() {
         Some("") => {
             return Err((url, ConversionResult::FetchFailure, "missing image pulling secret".to_owned()));
         }
         Some(secret) => Some(secret.as_bytes().to_vec()),
         None => None,
     };
-    let pull_policy = get(POLICY_ENV).map_or(PullPolicy::Unspecified, PullPolicy::from_env_value);
-    let resource_version = get(RESOURCE_VERSION_ENV).unwrap_or_default().to_owned();
+    let pull_policy = policy.as_deref().map_or(PullPolicy::Unspecified, PullPolicy::from_env_value);
+    let resource_version = resource_version.unwrap_or_default();
     let Some(http_uri) = http_uri else {
         let name = if plugin_name.is_empty() { tec_name } else { plugin_name };
         return Err((
