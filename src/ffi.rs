@@ -180,6 +180,14 @@ pub extern "C" fn wasm_ecds_version() -> *const c_char {
 /// there (a read-only directory, e.g. seeded into an image, opens too). `options_json` is a JSON object of
 /// options; NULL, "" or "{}" means defaults. Environment fallbacks are read now.
 ///
+/// Keys (all optional; the README's Options table has each default and meaning): `cache_dir`,
+/// `enable_conversion`, `module_expiry_secs`, `purge_interval_secs`, `default_fetch_timeout_ms`,
+/// `http_request_timeout_ms`, `max_attempts`, `retry_initial_backoff_ms`, `retry_max_backoff_ms`,
+/// `max_module_bytes`, `insecure_hosts`, `ca_file`, `blocked_cidrs`, `on_fetch_failure`, and for `oci://`
+/// modules `plain_http_hosts` (a list of `host[:port]` as in the URL, or `"*"`: registries spoken to over
+/// plain HTTP) and `registry_mirrors` (an object mapping a registry host as in the URL to a list of
+/// endpoints `http(s)://host[:port]` tried in order before the registry itself).
+///
 /// - `WASM_ECDS_OK`: `*out` holds the cache.
 /// - `WASM_ECDS_INVALID_ARGUMENT`: an unknown key or a bad value (named in `*reason`; a `ca_file` that
 ///   cannot be read is one), options that are not UTF-8 or not JSON, or `out` is NULL.

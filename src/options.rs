@@ -42,11 +42,14 @@ pub struct Options {
     pub blocked_cidrs: Vec<IpNet>,
     pub on_fetch_failure: OnFetchFailure,
     /// OCI registries (`host` or `host:port`, as in the `oci://` URL, or `*` for all) spoken to over plain
-    /// HTTP instead of HTTPS.
+    /// HTTP instead of HTTPS. Each entry is checked: not blank, no scheme, path or credentials, a valid port.
     pub plain_http_hosts: Vec<String>,
-    /// Registry mirrors: for a registry host as written in the `oci://` URL (`ghcr.io`, `127.0.0.1:5000`),
-    /// endpoints (`https://mirror.corp:5000`, `http://127.0.0.1:5001`) tried in order for its manifest and
-    /// blob requests before the registry itself. Endpoints are `scheme://host[:port]`, scheme http or https.
+    /// Registry mirrors: for a registry host as written in the `oci://` URL (`ghcr.io`, `127.0.0.1:5000`;
+    /// Docker Hub is `index.docker.io`, and a `docker.io` key is taken as that), endpoints
+    /// (`https://mirror.corp:5000`, `http://127.0.0.1:5001`) tried in order for its manifest and blob
+    /// requests before the registry itself. Endpoints are `scheme://host[:port]` with scheme http or https,
+    /// no trailing slash (one is removed), no credentials, path, query or fragment. In the order written; a
+    /// registry or an endpoint of one registry named twice is an error.
     pub registry_mirrors: Vec<(String, Vec<String>)>,
 }
 
@@ -81,7 +84,7 @@ struct RawOptions {
     blocked_cidrs: Option<Vec<String>>,
     on_fetch_failure: Option<OnFetchFailure>,
     plain_http_hosts: Option<Vec<String>>,
-    registry_mirrors: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    registry_mirrors: Option<RawMirrors>,
 }
 
 /// Where the environment comes from; a function so tests can supply their own.
@@ -240,47 +243,157 @@ impl Options {
             ca_file: raw.ca_file,
             blocked_cidrs,
             on_fetch_failure: raw.on_fetch_failure.unwrap_or(OnFetchFailure::Reject),
-            plain_http_hosts: raw.plain_http_hosts.unwrap_or_default(),
+            plain_http_hosts: plain_http_hosts(raw.plain_http_hosts.unwrap_or_default())?,
             registry_mirrors: registry_mirrors(raw.registry_mirrors.unwrap_or_default())?,
         })
     }
 }
 
-/// Checks every mirror endpoint: `http://` or `https://`, a host, an optional port, nothing else (a
-/// registry's API always lives at `/v2/` of its root).
-fn registry_mirrors(
-    raw: std::collections::BTreeMap<String, Vec<String>>,
-) -> Result<Vec<(String, Vec<String>)>, OptionsError> {
-    let mut mirrors = Vec::with_capacity(raw.len());
-    for (registry, endpoints) in raw {
-        if registry.is_empty() || registry.contains(['/', ' ']) {
+/// `registry_mirrors` as written: a JSON object read in order, with a registry named twice refused (serde's
+/// maps keep the last value silently, which would hide a mistake).
+#[derive(Debug, Default)]
+struct RawMirrors(Vec<(String, Vec<String>)>);
+
+impl<'de> Deserialize<'de> for RawMirrors {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawMirrors;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object mapping a registry host to a list of mirror endpoints")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawMirrors, A::Error> {
+                let mut entries: Vec<(String, Vec<String>)> = Vec::new();
+                while let Some((registry, endpoints)) = map.next_entry::<String, Vec<String>>()? {
+                    if entries.iter().any(|(r, _)| r == &registry) {
+                        return Err(serde::de::Error::custom(format_args!("registry {registry:?} is listed twice")));
+                    }
+                    entries.push((registry, endpoints));
+                }
+                Ok(RawMirrors(entries))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+/// Docker Hub as references name it (go-containerregistry `pkg/name`: `docker.io` is rewritten to
+/// `index.docker.io`), so a mirror keyed by either name applies to `oci://docker.io/…` and to `oci://nginx`.
+const DOCKER_HUB: &str = "index.docker.io";
+
+/// Checks `registry_mirrors`: every key a registry host (`host` or `host:port`; `docker.io` taken as
+/// `index.docker.io`), no registry twice, every endpoint `http://` or `https://` with a host, an optional
+/// port and nothing else (a registry's API always lives at `/v2/` of its root), no endpoint twice.
+fn registry_mirrors(raw: RawMirrors) -> Result<Vec<(String, Vec<String>)>, OptionsError> {
+    let mut mirrors: Vec<(String, Vec<String>)> = Vec::with_capacity(raw.0.len());
+    for (written, endpoints) in raw.0 {
+        let registry = match written.as_str() {
+            "docker.io" => DOCKER_HUB.to_string(),
+            _ => written.clone(),
+        };
+        if let Err(why) = check_host(&registry) {
             return Err(OptionsError(format!(
-                "invalid options: registry_mirrors: {registry:?} is not a registry host (host or host:port)"
+                "invalid options: registry_mirrors: {written:?} is not a registry host: {why}"
             )));
         }
-        let mut checked = Vec::with_capacity(endpoints.len());
+        if mirrors.iter().any(|(r, _)| r.eq_ignore_ascii_case(&registry)) {
+            return Err(OptionsError(format!(
+                "invalid options: registry_mirrors: {written:?} names a registry listed before ({registry})"
+            )));
+        }
+        let mut checked: Vec<String> = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
-            let trimmed = endpoint.strip_suffix('/').unwrap_or(&endpoint);
-            let rest = trimmed.strip_prefix("https://").or_else(|| trimmed.strip_prefix("http://"));
-            match rest {
-                Some(authority)
-                    if !authority.is_empty()
-                        && !authority.contains(['/', '?', '#', '@', ' '])
-                        && authority.parse::<ureq::http::uri::Authority>().is_ok() =>
-                {
-                    checked.push(trimmed.to_string())
-                }
-                _ => {
-                    return Err(OptionsError(format!(
-                        "invalid options: registry_mirrors: {registry}: {endpoint:?} is not an endpoint \
-                         (http:// or https://, a host and an optional port, no path)"
-                    )))
-                }
+            let endpoint_ok = check_endpoint(&endpoint).map_err(|why| {
+                OptionsError(format!(
+                    "invalid options: registry_mirrors: {written}: {endpoint:?} is not a mirror endpoint: {why}"
+                ))
+            })?;
+            if checked.iter().any(|e| e.eq_ignore_ascii_case(&endpoint_ok)) {
+                return Err(OptionsError(format!(
+                    "invalid options: registry_mirrors: {written}: {endpoint:?} is listed twice"
+                )));
             }
+            checked.push(endpoint_ok);
         }
         mirrors.push((registry, checked));
     }
     Ok(mirrors)
+}
+
+/// A mirror endpoint without its trailing slash, or why it is not one.
+fn check_endpoint(endpoint: &str) -> Result<String, &'static str> {
+    let trimmed = endpoint.strip_suffix('/').unwrap_or(endpoint);
+    let authority = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .ok_or("want http:// or https://, a host and an optional port")?;
+    if authority.contains('@') {
+        return Err("credentials do not belong in an endpoint; put them in the pull secret under the mirror's host");
+    }
+    if authority.contains('/') {
+        return Err("a path is not allowed: a registry's API is at /v2/ of its root");
+    }
+    if authority.contains(['?', '#']) {
+        return Err("a query or fragment is not allowed");
+    }
+    check_host(authority)?;
+    Ok(trimmed.to_string())
+}
+
+/// A `host` or `host:port` as written in a URL (IPv6 in brackets), or why it is not one.
+fn check_host(host: &str) -> Result<(), &'static str> {
+    if host.is_empty() {
+        return Err("it is empty");
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("it contains white space or control characters");
+    }
+    if host.contains("://") {
+        return Err("want host or host:port, not a URL");
+    }
+    if host.contains(['/', '@', '?', '#']) {
+        return Err("want host or host:port, without a path, credentials, query or fragment");
+    }
+    match host.parse::<ureq::http::uri::Authority>() {
+        Ok(a) if name_is_valid(a.host()) && port_is_valid(&a) => Ok(()),
+        _ => {
+            Err("want host or host:port (letters, digits, '.', '-', '_'; IPv6 in brackets) with a port from 1 to 65535")
+        }
+    }
+}
+
+/// A DNS name or IPv4 address (letters, digits, `.`, `-`, `_`), or an IPv6 address in brackets.
+fn name_is_valid(name: &str) -> bool {
+    match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')),
+    }
+}
+
+/// A port, if given, is 1–65535: `Authority` alone accepts an empty port and does not check the range.
+fn port_is_valid(authority: &ureq::http::uri::Authority) -> bool {
+    match authority.as_str().rsplit_once(':') {
+        // An IPv6 literal without a port ends with `]`; its colons are not a port separator.
+        Some((_, port)) if !authority.as_str().ends_with(']') => {
+            matches!(port.parse::<u16>(), Ok(p) if p > 0) && port.bytes().all(|b| b.is_ascii_digit())
+        }
+        _ => true,
+    }
+}
+
+/// Checks `plain_http_hosts`: each `*` or a `host[:port]` as in the URL.
+fn plain_http_hosts(hosts: Vec<String>) -> Result<Vec<String>, OptionsError> {
+    for (i, host) in hosts.iter().enumerate() {
+        if host == "*" {
+            continue;
+        }
+        if let Err(why) = check_host(host) {
+            return Err(OptionsError(format!(
+                "invalid options: plain_http_hosts[{i}]: {host:?} is not a registry host: {why}"
+            )));
+        }
+    }
+    Ok(hosts)
 }
 
 /// A set, non-blank environment value.
@@ -560,6 +673,136 @@ mod tests {
             let e = with_env(r#"{"cache_dir":"/c"}"#, &[(var, value)]).unwrap_err();
             assert!(e.0.contains(var), "{var}: {e}");
         }
+    }
+
+    fn mirrors(json: &str) -> Result<Vec<(String, Vec<String>)>, OptionsError> {
+        with_env(&format!(r#"{{"cache_dir":"/c","registry_mirrors":{json}}}"#), &[]).map(|o| o.registry_mirrors)
+    }
+
+    fn plain(json: &str) -> Result<Vec<String>, OptionsError> {
+        with_env(&format!(r#"{{"cache_dir":"/c","plain_http_hosts":{json}}}"#), &[]).map(|o| o.plain_http_hosts)
+    }
+
+    #[test]
+    fn oci_options_default_to_none() {
+        let o = with_env("{}", &[("HOME", "/home/u")]).unwrap();
+        assert!(o.plain_http_hosts.is_empty() && o.registry_mirrors.is_empty());
+    }
+
+    #[test]
+    fn registry_mirrors_keep_their_order_and_lose_a_trailing_slash() {
+        let m = mirrors(
+            r#"{"ghcr.io": ["https://mirror.corp:5000/", "http://127.0.0.1:5001"],
+                "127.0.0.1:5000": ["http://[::1]:5002"], "quay.io": []}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            vec![
+                ("ghcr.io".to_string(), vec!["https://mirror.corp:5000".to_string(), "http://127.0.0.1:5001".into()]),
+                ("127.0.0.1:5000".to_string(), vec!["http://[::1]:5002".to_string()]),
+                ("quay.io".to_string(), vec![]),
+            ]
+        );
+        assert!(mirrors("{}").unwrap().is_empty());
+        assert!(mirrors("null").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_docker_io_mirror_key_is_docker_hub_as_references_name_it() {
+        let m = mirrors(r#"{"docker.io": ["https://hub-cache.corp"]}"#).unwrap();
+        assert_eq!(m, vec![("index.docker.io".to_string(), vec!["https://hub-cache.corp".to_string()])]);
+        let e = mirrors(r#"{"index.docker.io": ["https://a.corp"], "docker.io": ["https://b.corp"]}"#).unwrap_err();
+        assert!(e.0.contains(r#""docker.io" names a registry listed before (index.docker.io)"#), "{e}");
+    }
+
+    #[test]
+    fn a_registry_named_twice_is_refused() {
+        let e = mirrors(r#"{"ghcr.io": ["https://a.corp"], "ghcr.io": ["https://b.corp"]}"#).unwrap_err();
+        assert!(e.0.starts_with("invalid options: registry_mirrors: registry \"ghcr.io\" is listed twice"), "{e}");
+        let e = mirrors(r#"{"ghcr.io": ["https://a.corp"], "GHCR.io": ["https://b.corp"]}"#).unwrap_err();
+        assert!(e.0.contains("names a registry listed before"), "{e}");
+    }
+
+    #[test]
+    fn an_endpoint_listed_twice_for_one_registry_is_refused() {
+        let e = mirrors(r#"{"ghcr.io": ["https://a.corp", "https://a.corp/"]}"#).unwrap_err();
+        assert_eq!(e.0, r#"invalid options: registry_mirrors: ghcr.io: "https://a.corp/" is listed twice"#);
+        // The same endpoint may serve two registries.
+        assert_eq!(mirrors(r#"{"a.io": ["https://m.corp"], "b.io": ["https://m.corp"]}"#).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_bad_registry_key_is_named_with_the_reason() {
+        for (key, why) in [
+            ("", "it is empty"),
+            (" ghcr.io", "white space"),
+            ("https://ghcr.io", "not a URL"),
+            ("ghcr.io/org", "without a path"),
+            ("user@ghcr.io", "credentials"),
+            ("ghcr.io:", "a port from 1 to 65535"),
+            ("ghcr.io:65536", "a port from 1 to 65535"),
+            ("ghcr.io:0", "a port from 1 to 65535"),
+            ("ghcr.io:+80", "a port from 1 to 65535"),
+            ("*", "a port from 1 to 65535"),
+        ] {
+            let json = serde_json::json!({ key: ["https://m.corp"] }).to_string();
+            let e = mirrors(&json).unwrap_err();
+            let prefix = format!("invalid options: registry_mirrors: {key:?} is not a registry host: ");
+            assert!(e.0.starts_with(&prefix) && e.0.contains(why), "{key:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_bad_endpoint_is_named_with_the_reason() {
+        for (endpoint, why) in [
+            ("mirror.corp:5000", "want http:// or https://"),
+            ("ftp://mirror.corp", "want http:// or https://"),
+            ("HTTPS://mirror.corp", "want http:// or https://"),
+            ("https://", "want http:// or https://"),
+            ("https://user:pass@mirror.corp", "put them in the pull secret under the mirror's host"),
+            ("https://mirror.corp/v2", "a path is not allowed"),
+            ("https://mirror.corp//", "a path is not allowed"),
+            ("https://mirror.corp?ns=ghcr.io", "a query or fragment is not allowed"),
+            ("https://mirror.corp#x", "a query or fragment is not allowed"),
+            ("https://mirror corp", "white space"),
+            ("https://mirror.corp:99999", "a port from 1 to 65535"),
+            ("http://mirror.corp:", "a port from 1 to 65535"),
+        ] {
+            let json = serde_json::json!({ "ghcr.io": ["https://ok.corp", endpoint] }).to_string();
+            let e = mirrors(&json).unwrap_err();
+            let prefix = format!("invalid options: registry_mirrors: ghcr.io: {endpoint:?} is not a mirror endpoint: ");
+            assert!(e.0.starts_with(&prefix) && e.0.contains(why), "{endpoint:?}: {e}");
+            // The credentials of a refused endpoint are not repeated beyond the value the caller gave.
+            assert_eq!(e.0.matches("pass").count(), endpoint.matches("pass").count(), "{e}");
+        }
+    }
+
+    #[test]
+    fn registry_mirrors_of_the_wrong_shape_are_named() {
+        for json in [r#"["https://m.corp"]"#, r#"{"ghcr.io": "https://m.corp"}"#, r#"{"ghcr.io": [3]}"#] {
+            let e = mirrors(json).unwrap_err();
+            assert!(e.0.starts_with("invalid options: registry_mirrors"), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn plain_http_hosts_are_hosts_or_a_star() {
+        assert_eq!(plain(r#"["127.0.0.1:5000", "registry.local", "[::1]:5000", "*"]"#).unwrap().len(), 4);
+        for (i, host, why) in [
+            (1, "", "it is empty"),
+            (1, "  ", "white space"),
+            (1, "http://registry.local", "not a URL"),
+            (1, "registry.local/v2", "without a path"),
+            (1, "registry.local:x", "a port from 1 to 65535"),
+        ] {
+            let json = serde_json::json!(["ok.local", host]).to_string();
+            let e = plain(&json).unwrap_err();
+            let prefix = format!("invalid options: plain_http_hosts[{i}]: {host:?} is not a registry host: ");
+            assert!(e.0.starts_with(&prefix) && e.0.contains(why), "{host:?}: {e}");
+        }
+        let e = plain(r#""registry.local""#).unwrap_err();
+        assert!(e.0.starts_with("invalid options: plain_http_hosts: invalid type"), "{e}");
     }
 
     #[test]

@@ -531,6 +531,31 @@ void test_a_bad_option_is_an_invalid_argument_naming_it() {
   CHECK(wasm_ecds::Options{}.cache_dir("a\"b\\c").max_attempts(2).json() == R"({"cache_dir":"a\"b\\c","max_attempts":2})");
 }
 
+void test_oci_options_reach_the_library() {
+  TempDir dir;
+  auto options = wasm_ecds::Options{}
+                     .cache_dir(dir.path.string())
+                     .plain_http_hosts({"127.0.0.1:5000"})
+                     .registry_mirrors({{"ghcr.io", {"https://mirror.corp:5000", "http://127.0.0.1:5001"}}, {"quay.io", {}}});
+  CHECK_MSG(options.json().find(R"("plain_http_hosts":["127.0.0.1:5000"],"registry_mirrors":{"ghcr.io":["https://mirror.corp:5000","http://127.0.0.1:5001"],"quay.io":[]})") != std::string::npos,
+            options.json());
+  auto good = wasm_ecds::Cache::open(options);
+  CHECK_MSG(good.ok(), good.error().message);
+  auto bad = wasm_ecds::Cache::open(
+      wasm_ecds::Options{}.cache_dir(dir.path.string()).registry_mirrors({{"ghcr.io", {"https://mirror.corp?ns=ghcr.io"}}}));
+  CHECK(bad.status() == wasm_ecds::Status::invalid_argument);
+  CHECK_MSG(bad.error().message.rfind(R"(invalid options: registry_mirrors: ghcr.io: "https://mirror.corp?ns=ghcr.io" is not a mirror endpoint: a query or fragment is not allowed)", 0) == 0,
+            bad.error().message);
+  auto twice = wasm_ecds::Cache::open(wasm_ecds::Options{}.cache_dir(dir.path.string()).registry_mirrors(
+      {{"ghcr.io", {"https://a.corp"}}, {"ghcr.io", {"https://b.corp"}}}));
+  CHECK(twice.status() == wasm_ecds::Status::invalid_argument);
+  CHECK_MSG(twice.error().message.find(R"(registry_mirrors: registry "ghcr.io" is listed twice)") != std::string::npos,
+            twice.error().message);
+  auto plain = wasm_ecds::Cache::open(wasm_ecds::Options{}.cache_dir(dir.path.string()).plain_http_hosts({"http://x"}));
+  CHECK(plain.status() == wasm_ecds::Status::invalid_argument);
+  CHECK_MSG(plain.error().message.find("plain_http_hosts[0]") != std::string::npos, plain.error().message);
+}
+
 void test_a_cache_dir_under_a_regular_file_is_an_io_error_naming_the_path() {
   TempDir dir;
   fs::path file = dir.path / "not-a-dir";
@@ -647,6 +672,7 @@ int main(int argc, char** argv) {
       {"nack_errors_carry_the_library_reason", test_nack_errors_carry_the_library_reason},
       {"nack_delta_builds_the_request", test_nack_delta_builds_the_request},
       {"a_bad_option_is_an_invalid_argument_naming_it", test_a_bad_option_is_an_invalid_argument_naming_it},
+      {"oci_options_reach_the_library", test_oci_options_reach_the_library},
       {"a_cache_dir_under_a_regular_file_is_an_io_error_naming_the_path",
        test_a_cache_dir_under_a_regular_file_is_an_io_error_naming_the_path},
       {"move_only_and_moved_from_is_safe", test_move_only_and_moved_from_is_safe},

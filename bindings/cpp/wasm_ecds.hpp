@@ -226,6 +226,22 @@ class Options {
   Options& blocked_cidrs(const std::vector<std::string>& v) { return set("blocked_cidrs", list(v)); }
   /// "reject" (default) or "deny".
   Options& on_fetch_failure(std::string v) { return set("on_fetch_failure", quoted(v)); }
+  /// OCI registries ("host" or "host:port" as in the oci:// URL; "*": all) spoken to over plain HTTP.
+  Options& plain_http_hosts(const std::vector<std::string>& v) { return set("plain_http_hosts", list(v)); }
+  /// For each registry host as written in the oci:// URL ("ghcr.io", "127.0.0.1:5000"; "docker.io" for
+  /// Docker Hub), mirror endpoints ("https://mirror.corp:5000": scheme, host, optional port) tried in order
+  /// before the registry itself, e.g. `.registry_mirrors({{"ghcr.io", {"https://mirror.corp:5000"}}})`.
+  /// Written as a JSON object in this order; the library refuses a registry named twice.
+  Options& registry_mirrors(const std::vector<std::pair<std::string, std::vector<std::string>>>& v) {
+    std::string out = "{";
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if (i) out += ',';
+      detail::json_string(out, v[i].first);
+      out += ':';
+      out += list(v[i].second);
+    }
+    return set("registry_mirrors", out + "}");
+  }
 
   /// The JSON object handed to wasm_ecds_cache_new.
   std::string json() const {

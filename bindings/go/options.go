@@ -39,24 +39,34 @@ type Options struct {
 	BlockedCIDRs []string
 	// OnFetchFailure is "reject" (default) or "deny".
 	OnFetchFailure string
+	// PlainHTTPHosts are OCI registries ("host" or "host:port" as in the oci:// URL; "*": all) spoken to over
+	// plain HTTP instead of HTTPS.
+	PlainHTTPHosts []string
+	// RegistryMirrors maps a registry host as written in the oci:// URL ("ghcr.io", "127.0.0.1:5000";
+	// "docker.io" or "index.docker.io" for Docker Hub) to mirror endpoints ("https://mirror.corp:5000",
+	// "http://127.0.0.1:5001": scheme, host and optional port only) tried in order for that registry's
+	// manifest and blob requests, before the registry itself. Digests are verified as always.
+	RegistryMirrors map[string][]string
 }
 
 // optionsJSON is the library's JSON form; omitempty leaves unset options to the library.
 type optionsJSON struct {
-	CacheDir              string   `json:"cache_dir,omitempty"`
-	EnableConversion      *bool    `json:"enable_conversion,omitempty"`
-	ModuleExpirySecs      uint64   `json:"module_expiry_secs,omitempty"`
-	PurgeIntervalSecs     uint64   `json:"purge_interval_secs,omitempty"`
-	DefaultFetchTimeoutMs uint64   `json:"default_fetch_timeout_ms,omitempty"`
-	HTTPRequestTimeoutMs  uint64   `json:"http_request_timeout_ms,omitempty"`
-	MaxAttempts           int      `json:"max_attempts,omitempty"`
-	RetryInitialBackoffMs uint64   `json:"retry_initial_backoff_ms,omitempty"`
-	RetryMaxBackoffMs     uint64   `json:"retry_max_backoff_ms,omitempty"`
-	MaxModuleBytes        int64    `json:"max_module_bytes,omitempty"`
-	InsecureHosts         []string `json:"insecure_hosts,omitempty"`
-	CAFile                string   `json:"ca_file,omitempty"`
-	BlockedCIDRs          []string `json:"blocked_cidrs,omitempty"`
-	OnFetchFailure        string   `json:"on_fetch_failure,omitempty"`
+	CacheDir              string              `json:"cache_dir,omitempty"`
+	EnableConversion      *bool               `json:"enable_conversion,omitempty"`
+	ModuleExpirySecs      uint64              `json:"module_expiry_secs,omitempty"`
+	PurgeIntervalSecs     uint64              `json:"purge_interval_secs,omitempty"`
+	DefaultFetchTimeoutMs uint64              `json:"default_fetch_timeout_ms,omitempty"`
+	HTTPRequestTimeoutMs  uint64              `json:"http_request_timeout_ms,omitempty"`
+	MaxAttempts           int                 `json:"max_attempts,omitempty"`
+	RetryInitialBackoffMs uint64              `json:"retry_initial_backoff_ms,omitempty"`
+	RetryMaxBackoffMs     uint64              `json:"retry_max_backoff_ms,omitempty"`
+	MaxModuleBytes        int64               `json:"max_module_bytes,omitempty"`
+	InsecureHosts         []string            `json:"insecure_hosts,omitempty"`
+	CAFile                string              `json:"ca_file,omitempty"`
+	BlockedCIDRs          []string            `json:"blocked_cidrs,omitempty"`
+	OnFetchFailure        string              `json:"on_fetch_failure,omitempty"`
+	PlainHTTPHosts        []string            `json:"plain_http_hosts,omitempty"`
+	RegistryMirrors       map[string][]string `json:"registry_mirrors,omitempty"`
 }
 
 // MarshalJSON renders the options as the library's JSON options object.
@@ -88,6 +98,8 @@ func (o Options) MarshalJSON() ([]byte, error) {
 		CAFile:                o.CAFile,
 		BlockedCIDRs:          o.BlockedCIDRs,
 		OnFetchFailure:        o.OnFetchFailure,
+		PlainHTTPHosts:        o.PlainHTTPHosts,
+		RegistryMirrors:       o.RegistryMirrors,
 	}
 	if err != nil {
 		return nil, err

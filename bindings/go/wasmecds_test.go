@@ -323,6 +323,25 @@ func TestOpenErrorsNameTheOption(t *testing.T) {
 	}
 }
 
+func TestOCIOptionsReachTheLibrary(t *testing.T) {
+	c, err := Open(Options{CacheDir: t.TempDir(), PlainHTTPHosts: []string{"127.0.0.1:5000"},
+		RegistryMirrors: map[string][]string{"ghcr.io": {"https://mirror.corp:5000", "http://127.0.0.1:5001"}}})
+	if err != nil {
+		t.Fatalf("Open(valid OCI options) = %v", err)
+	}
+	c.Close()
+	// Refusals come from the library, with its reason naming the key.
+	_, err = Open(Options{CacheDir: t.TempDir(), RegistryMirrors: map[string][]string{"ghcr.io": {"https://mirror.corp/v2"}}})
+	if !errors.Is(err, ErrInvalidArgument) ||
+		!strings.Contains(err.Error(), `invalid options: registry_mirrors: ghcr.io: "https://mirror.corp/v2" is not a mirror endpoint: a path is not allowed`) {
+		t.Fatalf("Open(mirror endpoint with a path) = %v", err)
+	}
+	_, err = Open(Options{CacheDir: t.TempDir(), PlainHTTPHosts: []string{"http://127.0.0.1:5000"}})
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "invalid options: plain_http_hosts[0]") {
+		t.Fatalf("Open(plain_http_hosts URL) = %v", err)
+	}
+}
+
 func TestOpenWithABadOptionIsAnInvalidArgumentFromTheLibrary(t *testing.T) {
 	_, err := Open(Options{CacheDir: t.TempDir(), OnFetchFailure: "explode"})
 	var e *Error
@@ -398,6 +417,12 @@ func TestOptionsJSON(t *testing.T) {
 	want := `{"cache_dir":"/c","enable_conversion":false,"module_expiry_secs":3600,"http_request_timeout_ms":2500,"max_attempts":3,"insecure_hosts":["*"]}`
 	if string(js) != want {
 		t.Fatalf("got %s\nwant %s", js, want)
+	}
+	js, err = Options{PlainHTTPHosts: []string{"*"}, RegistryMirrors: map[string][]string{
+		"quay.io": {"https://q.corp"}, "ghcr.io": {"https://a.corp", "http://b.corp:5001"}}}.MarshalJSON()
+	want = `{"plain_http_hosts":["*"],"registry_mirrors":{"ghcr.io":["https://a.corp","http://b.corp:5001"],"quay.io":["https://q.corp"]}}`
+	if err != nil || string(js) != want {
+		t.Fatalf("got %s, %v\nwant %s", js, err, want)
 	}
 	if js, _ := (Options{}).MarshalJSON(); string(js) != "{}" {
 		t.Fatalf("zero Options = %s", js)

@@ -251,6 +251,10 @@ static void test_cache_new_invalid_arguments(void) {
     expect_invalid_option("{\"cache_dir\": \"/tmp/x\", \"ca_file\": \"/nonexistent/ca.pem\"}", "ca_file");
     expect_invalid_option("{not json", "invalid options");
     expect_invalid_option("{\"cache_dir\": \"/tmp/\xff\"}", "UTF-8");
+    /* the OCI options: the library's reason names the key */
+    expect_invalid_option("{\"cache_dir\": \"/tmp/x\", \"registry_mirrors\": {\"ghcr.io\": [\"https://u:p@m.corp\"]}}",
+                          "registry_mirrors: ghcr.io: \"https://u:p@m.corp\" is not a mirror endpoint: credentials");
+    expect_invalid_option("{\"cache_dir\": \"/tmp/x\", \"plain_http_hosts\": [\"\"]}", "plain_http_hosts[0]");
 
     /* NULL out: nothing is opened */
     char *reason = NULL;
@@ -284,6 +288,15 @@ static void test_cache_new_io_error(void) {
           reason ? reason : "");
     wasm_ecds_string_free(reason);
     CHECK(wasm_ecds_cache_new(opts, &cache, NULL) == WASM_ECDS_IO_ERROR, "NULL reason is fine");
+    remove_tree(dir);
+}
+
+static void test_cache_new_accepts_the_oci_options(void) {
+    char dir[] = "/tmp/wasm-ecds-c-oci-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    wasm_ecds_cache *cache = open_cache(dir, ", \"plain_http_hosts\": [\"127.0.0.1:5000\"], \"registry_mirrors\": "
+                                             "{\"ghcr.io\": [\"https://m.corp:5000\", \"http://127.0.0.1:5001\"]}");
+    wasm_ecds_cache_free(cache);
     remove_tree(dir);
 }
 
@@ -590,6 +603,7 @@ int main(void) {
     test_version();
     test_log_callback_levels();
     test_cache_new_invalid_arguments();
+    test_cache_new_accepts_the_oci_options();
     test_cache_new_io_error();
     test_cache_new_null_options_means_defaults();
 

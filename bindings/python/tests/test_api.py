@@ -96,6 +96,33 @@ def test_bad_option_value_is_a_value_error_naming_the_key(tmp_path: Path, option
     assert option in message or repr(value).strip("'[]") in message, message
 
 
+def test_oci_options_reach_the_library(tmp_path: Path) -> None:
+    mirrors = {"ghcr.io": ["https://mirror.corp:5000", "http://127.0.0.1:5001"], "docker.io": []}
+    with wasm_ecds.Cache(cache_dir=tmp_path, plain_http_hosts=["127.0.0.1:5000"], registry_mirrors=mirrors):
+        pass
+
+
+@pytest.mark.parametrize(
+    "option, value, reason",
+    [
+        ("registry_mirrors", {"ghcr.io": ["https://user:pw@mirror.corp"]},
+         'invalid options: registry_mirrors: ghcr.io: "https://user:pw@mirror.corp" is not a mirror endpoint: '
+         "credentials do not belong in an endpoint"),
+        ("registry_mirrors", {"ghcr.io/org": ["https://mirror.corp"]},
+         'invalid options: registry_mirrors: "ghcr.io/org" is not a registry host'),
+        ("registry_mirrors", ["https://mirror.corp"], "invalid options: registry_mirrors: invalid type"),
+        ("plain_http_hosts", ["127.0.0.1:5000", ""], 'invalid options: plain_http_hosts[1]: "" is not a registry host'),
+        ("plain_http_hosts", ["registry.local/v2"], "invalid options: plain_http_hosts[0]"),
+    ],
+)
+def test_bad_oci_option_is_refused_with_the_library_reason(
+    tmp_path: Path, option: str, value: object, reason: str
+) -> None:
+    with pytest.raises(wasm_ecds.InvalidArgumentError) as info:
+        wasm_ecds.Cache(cache_dir=tmp_path, **{option: value})
+    assert str(info.value).startswith(reason), str(info.value)
+
+
 def test_unserializable_option_is_a_type_error(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         wasm_ecds.Cache(cache_dir=tmp_path, max_attempts=object())

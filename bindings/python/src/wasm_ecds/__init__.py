@@ -267,7 +267,10 @@ class Cache:
     ``Cache(cache_dir=..., **options)`` takes the JSON options of the C API as keyword arguments
     (``enable_conversion``, ``module_expiry_secs``, ``purge_interval_secs``, ``default_fetch_timeout_ms``,
     ``http_request_timeout_ms``, ``max_attempts``, ``retry_initial_backoff_ms``, ``retry_max_backoff_ms``,
-    ``max_module_bytes``, ``insecure_hosts``, ``ca_file``, ``blocked_cidrs``, ``on_fetch_failure``). ``None``
+    ``max_module_bytes``, ``insecure_hosts``, ``ca_file``, ``blocked_cidrs``, ``on_fetch_failure``, and for
+    ``oci://`` modules ``plain_http_hosts``, a list of ``"host[:port]"`` spoken to over plain HTTP, and
+    ``registry_mirrors``, a dict mapping a registry host as in the URL to a list of mirror endpoints such as
+    ``{"ghcr.io": ["https://mirror.corp:5000"]}``, tried in order before the registry). ``None``
     means "the default" (environment fallback included). An unknown key or a bad value raises
     :class:`InvalidArgumentError` (a ``ValueError``) naming it; a cache directory that cannot be created, locked
     or used raises :class:`CacheIOError` (an ``OSError``) naming the path and the OS error.
