@@ -50,6 +50,7 @@ use base64::Engine;
 use serde_json::{Map, Value};
 use ureq::http::Uri;
 
+use super::reference::DOCKER_HUB;
 use crate::guard::AddressPolicy;
 
 const MAX_PULL_SECRET_BYTES: usize = 1 << 20;
@@ -103,7 +104,7 @@ pub(crate) fn credentials_for(pull_secret: Option<&[u8]>, registry: &str) -> Res
         .iter()
         .map(|(key, value)| Ok((key.as_str(), Entry::decode(key, value)?)))
         .collect::<Result<Vec<_>, String>>()?;
-    let docker_hub = matches!(registry, "index.docker.io" | "docker.io");
+    let docker_hub = matches!(registry, DOCKER_HUB | "docker.io");
     let exact = if docker_hub { DOCKER_HUB_KEY } else { registry };
     let host_matches = |key: &str| {
         let host = key_host(key);
@@ -289,8 +290,8 @@ impl<'a> Cursor<'a> {
         self.s.as_bytes().get(self.i).copied()
     }
 
-    /// Takes ASCII bytes while `keep` holds (non-ASCII bytes are taken too unless `keep` refuses them;
-    /// the cut always falls on an ASCII byte or the end, so on a char boundary).
+    /// Takes bytes while `keep` holds. Every caller stops at an ASCII byte or the end, so the slice ends
+    /// on a char boundary.
     fn take(&mut self, keep: impl Fn(u8) -> bool) -> &'a str {
         let start = self.i;
         while self.peek().is_some_and(&keep) {
@@ -348,6 +349,7 @@ fn is_tchar(b: u8) -> bool {
 /// The bearer realm as a URL, if it is safe to send a token request (and maybe credentials) to: http(s),
 /// with a host, and no address the SSRF rules refuse (link-local, metadata, unspecified, `blocked_cidrs`):
 /// literal IPs are checked directly, host names by resolving them here. The error is the reason.
+/// Resolution is synchronous, bounded by the system resolver's own timeout (as in `guard.rs`).
 pub(crate) fn check_realm(realm: &str, policy: &AddressPolicy) -> Result<Uri, String> {
     if realm.len() > MAX_REALM_BYTES {
         return Err(format!("rejected unsafe bearer realm: longer than {MAX_REALM_BYTES} bytes"));
