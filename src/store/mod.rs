@@ -2,6 +2,10 @@
 //! (one download per module however many ask at once), expires unused modules and keeps the ones the latest
 //! ECDS state references. Owns the cache directory; never touches the network itself (that is `fetch`).
 //!
+//! An `oci://` request names its module by the image's manifest digest (the config's `sha256`, or the
+//! digest of an `@sha256:` URL), as Istio's cache does; the store keeps a map from manifest digests to the
+//! modules they hold (persisted in the index) and is otherwise addressed by module content like any other.
+//!
 //! Layout under the (canonicalized) cache directory:
 //!
 //! * `modules/<sha256>.wasm` — one file per module; the name derives only from the module's hex digest.
