@@ -167,9 +167,9 @@ else:
 MEM_TARGET = "<= 16 MiB over idle"
 
 
-def time_max_kib(case):
+def time_max_kib(run):
     try:
-        return int(open(os.path.join(raw, "mem_%s_time.txt" % case)).read().strip().splitlines()[-1])
+        return int(open(os.path.join(raw, "mem_%s_time.txt" % run)).read().strip().splitlines()[-1])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -179,6 +179,11 @@ def mem_row(figure, m, bound, extra=""):
     details = ["peak %.1f MiB" % (m["peak_kib"] / 1024), "%.2f s" % m["secs"]]
     row(figure, round(g, 2), "MiB", "idle RSS", round(m["idle_rss_kib"] / 1024, 1), None, MEM_TARGET, g <= 16,
         bound, "; ".join(details + ([extra] if extra else [])))
+
+
+def growth_range(runs):
+    g = [r["growth_mib"] for r in runs]
+    return "the largest of %d processes (%.1f-%.1f MiB)" % (len(g), min(g), max(g)) if len(g) > 1 else ""
 
 
 MEM_CASES = (
@@ -192,27 +197,37 @@ MEM_CASES = (
     ("hostile", "memory: 8 hostile tar.gz (200 MiB header records) at once",
      "8 fetch threads; each gunzips to disk, reads one tar header block and rejects the 200 MiB record"),
 )
+HIT_FIGURE = "memory: largest fixture (large) again, cache hits"
 for case, figure, bound in MEM_CASES:
-    m = load("mem_%s.json" % case)
-    if "growth_mib" not in m:
-        err_row(figure, MEM_TARGET, m.get("error"))
+    # A figure is a bound: the largest growth over the case's processes.
+    paths = sorted(glob.glob(os.path.join(raw, "mem_%s_[0-9]*.json" % case)))
+    runs = [(os.path.basename(p)[len("mem_"):-len(".json")], load(os.path.basename(p))) for p in paths]
+    ok = [(run, m) for run, m in runs if "growth_mib" in m]
+    if not ok:
+        why = next((m.get("error") for _, m in runs), "not measured")
+        err_row(figure, MEM_TARGET, why)
         if case == "fixture":
-            err_row("memory: largest fixture (large) again, cache hits", MEM_TARGET, m.get("error"))
+            err_row(HIT_FIGURE, MEM_TARGET, why)
         continue
+    run, m = max(ok, key=lambda x: x[1]["growth_mib"])
     # The kernel keeps one peak per process, which each reset lowers: /usr/bin/time's max RSS (the peak at
     # exit) cross-checks the process's last measurement, the cache hits for the fixture.
-    tm = time_max_kib(case)
+    tm = time_max_kib(run)
     time_text = "/usr/bin/time max RSS %s MiB" % (round(tm / 1024, 1) if tm else "?")
     outcome = "%d downloads; %s" % (m["downloads"], m["outcome"][:100])
+    spread = [x for x in (growth_range([x for _, x in ok]), outcome) if x]
     if case != "fixture":
-        mem_row(figure, m, bound, "; ".join((outcome, time_text)))
+        mem_row(figure, m, bound, "; ".join(spread + [time_text]))
         continue
-    mem_row(figure, m, bound, outcome)
-    hit = m["hit"]
-    mem_row("memory: largest fixture (large) again, cache hits", hit,
-            "the analyses (Struct trees), the rewritten resources and the output",
-            "idle after the cold conversion, which left %.1f MiB more resident than the first idle; %s" %
-            ((hit["idle_rss_kib"] - m["idle_rss_kib"]) / 1024, time_text))
+    mem_row(figure, m, bound, "; ".join(spread))
+    hit_run, hm = max(ok, key=lambda x: x[1]["hit"]["growth_mib"])
+    hit, tm = hm["hit"], time_max_kib(hit_run)
+    mem_row(HIT_FIGURE, hit, "the analyses (Struct trees), the rewritten resources and the output",
+            "; ".join(x for x in (
+                growth_range([x["hit"] for _, x in ok]),
+                "idle after the cold conversion, which left %.1f MiB more resident than the first idle" %
+                ((hit["idle_rss_kib"] - hm["idle_rss_kib"]) / 1024),
+                "/usr/bin/time max RSS %s MiB" % (round(tm / 1024, 1) if tm else "?")) if x))
 
 # ---- fan-in ----
 f16, f1 = reps("fanin16"), reps("fanin1")
