@@ -43,7 +43,7 @@ for line in open(sys.argv[1]):
 gcc -O2 -std=c11 -Wall -Wextra -Iinclude benches/c/capi_bench.c target/release/libwasm_ecds.a -lpthread -ldl -lm \
     -o "$OUT/capi_bench"
 
-log "inputs: module files (deterministic; reused when present)"
+log "inputs: module files and the archives holding them (deterministic; reused when present)"
 "$BENCH" gen --dir "$MODULES" >"$RAW/gen.json"
 
 log "loopback server"
@@ -98,8 +98,14 @@ for r in $(seq 1 "$REPS"); do
     rm -f "$WORK/curl.wasm"
 done
 
-log "memory: cold fetch of 256 MiB, peak RSS before/after (and /usr/bin/time max RSS)"
-run_json "$RAW/mem.json" /usr/bin/time -f '%M' -o "$RAW/mem_time.txt" "$BENCH" mem "${COMMON[@]}" --module m256.wasm
+log "memory: peak RSS growth over the idle process, each case a fresh process (and /usr/bin/time max RSS)"
+# fixture: the largest response (200 resources) cold, then again as cache hits (3 processes: its peak depends
+# on how many of its 200 fetches overlap); a 256 MiB module plain, gzipped, in a tar and in a gzipped tar;
+# 8 hostile gzipped tars in one response.
+for run in fixture_1 fixture_2 fixture_3 plain_1 gzip_1 tar_1 targz_1 hostile_1; do
+    run_json "$RAW/mem_$run.json" /usr/bin/time -f '%M' -o "$RAW/mem_${run}_time.txt" \
+        "$BENCH" mem "${COMMON[@]}" --case "${run%_*}"
+done
 
 log "fan-in: 16 threads vs 1 on one cold module served with 200 ms latency, $REPS reps"
 for r in $(seq 1 "$REPS"); do

@@ -43,6 +43,14 @@ fn leb128(mut n: u64, out: &mut Vec<u8>) {
 /// Writes a valid Wasm module of exactly `size` bytes: header + one custom section named after the file whose
 /// payload is an xorshift64* stream seeded from the name. Returns its sha256 (hex).
 pub fn write_module(path: &Path, name: &str, size: u64) -> String {
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).expect("create module"));
+    let sha256 = module_into(&mut file, name, size);
+    file.flush().unwrap();
+    sha256
+}
+
+/// The module `write_module` writes, into `out`. Returns its sha256 (hex).
+fn module_into(out: &mut impl Write, name: &str, size: u64) -> String {
     let mut head = b"\0asm\x01\0\0\0".to_vec();
     head.push(0); // custom section id
     let mut section_len = 0u64;
@@ -60,8 +68,7 @@ pub fn write_module(path: &Path, name: &str, size: u64) -> String {
     head.extend_from_slice(name.as_bytes());
     let mut remaining = size - head.len() as u64;
     let mut hasher = Sha256::new();
-    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).expect("create module"));
-    file.write_all(&head).unwrap();
+    out.write_all(&head).unwrap();
     hasher.update(&head);
     let mut state =
         name.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3)) | 1;
@@ -75,36 +82,104 @@ pub fn write_module(path: &Path, name: &str, size: u64) -> String {
             let x = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
             chunk.copy_from_slice(&x[..chunk.len()]);
         }
-        file.write_all(&buf[..n]).unwrap();
+        out.write_all(&buf[..n]).unwrap();
         hasher.update(&buf[..n]);
         remaining -= n as u64;
     }
-    file.flush().unwrap();
     hex::encode(hasher.finalize())
 }
 
-/// Generates the module files into `dir` (skipped when a manifest of the same specs exists) and returns the
-/// manifest: name -> sha256.
+/// Generates the module files into `dir`, then the archives holding them (each part skipped when the manifest
+/// lists it and its file is there), and returns the manifest: served file name -> sha256 of the module it
+/// holds (what a config names: the library checks the unboxed module's digest, as Istio's agent does).
 pub fn generate(dir: &Path) -> BTreeMap<String, String> {
     std::fs::create_dir_all(dir).unwrap();
     let manifest_path = dir.join("manifest.json");
     let specs = module_specs();
-    if let Ok(text) = std::fs::read_to_string(&manifest_path) {
-        if let Ok(m) = serde_json::from_str::<BTreeMap<String, String>>(&text) {
-            let complete = specs.iter().all(|(name, size)| {
-                m.contains_key(name) && std::fs::metadata(dir.join(name)).map(|md| md.len() == *size).unwrap_or(false)
-            });
-            if complete {
-                return m;
-            }
+    let mut m = std::fs::read_to_string(&manifest_path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<BTreeMap<String, String>>(&text).ok())
+        .unwrap_or_default();
+    let complete = specs.iter().all(|(name, size)| {
+        m.contains_key(name) && std::fs::metadata(dir.join(name)).map(|md| md.len() == *size).unwrap_or(false)
+    });
+    if !complete {
+        m.clear(); // the archives hold these modules: rebuilt with them
+        for (name, size) in &specs {
+            m.insert(name.clone(), write_module(&dir.join(name), name, *size));
         }
     }
-    let mut m = BTreeMap::new();
-    for (name, size) in &specs {
-        m.insert(name.clone(), write_module(&dir.join(name), name, *size));
+    let listed = |m: &BTreeMap<String, String>, name: &str| m.contains_key(name) && dir.join(name).is_file();
+    for (name, write) in BOXED_M256 {
+        if !listed(&m, name) {
+            write(&dir.join("m256.wasm"), &dir.join(name));
+            m.insert(name.to_string(), m["m256.wasm"].clone());
+        }
+    }
+    for (i, name) in hostile_names().iter().enumerate() {
+        if !listed(&m, name) {
+            m.insert(name.clone(), write_hostile(&dir.join(name), i));
+        }
     }
     std::fs::write(&manifest_path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
     m
+}
+
+/// m256.wasm boxed as Istio's agent unboxes (gzip magic, `ustar` tar, both): (file name, writer from the
+/// module's path to the archive's path). Streamed from disk; gzip at the fastest level (the payload is
+/// pseudo-random: no level would shrink it, and inflating costs the same).
+type BoxWriter = fn(&Path, &Path);
+pub const BOXED_M256: [(&str, BoxWriter); 3] =
+    [("m256.wasm.gz", write_gzip), ("m256.tar", write_tar), ("m256.tar.gz", write_tar_gzip)];
+
+fn write_gzip(module: &Path, out: &Path) {
+    let mut gz = flate2::write::GzEncoder::new(create(out), flate2::Compression::fast());
+    std::io::copy(&mut std::fs::File::open(module).unwrap(), &mut gz).unwrap();
+    gz.finish().unwrap().flush().unwrap();
+}
+
+fn write_tar(module: &Path, out: &Path) {
+    tar_of(module, create(out)).flush().unwrap();
+}
+
+fn write_tar_gzip(module: &Path, out: &Path) {
+    let gz = tar_of(module, flate2::write::GzEncoder::new(create(out), flate2::Compression::fast()));
+    gz.finish().unwrap().flush().unwrap();
+}
+
+/// A POSIX (ustar) tar whose one entry is the module as `plugin.wasm`, written into `out`.
+fn tar_of<W: Write>(module: &Path, out: W) -> W {
+    let file = std::fs::File::open(module).unwrap();
+    let mut header = tar::Header::new_ustar();
+    header.set_size(file.metadata().unwrap().len());
+    header.set_mode(0o644);
+    let mut builder = tar::Builder::new(out);
+    builder.append_data(&mut header, "plugin.wasm", file).unwrap();
+    builder.into_inner().unwrap()
+}
+
+fn create(path: &Path) -> std::io::BufWriter<std::fs::File> {
+    std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).expect("create archive"))
+}
+
+/// The hostile archives of the memory figure, converted all in one response.
+pub const HOSTILE_MODULES: usize = 8;
+/// What each hostile archive's first record declares (and holds): far past the 1 MiB tar header limit.
+pub const HOSTILE_RECORD_BYTES: u64 = 200 << 20;
+
+pub fn hostile_names() -> Vec<String> {
+    (0..HOSTILE_MODULES).map(|i| format!("hostile{i}.tar.gz")).collect()
+}
+
+/// A gzipped tar (~200 KB) whose first record is a GNU long name, GNU long link, pax or pax global record
+/// (by turn) of 200 MiB, then a small module of its own as `plugin.wasm`. Returns the module's sha256.
+fn write_hostile(path: &Path, i: usize) -> String {
+    let mut module = Vec::new();
+    let sha256 = module_into(&mut module, &format!("hostile{i}"), 1024);
+    let kind = [b'L', b'K', b'x', b'g'][i % 4];
+    let archive = wasm_ecds_testkit::archives::gzip_tar_with_special(kind, HOSTILE_RECORD_BYTES, &module);
+    std::fs::write(path, archive).unwrap();
+    sha256
 }
 
 pub fn load_manifest(dir: &Path) -> BTreeMap<String, String> {

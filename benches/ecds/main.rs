@@ -9,7 +9,8 @@
 //!                                                     variants) interleaved with its prost and copy baselines
 //!   abi-rust --cache-dir C --response F               the cache-hit call from Rust in a fresh process
 //!   cold     --server A --dir D --work W --module M   one cold conversion (fresh cache dir)
-//!   mem      --server A --dir D --work W --module M   peak RSS around one cold conversion
+//!   mem      --server A --dir D --work W --case C     peak RSS growth of one cold conversion over the idle
+//!                                                     process (fixture, plain, gzip, tar, targz, hostile)
 //!   fanin    --server A --dir D --work W --threads N  N threads convert one cold response (slow module)
 //!   fanout   --server A --dir D --work W --modules N  one response naming N slow modules
 //!   warm     --server A --dir D --cache-dir C --phase download|restart
@@ -357,26 +358,90 @@ fn cold(args: &Args) -> serde_json::Value {
     json!({ "secs": secs, "downloads": gets, "module_bytes": std::fs::metadata(args.path("dir").join(&module)).unwrap().len() })
 }
 
+/// The memory figures: one case converted cold, in a fresh cache directory, by a process that did nothing
+/// before but open the cache and build the response. The figure is the peak resident memory during
+/// `convert` over the idle process's resident memory right before it; the server is another process.
 fn mem(args: &Args) -> serde_json::Value {
     let manifest = inputs::load_manifest(&args.path("dir"));
-    let module = args.get("module").to_string();
-    let response = inputs::named(&base(args), &manifest, std::slice::from_ref(&module));
+    let case = args.get("case");
+    let one = |name: &str| inputs::named(&base(args), &manifest, &[name.to_string()]);
+    // (response, what it is, modules it names, whether it must convert)
+    let (response, what, modules, converts) = match case {
+        "fixture" => {
+            (inputs::typical(&base(args), &manifest, 200), "large: 200 resources, 100 of them TypedStruct", 200, true)
+        }
+        "plain" => (one("m256.wasm"), "m256.wasm: a 256 MiB module", 1, true),
+        "gzip" => (one("m256.wasm.gz"), "m256.wasm.gz: the 256 MiB module gzipped", 1, true),
+        "tar" => (one("m256.tar"), "m256.tar: the 256 MiB module in a tar", 1, true),
+        "targz" => (one("m256.tar.gz"), "m256.tar.gz: the 256 MiB module in a gzipped tar", 1, true),
+        "hostile" => {
+            let names = inputs::hostile_names();
+            let what = "8 gzipped tars, each opening with a 200 MiB long-name, long-link, pax or global pax record";
+            (inputs::named(&base(args), &manifest, &names), what, names.len(), false)
+        }
+        other => panic!("unknown memory case {other:?}"),
+    };
     let work = args.path("work");
     std::fs::create_dir_all(&work).unwrap();
     let dir = tempfile::tempdir_in(&work).unwrap();
+    // The 256 MiB module unboxes to exactly the default limit; its tar is a little larger.
     let cache = open_cache(dir.path(), json!({ "max_module_bytes": 1u64 << 30 }));
-    let hwm_before = status_kib("VmHWM:");
-    let rss_before = status_kib("VmRSS:");
+    let gets_before = total_gets(args.get("server"));
+    let hwm_before_reset = status_kib("VmHWM:");
+    let (idle, peak, secs, result) = peak_of(|| cache.convert(&response));
+    let downloads = total_gets(args.get("server")) - gets_before;
+    let outcome = match &result {
+        Ok(out) => format!("converted, {} local files", inputs::count_local(out)),
+        Err(nack) => format!("rejected: {}", nack.reason),
+    };
+    match &result {
+        Ok(out) if converts => assert_eq!(inputs::count_local(out), modules, "{case}: every filter loads a file"),
+        Err(_) if !converts => {}
+        _ => panic!("{case}: unexpected outcome: {outcome}"),
+    }
+    let mut v = json!({
+        "case": case, "what": what, "response_bytes": response.len(), "modules": modules,
+        "downloads": downloads, "outcome": outcome, "secs": secs,
+        "hwm_before_reset_kib": hwm_before_reset, "idle_rss_kib": idle, "peak_kib": peak,
+        "growth_mib": (peak as f64 - idle as f64) / 1024.0,
+    });
+    if case == "fixture" {
+        // The same response again, every module now stored: the conversion of every later push.
+        let (idle, peak, secs, again) = peak_of(|| cache.convert(&response));
+        assert_eq!(inputs::count_local(&again.expect("cache hit converts")), modules);
+        v["hit"] = json!({
+            "secs": secs, "idle_rss_kib": idle, "peak_kib": peak, "growth_mib": (peak as f64 - idle as f64) / 1024.0,
+        });
+    }
+    v
+}
+
+/// Runs `f` from an idle process and returns (resident KiB right before, peak resident KiB during, seconds,
+/// what `f` returned). What was freed before goes back to the system first, so that `f` cannot hide growth
+/// in it; then the peak is reset to the resident size (Linux proc(5), `/proc/self/clear_refs` "5").
+fn peak_of<T>(f: impl FnOnce() -> T) -> (u64, u64, f64, T) {
+    release_free_memory();
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM (/proc/self/clear_refs)");
+    let idle = status_kib("VmRSS:");
     let t = Instant::now();
-    let out = cache.convert(&response).expect("cold conversion succeeds");
+    let out = f();
     let secs = t.elapsed().as_secs_f64();
-    let hwm_after = status_kib("VmHWM:");
-    assert_eq!(inputs::count_local(&out), 1);
-    json!({
-        "secs": secs, "hwm_before_kib": hwm_before, "rss_before_kib": rss_before, "hwm_after_kib": hwm_after,
-        "growth_mib": (hwm_after as f64 - hwm_before as f64) / 1024.0,
-        "module_bytes": std::fs::metadata(args.path("dir").join(&module)).unwrap().len(),
-    })
+    (idle, status_kib("VmHWM:"), secs, out)
+}
+
+/// Gives the allocator's free memory back to the system (glibc `malloc_trim`, which also releases free pages
+/// inside the heap).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
 }
 
 fn fanin(args: &Args) -> serde_json::Value {
