@@ -14,8 +14,8 @@ use crate::options::Options;
 pub(crate) struct OciFetcher {}
 
 impl OciFetcher {
-    pub fn new(_options: &Options) -> Result<OciFetcher, FetchError> {
-        Ok(OciFetcher {})
+    pub fn new(_client: std::sync::Arc<super::client::Client>, _options: &Options) -> OciFetcher {
+        OciFetcher {}
     }
 
     pub fn fetch(
