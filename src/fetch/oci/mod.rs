@@ -2,6 +2,7 @@
 
 #[allow(dead_code)]
 mod auth;
+mod manifest;
 #[allow(dead_code)]
 mod reference;
 
