@@ -933,3 +933,46 @@ fn a_blob_redirect_is_followed_without_the_authorization() {
     assert_eq!(err.kind, FetchErrorKind::Download);
     assert!(err.message.ends_with("connection blocked: resolved IP 169.254.169.254 is link-local"), "{}", err.message);
 }
+
+#[test]
+fn a_token_the_registry_refuses_is_unauthorized() {
+    let (repo, _) = single_layer(&wasm_module(10));
+    let token_server =
+        Server::start(Arc::new(|_: &Seen| Reply::ok("application/json", br#"{"access_token":"not-it"}"#.to_vec())));
+    let realm = format!("http://{}/token", token_server.host());
+    let server = registry(repo, Auth::Bearer { realm: Some(realm), credentials: None });
+    let outcome = fetch(&options(), &url(&server, ":v1"));
+    let err = outcome.error();
+    assert_eq!(err.kind, FetchErrorKind::Manifest);
+    assert!(err.message.ends_with("unauthorized: anonymous access refused (status 401)"), "{}", err.message);
+    assert!(!err.message.contains("not-it"), "{}", err.message);
+    // One challenge answered, not a loop.
+    assert_eq!((server.seen().len(), token_server.seen().len()), (2, 1));
+}
+
+#[test]
+fn a_bad_reference_makes_no_request() {
+    let server = registry(Repo::default(), Auth::Anonymous);
+    for reference in [":", ":Bad Tag", "@sha256:abc"] {
+        let outcome = fetch(&options(), &url(&server, reference));
+        let err = outcome.error();
+        assert_eq!(err.kind, FetchErrorKind::Manifest, "{reference}");
+        assert!(err.message.starts_with(&format!("could not fetch Wasm OCI image: {}: ", url(&server, reference))));
+    }
+    assert_eq!(server.seen().len(), 0);
+}
+
+#[test]
+fn the_deadline_bounds_every_endpoint() {
+    // A registry that never answers: each attempt times out; the deadline ends the fetch.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let s = Options { http_request_timeout: Duration::from_millis(300), max_attempts: 100, ..options() };
+    let dir = tempfile::tempdir().unwrap();
+    let req = ImageRequest { url: &format!("oci://{host}/wasm/filter:v1"), pull_secret: None, expected_manifest: None };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let err = Fetcher::new(&s).unwrap().fetch_image(&req, deadline, dir.path(), &mut |_| false).err().unwrap();
+    assert_eq!(err.kind, FetchErrorKind::Manifest);
+    assert!(err.message.contains("request timed out after"), "{}", err.message);
+    drop(listener);
+}
