@@ -181,39 +181,34 @@ fn resolve(session: &mut Session<'_>, reference: &Reference) -> Result<(String, 
     }
 }
 
-/// A manifest or index by tag or digest, with its digest; when `expected` names a digest, an endpoint whose
-/// bytes hash otherwise is skipped.
+/// A manifest or index by tag or digest, with its digest. An endpoint whose answer is unusable (not a manifest,
+/// too large, or — when `expected` names a digest — other bytes) is skipped like one that is down.
 fn get_manifest(
     session: &mut Session<'_>,
     reference: &str,
     expected: Option<&str>,
 ) -> Result<(String, Document), Failure> {
-    let (digest, body, content_type) =
-        session.get("manifests", reference, Some(manifest::MANIFEST_ACCEPT), &mut |response, timeout| {
-            let content_type = response
-                .headers()
-                .get(ureq::http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let too_large =
-                || ReadError::Reject(format!("the manifest is larger than the limit of {MAX_MANIFEST_BYTES} bytes"));
-            if announced_length(response).is_some_and(|n| n > MAX_MANIFEST_BYTES) {
-                return Err(too_large());
-            }
-            let body = read_at_most(response, MAX_MANIFEST_BYTES).map_err(|e| match e {
-                Bounded::TooLarge => too_large(),
-                Bounded::Read(e) => ReadError::Retry(body_error(e, timeout)),
-            })?;
-            let digest = hex::encode(sha2::Sha256::digest(&body));
-            if let Some(expected) = expected.filter(|e| !e.eq_ignore_ascii_case(&digest)) {
-                return Err(ReadError::Reject(format!(
-                    "manifest digest mismatch: got sha256:{digest}, want sha256:{expected}"
-                )));
-            }
-            Ok((digest, body, content_type))
+    session.get("manifests", reference, Some(manifest::MANIFEST_ACCEPT), &mut |response, timeout| {
+        let content_type =
+            response.headers().get(ureq::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let too_large =
+            || ReadError::Reject(format!("the manifest is larger than the limit of {MAX_MANIFEST_BYTES} bytes"));
+        if announced_length(response).is_some_and(|n| n > MAX_MANIFEST_BYTES) {
+            return Err(too_large());
+        }
+        let body = read_at_most(response, MAX_MANIFEST_BYTES).map_err(|e| match e {
+            Bounded::TooLarge => too_large(),
+            Bounded::Read(e) => ReadError::Retry(body_error(e, timeout)),
         })?;
-    let document = manifest::parse(&body, content_type.as_deref()).map_err(Failure::Unavailable)?;
-    Ok((digest, document))
+        let digest = hex::encode(sha2::Sha256::digest(&body));
+        if let Some(expected) = expected.filter(|e| !e.eq_ignore_ascii_case(&digest)) {
+            return Err(ReadError::Reject(format!(
+                "manifest digest mismatch: got sha256:{digest}, want sha256:{expected}"
+            )));
+        }
+        let document = manifest::parse(&body, content_type.as_deref()).map_err(ReadError::Reject)?;
+        Ok((digest, document))
+    })
 }
 
 /// Streams a blob answer into a temp file: no more bytes than the descriptor's size, exactly its digest.

@@ -801,6 +801,12 @@ fn mirrors_are_tried_in_order_then_the_registry() {
     let s = mirrors(vec![format!("http://{}", empty.host())]);
     assert_eq!(fetch(&s, &url(&origin, ":v1")).module().0, digest);
     assert_eq!((empty.count("/manifests/"), origin.count("/manifests/"), origin.count("/blobs/")), (1, 1, 1));
+    // A mirror answering something that is no manifest → the registry.
+    let junk = Server::start(Arc::new(|_: &Seen| Reply::ok(OCI_MANIFEST, b"<html>captive portal</html>".to_vec())));
+    let s = mirrors(vec![format!("http://{}", junk.host())]);
+    assert_eq!(fetch(&s, &url(&origin, ":v1")).module().0, digest);
+    // (Its blob answer is refused too: the bytes do not hash to the digest.)
+    assert_eq!((junk.seen().len(), origin.count("/manifests/"), origin.count("/blobs/")), (2, 2, 2));
     // Every endpoint down: each reason.
     let gone = origin.host();
     drop(origin);
