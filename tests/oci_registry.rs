@@ -219,3 +219,16 @@ fn served_images_look_like_a_registry() {
     assert_pulls(&agent, &server.base_url(), "kit/served", "v1", &image, None);
     assert_pulls(&agent, &server.base_url(), "kit/served", &format!("sha256:{}", image.digest()), &image, None);
 }
+
+#[test]
+fn a_tls_handshake_on_a_plain_registry_is_recorded_and_answered_in_http() {
+    let registry = Registry::start(RegistryConfig::plain());
+    let tls = TestServer::https();
+    let https_url = format!("https://{}/v2/", registry.host());
+    let err = agent(tls.ca_pem()).get(&https_url).call().unwrap_err();
+    assert!(!err.to_string().is_empty());
+    assert_eq!(registry.requests()[0].method, "TLS");
+    // Plain HTTP still works on the same port.
+    let (status, _, _) = get(&agent(None), &format!("{}/v2/", registry.base_url()), None);
+    assert_eq!(status, 200);
+}

@@ -377,6 +377,17 @@ impl Forwarder {
 }
 
 fn forward(mut client: TcpStream, backend: SocketAddr, log: &Mutex<Vec<Request>>) -> io::Result<()> {
+    // A TLS ClientHello (record type 22) to this plain-HTTP endpoint is recorded as method `TLS` and answered
+    // as the registry (Go's net/http) answers it: a plain `400 Bad Request`.
+    let mut first = [0u8; 1];
+    if client.peek(&mut first)? == 1 && first[0] == 0x16 {
+        log.lock().unwrap().push(Request { method: "TLS".into(), path: String::new(), auth_scheme: None });
+        client.write_all(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request",
+        )?;
+        let _ = client.shutdown(Shutdown::Both);
+        return Ok(());
+    }
     let Some(head) = read_head(&mut client)? else { return Ok(()) };
     let auth_scheme = head.header("authorization").and_then(|v| v.split_whitespace().next()).map(str::to_string);
     log.lock().unwrap().push(Request {
