@@ -650,6 +650,27 @@ fn a_mirror_that_is_down_is_skipped_for_the_next() {
     assert!(origin.requests().is_empty(), "the origin was not needed: {:?}", origin.requests());
 }
 
+/// A pull secret entry for the mirror's host is what the mirror gets.
+#[test]
+fn a_mirror_uses_the_secret_for_its_own_host() {
+    let origin = Registry::start(RegistryConfig::plain());
+    let copy = Registry::start(RegistryConfig::plain().htpasswd(&[("mia", "mirror-pw-4")]));
+    let module = wasm_module(116);
+    let image = images::oci_artifact(&module);
+    origin.pusher().push("mirror/secret", "v1", &image);
+    copy.pusher().push("mirror/secret", "v1", &image);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(
+        dir.path(),
+        serde_json::json!({ "plain_http_hosts": [origin.host()], "registry_mirrors": mirrors(&origin.host(), &[copy.base_url()]) }),
+    );
+    let secret = secret_fields(&copy.host(), "mia", "mirror-pw-4");
+    assert_eq!(pull(&cache, &origin.oci_url("mirror/secret:v1"), "nil", &[(PULL_SECRET, &secret)]).unwrap(), module);
+    let blob = copy.requests().into_iter().rfind(|r| r.path.contains("/blobs/")).expect("the mirror served the layer");
+    assert_eq!(blob.auth_scheme.as_deref(), Some("Basic"));
+    assert!(origin.requests().is_empty(), "the origin was not needed: {:?}", origin.requests());
+}
+
 #[test]
 fn with_every_mirror_down_the_origin_serves() {
     let origin = Registry::start(RegistryConfig::plain());

@@ -22,6 +22,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -115,6 +116,7 @@ pub struct Registry {
 
 impl Registry {
     /// Starts a registry and waits until `/v2/` answers (panics, with the registry's log, if it does not).
+    /// The registry is killed when the `Registry` is dropped or the thread that started it ends.
     pub fn start(config: RegistryConfig) -> Registry {
         assert!(
             Path::new(REGISTRY_BIN).exists(),
@@ -137,14 +139,19 @@ impl Registry {
             std::fs::write(&config_path, yml).expect("write config.yml");
             let log_path = dir.path().join("registry.log");
             let log = std::fs::File::create(&log_path).expect("registry log");
-            let mut child = Command::new(REGISTRY_BIN)
-                .arg("serve")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("start docker-registry");
+            let mut command = Command::new(REGISTRY_BIN);
+            command.arg("serve").arg(&config_path).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+            // A test process killed before its drops run must not leave registries behind: the kernel kills
+            // the registry when the thread that started it ends (PR_SET_PDEATHSIG), so a `Registry` lives
+            // no longer than the thread that started it.
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut child = command.spawn().expect("start docker-registry");
             match wait_ready(&mut child, backend, tls.as_ref().map(|t| t.0.as_str())) {
                 Ok(()) => {
                     let forwarder = (!config.tls).then(|| Forwarder::start(backend));
