@@ -31,7 +31,8 @@ impl PullPolicy {
 pub struct ModuleRequest {
     /// `remote.http_uri.uri`, as given.
     pub url: String,
-    /// Expected sha256 in lower-case hex; `None` when empty or `"nil"`.
+    /// Expected sha256 in lower-case hex; `None` when empty or `"nil"`. For an `oci://` URL it is the
+    /// image's manifest digest, not the module's (as Istio, `pkg/wasm/cache.go`).
     pub sha256: Option<String>,
     /// Deadline of the whole fetch (all attempts and backoff): `http_uri.timeout`, else the default.
     pub timeout: Duration,
@@ -40,7 +41,8 @@ pub struct ModuleRequest {
     /// `ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION`, or empty.
     pub resource_version: String,
     pub pull_policy: PullPolicy,
-    /// `ISTIO_META_WASM_IMAGE_PULL_SECRET` (docker config JSON). Never logged, stored or counted.
+    /// `ISTIO_META_WASM_IMAGE_PULL_SECRET` (docker config JSON), for `oci://` URLs. Never logged, stored or
+    /// counted.
     pub pull_secret: Option<Vec<u8>>,
 }
 

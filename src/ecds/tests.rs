@@ -544,3 +544,43 @@ fn mutated_inputs_never_panic() {
     let input = response(vec![resource("deep", any_bytes("t/udpa.type.v1.TypedStruct", ts))]);
     assert!(convert_sotw(&input, &fake, &policy(), &m).is_err());
 }
+
+/// An `oci://` filter goes to the store (no longer refused by the HTTP fetcher's scheme check) with its pull
+/// secret and its manifest digest (a digest URL's, or the config's `sha256`), and converts to the stored
+/// module without the secret.
+#[test]
+fn oci_filter_reaches_the_store_with_its_pull_secret_and_digest() {
+    use crate::store::fixture::{digest, fixture, wasm as module_bytes};
+    let f = fixture();
+    let (d, d2) = (digest("m"), digest("t"));
+    let by_digest = format!("oci://reg.test/ns/m@sha256:{d}");
+    let tagged = "oci://reg.test/ns/t:v1";
+    f.fetcher.serve_image(&by_digest, &d, &module_bytes("m"));
+    f.fetcher.serve_image(tagged, &d2, &module_bytes("t"));
+    let secret = r#"{"auths":{"reg.test":{"auth":"dXNlcjpzM2NyZXQ="}}}"#;
+    let env = env_vars(&[("ISTIO_META_WASM_IMAGE_PULL_SECRET", secret), ("USER", "kept")], &[]);
+    let input = response(vec![
+        wasm_resource("by-digest", &wasm(Some(remote_code(&by_digest, "nil")), Some(env.clone()))),
+        wasm_resource("tagged", &wasm(Some(remote_code(tagged, &d2.to_ascii_uppercase())), Some(env))),
+    ]);
+    let m = Metrics::new();
+    let pins = f.store().pinning();
+    let out = convert_sotw(&input, &pins, &policy(), &m).ok().unwrap();
+    assert_eq!(counts(&m), [2, 0, 0, 0, 0, 0]);
+
+    let mut asked = f.fetcher.asked();
+    asked.sort_by(|a, b| a.url.cmp(&b.url));
+    assert_eq!(asked.len(), 2);
+    assert_eq!((asked[0].url.as_str(), asked[0].expected_manifest.as_deref()), (by_digest.as_str(), Some(&*d)));
+    assert_eq!((asked[1].url.as_str(), asked[1].expected_manifest.as_deref()), (tagged, Some(&*d2)));
+    assert!(asked.iter().all(|a| a.pull_secret.as_deref() == Some(secret.as_bytes())));
+
+    let modules = std::fs::canonicalize(f.cache_dir()).unwrap().join("modules");
+    let t = extensions(&out.bytes);
+    for (tec, body) in t.iter().zip(["m", "t"]) {
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(module_bytes(body)));
+        let want = modules.join(format!("{sha}.wasm"));
+        assert_eq!(out_wasm(tec).local_filename().as_deref(), want.to_str(), "{}", tec.name);
+    }
+    assert!(!out.bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret reached Envoy's config");
+}

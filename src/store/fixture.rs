@@ -1,4 +1,5 @@
-//! What the store's tests share: a store in a temp directory, fed by an in-process fetcher.
+//! What the store's tests share: a store in a temp directory, fed by an in-process fetcher that serves
+//! plain modules by URL and OCI images (a manifest digest and a module) by `oci://` URL.
 
 use std::collections::HashMap;
 use std::fs;
@@ -15,10 +16,40 @@ use crate::metrics::Metrics;
 use crate::module::{ModuleRequest, PullPolicy};
 use crate::options::Options;
 
-/// Serves bytes from a map into temp files, counting calls and concurrency.
+/// An image as the fixture serves it: what its manifest resolves to, and the one layer's module.
+#[derive(Clone)]
+struct Image {
+    manifest_digest: String,
+    module: Vec<u8>,
+}
+
+/// A failure the fixture's image source can be told to answer with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ImageFailure {
+    /// The manifest cannot be had.
+    Manifest,
+    /// The manifest resolves; its layer cannot be had.
+    Download,
+}
+
+/// What one `fetch_image` call was asked: the URL, the pull secret and the expected manifest digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ImageAsked {
+    pub url: String,
+    pub pull_secret: Option<Vec<u8>>,
+    pub expected_manifest: Option<String>,
+}
+
+/// Serves bytes from a map into temp files, counting calls and concurrency; and images, counting manifest
+/// resolutions and layer downloads apart.
 #[derive(Default)]
-pub(super) struct TestFetcher {
+pub(crate) struct TestFetcher {
     bodies: Mutex<HashMap<String, Vec<u8>>>,
+    images: Mutex<HashMap<String, Image>>,
+    image_failures: Mutex<HashMap<String, ImageFailure>>,
+    asked: Mutex<Vec<ImageAsked>>,
+    resolutions: AtomicUsize,
+    layers: AtomicUsize,
     delay: Mutex<Duration>,
     calls: AtomicUsize,
     current: AtomicUsize,
@@ -37,9 +68,32 @@ impl TestFetcher {
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
+    /// Serves the image `url` (an `oci://` URL as requested): its manifest resolves to `manifest_digest`
+    /// and its layer holds `module`.
+    pub fn serve_image(&self, url: &str, manifest_digest: &str, module: &[u8]) {
+        let image = Image { manifest_digest: manifest_digest.to_owned(), module: module.to_vec() };
+        self.images.lock().unwrap().insert(url.to_owned(), image);
+        self.image_failures.lock().unwrap().remove(url);
+    }
+    /// Makes the image `url` fail this way from now on (until served again).
+    pub fn fail_image(&self, url: &str, failure: ImageFailure) {
+        self.image_failures.lock().unwrap().insert(url.to_owned(), failure);
+    }
+    /// How many manifests were resolved (every `fetch_image` call resolves one, or fails to).
+    pub fn resolutions(&self) -> usize {
+        self.resolutions.load(Ordering::SeqCst)
+    }
+    /// How many layers were downloaded.
+    pub fn layers(&self) -> usize {
+        self.layers.load(Ordering::SeqCst)
+    }
+    /// Every `fetch_image` call's request, in order.
+    pub fn asked(&self) -> Vec<ImageAsked> {
+        self.asked.lock().unwrap().clone()
+    }
 }
 
-pub(super) struct Shared(pub Arc<TestFetcher>);
+pub(crate) struct Shared(pub Arc<TestFetcher>);
 
 impl ModuleFetcher for Shared {
     fn fetch(&self, url: &str, deadline: Instant, temp_dir: &Path) -> Result<Downloaded, FetchError> {
@@ -72,24 +126,79 @@ impl ModuleFetcher for Shared {
         })
     }
 
+    /// The steps and errors of [`crate::fetch::Fetcher::fetch_image`]: resolve the manifest, compare its
+    /// digest, ask `known`, then download the layer.
     fn fetch_image(
         &self,
         req: &ImageRequest<'_>,
         _deadline: Instant,
-        _temp_dir: &Path,
-        _known: &mut dyn FnMut(&str) -> bool,
+        temp_dir: &Path,
+        known: &mut dyn FnMut(&str) -> bool,
     ) -> Result<ImageFetched, FetchError> {
-        Err(FetchError { kind: FetchErrorKind::Manifest, message: format!("no image {}", req.url) })
+        let f = &self.0;
+        f.asked.lock().unwrap().push(ImageAsked {
+            url: req.url.to_owned(),
+            pull_secret: req.pull_secret.map(<[u8]>::to_vec),
+            expected_manifest: req.expected_manifest.map(str::to_owned),
+        });
+        f.resolutions.fetch_add(1, Ordering::SeqCst);
+        let delay = *f.delay.lock().unwrap();
+        std::thread::sleep(delay);
+        let failure = f.image_failures.lock().unwrap().get(req.url).copied();
+        let image = f.images.lock().unwrap().get(req.url).cloned();
+        let image = match (failure, image) {
+            (Some(ImageFailure::Manifest), _) | (None, None) => {
+                return Err(FetchError {
+                    kind: FetchErrorKind::Manifest,
+                    message: format!("could not fetch Wasm OCI image: MANIFEST_UNKNOWN: {}", req.url),
+                });
+            }
+            (Some(ImageFailure::Download), None) => unreachable!("fail_image(Download) on an image not served"),
+            (_, Some(image)) => image,
+        };
+        let digest = image.manifest_digest;
+        if let Some(want) = req.expected_manifest {
+            if want != digest {
+                return Err(FetchError {
+                    kind: FetchErrorKind::ChecksumMismatch,
+                    message: format!(
+                        "module downloaded from {} has checksum {digest}, which does not match: {want}",
+                        req.url
+                    ),
+                });
+            }
+        }
+        if known(&digest) {
+            return Ok(ImageFetched::Known { manifest_digest: digest });
+        }
+        f.layers.fetch_add(1, Ordering::SeqCst);
+        if failure == Some(ImageFailure::Download) {
+            return Err(FetchError {
+                kind: FetchErrorKind::Download,
+                message: "could not fetch Wasm binary: BLOB_UNKNOWN".into(),
+            });
+        }
+        let body = image.module;
+        let mut file =
+            new_temp_file(temp_dir).map_err(|e| FetchError { kind: FetchErrorKind::Io, message: e.to_string() })?;
+        file.write_all(&body).unwrap();
+        let module = Downloaded {
+            file,
+            sha256: sha256_hex(&body),
+            len: body.len() as u64,
+            is_wasm: body.len() >= 8 && body.starts_with(b"\0asm"),
+        };
+        Ok(ImageFetched::Downloaded { manifest_digest: digest, module })
     }
 }
 
-pub(super) fn wasm(tag: &str) -> Vec<u8> {
+pub(crate) fn wasm(tag: &str) -> Vec<u8> {
     let mut b = b"\0asm\x01\0\0\0".to_vec();
     b.extend_from_slice(tag.as_bytes());
     b
 }
 
-pub(super) struct Fixture {
+pub(crate) struct Fixture {
     // Declared first so it is dropped (writing its index) before the directory goes.
     store: Option<Store>,
     pub fetcher: Arc<TestFetcher>,
@@ -98,15 +207,15 @@ pub(super) struct Fixture {
 }
 
 /// Options for a store in `dir`; the rest are the built-in defaults.
-pub(super) fn options(dir: &Path, expiry: Duration, interval: Duration) -> Options {
+pub(crate) fn options(dir: &Path, expiry: Duration, interval: Duration) -> Options {
     Options { cache_dir: dir.to_path_buf(), module_expiry: expiry, purge_interval: interval, ..Options::default() }
 }
 
-pub(super) fn fixture() -> Fixture {
+pub(crate) fn fixture() -> Fixture {
     fixture_with(Duration::from_secs(3600), Duration::from_secs(3600))
 }
 
-pub(super) fn fixture_with(expiry: Duration, interval: Duration) -> Fixture {
+pub(crate) fn fixture_with(expiry: Duration, interval: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let fetcher = Arc::new(TestFetcher::default());
     let metrics = Arc::new(Metrics::new());
@@ -155,7 +264,7 @@ impl Fixture {
     }
 }
 
-pub(super) fn req(url: &str) -> ModuleRequest {
+pub(crate) fn req(url: &str) -> ModuleRequest {
     ModuleRequest {
         url: url.to_string(),
         sha256: None,
@@ -167,11 +276,16 @@ pub(super) fn req(url: &str) -> ModuleRequest {
     }
 }
 
-pub(super) fn req_sha(url: &str, sha: &str) -> ModuleRequest {
+pub(crate) fn req_sha(url: &str, sha: &str) -> ModuleRequest {
     ModuleRequest { sha256: Some(sha.to_string()), ..req(url) }
 }
 
 /// The lookup counter: (hits, misses).
-pub(super) fn lookups(m: &Metrics) -> (u64, u64) {
+pub(crate) fn lookups(m: &Metrics) -> (u64, u64) {
     (m.lookups(true), m.lookups(false))
+}
+
+/// A made-up manifest digest (64 hex digits) for the image `tag`.
+pub(crate) fn digest(tag: &str) -> String {
+    sha256_hex(format!("manifest {tag}").as_bytes())
 }

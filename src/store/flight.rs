@@ -1,6 +1,7 @@
 //! Single-flight: concurrent requests for the same module wait for one resolution (one download) instead of
 //! each downloading it (Istio's cache, `pkg/wasm/cache.go`, has none: concurrent misses each download). A
-//! request is the same module as another when it names the same sha256, or, without one, the same URL.
+//! request is the same module as another when it names the same sha256, or the same OCI manifest digest,
+//! or, without either, the same URL.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -11,7 +12,10 @@ use crate::module::{Module, ModuleError};
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(super) enum FlightKey {
+    /// A module's own sha256.
     Sha(String),
+    /// An OCI image's manifest digest: another namespace than module checksums.
+    Manifest(String),
     Url(String),
 }
 

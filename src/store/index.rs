@@ -1,5 +1,6 @@
 //! `index.json`: what a later process needs to reuse the modules in the cache directory — each module's last
-//! use (so expiry survives a restart) and what each checksum-less URL resolved to. (Istio's cache,
+//! use (so expiry survives a restart), what each checksum-less URL resolved to and which module each OCI
+//! manifest digest names. (Istio's cache,
 //! `pkg/wasm/cache.go`, keeps this in memory only and downloads every module again after a restart.)
 
 use std::collections::BTreeMap;
@@ -28,12 +29,22 @@ pub(super) struct IndexFile {
     modules: Vec<IndexModule>,
     #[serde(default)]
     urls: Vec<IndexUrl>,
+    /// Absent from indexes written before OCI support; they load with none.
+    #[serde(default)]
+    manifests: Vec<IndexManifest>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct IndexModule {
     sha256: String,
     last_used_ms: u64,
+}
+
+/// An OCI image's manifest digest and its module. Digests name content, never a registry or a secret.
+#[derive(Serialize, Deserialize)]
+struct IndexManifest {
+    manifest_digest: String,
+    sha256: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -65,7 +76,13 @@ impl IndexFile {
             })
             .collect();
         urls.sort_by(|a, b| a.url_sha256.cmp(&b.url_sha256));
-        IndexFile { version: INDEX_VERSION, modules, urls }
+        let mut manifests: Vec<IndexManifest> = state
+            .manifests
+            .iter()
+            .map(|(d, sha)| IndexManifest { manifest_digest: d.clone(), sha256: sha.to_string() })
+            .collect();
+        manifests.sort_by(|a, b| a.manifest_digest.cmp(&b.manifest_digest));
+        IndexFile { version: INDEX_VERSION, modules, urls, manifests }
     }
 
     /// Writes the index into `dir` atomically: temp file, fsync, rename, fsync the directory.
@@ -172,6 +189,16 @@ pub(super) fn load_state(dir: &Path, modules_dir: &Path) -> State {
         if let Some(checksum) = st.pending.get_key_value(sha.as_str()).map(|(k, _)| k.clone()) {
             let rv_by_resource = u.resource_versions.into_iter().collect();
             st.urls.restore(u.url_sha256.to_ascii_lowercase(), UrlEntry { checksum, rv_by_resource });
+        }
+    }
+    for m in index.manifests {
+        let digest = m.manifest_digest.to_ascii_lowercase();
+        let sha = m.sha256.to_ascii_lowercase();
+        if !is_sha256_hex(&digest) {
+            continue;
+        }
+        if let Some(module) = st.pending.get_key_value(sha.as_str()).map(|(k, _)| k.clone()) {
+            st.manifests.insert(digest, module);
         }
     }
     st

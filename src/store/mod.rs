@@ -2,6 +2,10 @@
 //! (one download per module however many ask at once), expires unused modules and keeps the ones the latest
 //! ECDS state references. Owns the cache directory; never touches the network itself (that is `fetch`).
 //!
+//! An `oci://` request names its module by the image's manifest digest (the config's `sha256`, or the
+//! digest of an `@sha256:` URL), as Istio's cache does; the store keeps a map from manifest digests to the
+//! modules they hold (persisted in the index) and is otherwise addressed by module content like any other.
+//!
 //! Layout under the (canonicalized) cache directory:
 //!
 //! * `modules/<sha256>.wasm` — one file per module; the name derives only from the module's hex digest.
@@ -20,9 +24,11 @@
 
 pub(crate) mod files;
 #[cfg(test)]
-mod fixture;
+pub(crate) mod fixture;
 mod flight;
 mod index;
+#[cfg(test)]
+mod oci_tests;
 mod urls;
 
 use std::borrow::Cow;
@@ -34,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::fetch::{Downloaded, FetchError, Fetcher, ImageFetched, ImageRequest};
+use crate::fetch::{is_oci_url, Downloaded, FetchError, Fetcher, ImageFetched, ImageRequest};
 use crate::metrics::{FetchResult, Metrics};
 use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource};
 use crate::options::Options;
@@ -44,7 +50,7 @@ use files::{
 };
 use flight::{Flight, FlightGuard, FlightKey, Outcome};
 use index::{load_state, IndexFile};
-use urls::{ignore_resource_version, UrlMap};
+use urls::{ignore_resource_version, url_manifest_digest, UrlMap};
 
 /// What the store needs from a fetcher; lets tests serve modules without a network.
 pub(crate) trait ModuleFetcher: Send + Sync {
@@ -100,6 +106,10 @@ struct State {
     /// Modules known from the index or found on disk, not yet verified in this process: sha256 → last use.
     pending: HashMap<Arc<str>, u64>,
     urls: UrlMap,
+    /// OCI images by manifest digest (lower-case hex) → the sha256 of their module. For an `oci://` URL the
+    /// checksum is the manifest digest (Istio, `pkg/wasm/cache.go`), while the store stays addressed by the
+    /// module's own content; several manifests may name one module.
+    manifests: HashMap<String, Arc<str>>,
     /// Distinct modules the latest SotW conversion references.
     sotw_in_use: ModuleList,
     delta_in_use: HashMap<String, Arc<str>>,
@@ -111,6 +121,12 @@ struct State {
 impl State {
     fn entry_count(&self) -> usize {
         self.modules.len() + self.pending.len()
+    }
+
+    /// The module `sha` left the store: forget the URLs and manifests that resolved to it.
+    fn forget(&mut self, sha: &str) {
+        self.urls.forget_urls_of(sha);
+        self.manifests.retain(|_, m| &**m != sha);
     }
 
     /// The module `sha` if this process serves it: marked used now, and pinned for `pins`.
@@ -260,42 +276,53 @@ impl Store {
     /// answered (touched, pinned, counted) at once; otherwise the request joins or leads a flight (one
     /// download per module however many ask at once), to be completed by [`Store::finish`]. Never blocks
     /// beyond the state lock.
+    ///
+    /// The checksum of an `oci://` request is its image's manifest digest (the config's `sha256`, else the
+    /// digest of an `@sha256:` URL), found through the manifest map; the checksum of any other request is
+    /// the module's own sha256.
     fn lookup<'a>(&'a self, req: &'a ModuleRequest, pins: &Pins<'_>) -> Lookup<'a> {
-        let expected: Option<Cow<'a, str>> = match req.sha256.as_deref() {
+        let checksum: Option<Cow<'a, str>> = match req.sha256.as_deref() {
             None | Some("") | Some("nil") => None,
             Some(s) if s.bytes().any(|b| b.is_ascii_uppercase()) => Some(Cow::Owned(s.to_ascii_lowercase())),
             Some(s) => Some(Cow::Borrowed(s)),
         };
+        let (expected, manifest) = if is_oci_url(&req.url) {
+            (None, checksum.or_else(|| url_manifest_digest(&req.url).map(Cow::Borrowed)))
+        } else {
+            (checksum, None)
+        };
         let ignore_rv = ignore_resource_version(req.pull_policy, &req.url);
         let mut guard = self.state();
         let st = &mut *guard;
-        let candidate = match expected {
-            Some(_) => None,
-            None => st.urls.lookup_url(req, ignore_rv),
+        let candidate = match (&expected, &manifest) {
+            (None, None) => st.urls.lookup_url(req, ignore_rv),
+            _ => None,
         };
-        let key = expected.as_deref().or(candidate.as_deref());
+        let by_manifest = manifest.as_deref().and_then(|m| st.manifests.get(m).cloned());
+        let key = expected.as_deref().or(by_manifest.as_deref()).or(candidate.as_deref());
         if let Some(module) = key.and_then(|k| st.take(k, pins)) {
             st.urls.refresh_url(req, &module.sha256);
             drop(guard);
             self.metrics.record_lookup(true);
             return Lookup::Hit(module);
         }
-        let fkey = match &expected {
-            Some(e) => FlightKey::Sha(e.to_string()),
-            None => FlightKey::Url(req.url.clone()),
+        let fkey = match (&manifest, &expected) {
+            (Some(m), _) => FlightKey::Manifest(m.to_string()),
+            (None, Some(e)) => FlightKey::Sha(e.to_string()),
+            (None, None) => FlightKey::Url(req.url.clone()),
         };
         let (flight, leader) = flight::join(self, &mut st.flights, fkey);
-        Lookup::Miss(Pending { flight, leader, expected, candidate })
+        Lookup::Miss(Pending { flight, leader, expected, manifest, candidate })
     }
 
     /// The rest of answering a request that missed: lead the flight (reuse from disk or download) or follow
     /// it. The request's deadline (`timeout`) starts now, when this work starts, not when it was looked up.
     fn finish(&self, req: &ModuleRequest, pending: Pending<'_>, pins: &Pins<'_>) -> Result<Module, ModuleError> {
         let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
-        let Pending { flight, leader, expected, candidate } = pending;
+        let Pending { flight, leader, expected, manifest, candidate } = pending;
         match leader {
             Some(mut guard) => {
-                let outcome = self.resolve(req, expected.as_deref(), candidate, deadline, pins);
+                let outcome = self.resolve(req, expected.as_deref(), manifest.as_deref(), candidate, deadline, pins);
                 guard.publish(outcome.clone());
                 outcome.result
             }
@@ -337,20 +364,30 @@ impl Store {
         &self,
         req: &ModuleRequest,
         expected: Option<&str>,
+        manifest: Option<&str>,
         candidate: Option<Arc<str>>,
         deadline: Instant,
         pins: &Pins<'_>,
     ) -> Outcome {
-        let known = expected.filter(|s| is_sha256_hex(s)).or(candidate.as_deref());
+        let known = match (manifest, expected) {
+            (Some(m), _) => self.state().manifests.get(m).cloned(),
+            (None, Some(e)) => is_sha256_hex(e).then(|| Arc::from(e)),
+            (None, None) => candidate,
+        };
         if let Some(sha) = known {
-            if let Some(module) = self.load_existing(sha, pins) {
+            if let Some(module) = self.load_existing(&sha, pins) {
                 self.state().urls.refresh_url(req, &module.sha256);
                 self.metrics.record_lookup(true);
                 return Outcome { result: Ok(module), fetched: false };
             }
         }
         self.metrics.record_lookup(false);
-        Outcome { result: self.fetch_and_install(req, expected, deadline, pins), fetched: true }
+        let result = if is_oci_url(&req.url) {
+            self.fetch_image_and_install(req, manifest, deadline, pins)
+        } else {
+            self.fetch_and_install(req, expected, deadline, pins)
+        };
+        Outcome { result, fetched: true }
     }
 
     /// A module already in memory, or on disk and verified now. A file that fails verification is deleted.
@@ -371,7 +408,7 @@ impl Store {
                     log::warn!("module file {} is {what}, not a regular file", path.display());
                 }
                 let mut st = self.state();
-                st.urls.forget_urls_of(sha);
+                st.forget(sha);
                 self.metrics.set_cache_entries(st.entry_count());
                 None
             }
@@ -379,7 +416,7 @@ impl Store {
                 log::warn!("module file {} is corrupt (its sha256 is {actual}); deleting it", path.display());
                 delete_module_file(&path, Some(file));
                 let mut st = self.state();
-                st.urls.forget_urls_of(sha);
+                st.forget(sha);
                 self.metrics.set_cache_entries(st.entry_count());
                 None
             }
@@ -390,6 +427,15 @@ impl Store {
         }
     }
 
+    /// Counts a failed fetch (if it counts) and returns it as the request's error.
+    fn failed(&self, counted_as: Option<FetchResult>, message: String) -> Result<Module, ModuleError> {
+        if let Some(result) = counted_as {
+            self.metrics.record_fetch(result);
+        }
+        Err(ModuleError { counted_as, message })
+    }
+
+    /// Downloads an `http(s)` module and stores it.
     fn fetch_and_install(
         &self,
         req: &ModuleRequest,
@@ -397,24 +443,19 @@ impl Store {
         deadline: Instant,
         pins: &Pins<'_>,
     ) -> Result<Module, ModuleError> {
-        let fail = |counted_as: Option<FetchResult>, message: String| {
-            if let Some(result) = counted_as {
-                self.metrics.record_fetch(result);
-            }
-            Err(ModuleError { counted_as, message })
-        };
         let downloaded = match self.fetcher.fetch(&req.url, deadline, &self.dir) {
             Ok(d) => d,
-            Err(e) => return fail(e.counted_as(), e.message),
+            Err(e) => return self.failed(e.counted_as(), e.message),
         };
         let actual = downloaded.sha256.to_ascii_lowercase();
         if !is_sha256_hex(&actual) {
-            return fail(Some(FetchResult::DownloadFailure), format!("fetcher reported an invalid sha256 {actual:?}"));
+            return self
+                .failed(Some(FetchResult::DownloadFailure), format!("fetcher reported an invalid sha256 {actual:?}"));
         }
         match expected {
             Some(want) => {
                 if want != actual {
-                    return fail(
+                    return self.failed(
                         Some(FetchResult::ChecksumMismatched),
                         format!("checksum mismatch: want {want}, got {actual}"),
                     );
@@ -434,22 +475,104 @@ impl Store {
                 self.metrics.record_lookup(false);
             }
         }
+        self.store_download(req, downloaded, &actual, None, pins)
+    }
+
+    /// Fetches the module of an `oci://` image, as Istio's `Get` (`pkg/wasm/cache.go`) with its image
+    /// fetcher: the manifest is resolved first, and when its digest names a module the store has (Istio's
+    /// second lookup, here the fetcher's `known` question) no layer is fetched.
+    fn fetch_image_and_install(
+        &self,
+        req: &ModuleRequest,
+        manifest: Option<&str>,
+        deadline: Instant,
+        pins: &Pins<'_>,
+    ) -> Result<Module, ModuleError> {
+        let image =
+            ImageRequest { url: &req.url, pull_secret: req.pull_secret.as_deref(), expected_manifest: manifest };
+        // The module a known digest names, loaded (and pinned) when the fetcher asks, so that it is the one
+        // served even if a purge comes before the fetcher returns.
+        let mut found: Option<Module> = None;
+        let mut known = |digest: &str| -> bool {
+            let sha = self.state().manifests.get(digest).cloned();
+            found = sha.and_then(|sha| self.load_existing(&sha, pins));
+            found.is_some()
+        };
+        let fetched = self.fetcher.fetch_image(&image, deadline, &self.dir, &mut known);
+        let (digest, downloaded) = match fetched {
+            Err(e) => return self.failed(e.counted_as(), e.message),
+            Ok(ImageFetched::Known { manifest_digest }) => {
+                let Some(module) = found else {
+                    return self
+                        .failed(None, format!("internal error: the store does not know manifest {manifest_digest}"));
+                };
+                self.state().urls.refresh_url(req, &module.sha256);
+                self.metrics.record_lookup(true);
+                return Ok(module);
+            }
+            Ok(ImageFetched::Downloaded { manifest_digest, module }) => (manifest_digest, module),
+        };
+        if let Some(want) = manifest {
+            if want != digest {
+                // The fetcher checks this before any layer; checked again because the store records it.
+                return self.failed(
+                    Some(FetchResult::ChecksumMismatched),
+                    format!("module downloaded from {} has checksum {digest}, which does not match: {want}", req.url),
+                );
+            }
+        } else {
+            // Istio's second lookup, by the manifest digest: it missed (`known` said no).
+            self.metrics.record_lookup(false);
+        }
+        let actual = downloaded.sha256.to_ascii_lowercase();
+        if !is_sha256_hex(&actual) || !is_sha256_hex(&digest) {
+            return self.failed(
+                Some(FetchResult::DownloadFailure),
+                format!("fetcher reported an invalid sha256 {actual:?} or manifest digest {digest:?}"),
+            );
+        }
+        self.store_download(req, downloaded, &actual, Some(&digest), pins)
+    }
+
+    /// Stores a verified download whose module sha256 is `actual` (the image's manifest digest `manifest`
+    /// for an OCI module), counts the fetch a success and writes the index.
+    fn store_download(
+        &self,
+        req: &ModuleRequest,
+        downloaded: Downloaded,
+        actual: &str,
+        manifest: Option<&str>,
+        pins: &Pins<'_>,
+    ) -> Result<Module, ModuleError> {
         if !downloaded.is_wasm {
-            return fail(Some(FetchResult::FetchFailure), format!("fetched Wasm binary from {} is invalid", req.url));
+            return self
+                .failed(Some(FetchResult::FetchFailure), format!("fetched Wasm binary from {} is invalid", req.url));
         }
         let size = downloaded.len;
-        match self.install(downloaded.file, &actual, pins) {
-            Ok(module) => {
-                log::info!("stored module {} ({size} bytes) from {}", module.sha256, req.url);
-                self.metrics.record_fetch(FetchResult::Success);
-                self.state().urls.refresh_url(req, &module.sha256);
-                if let Err(e) = self.write_index() {
-                    log::warn!("cannot write the module index in {}: {e}", self.dir.display());
+        // Another image (or URL) may have brought the same module: then the download is not stored again.
+        let served = self.state().take(actual, pins);
+        let module = match served {
+            Some(module) => module,
+            None => match self.install(downloaded.file, actual, pins) {
+                Ok(module) => module,
+                Err(e) => {
+                    return self.failed(Some(FetchResult::DownloadFailure), format!("cannot store the module: {e}"))
                 }
-                Ok(module)
+            },
+        };
+        log::info!("stored module {} ({size} bytes) from {}", module.sha256, req.url);
+        self.metrics.record_fetch(FetchResult::Success);
+        {
+            let mut st = self.state();
+            if let Some(digest) = manifest {
+                st.manifests.insert(digest.to_owned(), module.sha256.clone());
             }
-            Err(e) => fail(Some(FetchResult::DownloadFailure), format!("cannot store the module: {e}")),
+            st.urls.refresh_url(req, &module.sha256);
         }
+        if let Err(e) = self.write_index() {
+            log::warn!("cannot write the module index in {}: {e}", self.dir.display());
+        }
+        Ok(module)
     }
 
     /// Puts a complete download in place (see [`persist_module`]) and serves it from now on.
@@ -555,7 +678,7 @@ impl Store {
                 victims.push((sha, None));
             }
             for (sha, _) in &victims {
-                st.urls.forget_urls_of(sha);
+                st.forget(sha);
             }
             self.metrics.set_cache_entries(st.entry_count());
         }
@@ -607,11 +730,13 @@ impl Store {
     /// those threads as they free up.
     fn get_all(&self, requests: &[ModuleRequest], pins: &Pins<'_>) -> Vec<Result<Module, ModuleError>> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut by_key: HashMap<(bool, &str), usize> = HashMap::new();
+        // Keyed as the flights are: by URL, module sha256 or (OCI) manifest digest.
+        let mut by_key: HashMap<(u8, &str), usize> = HashMap::new();
         for (i, req) in requests.iter().enumerate() {
             let key = match req.sha256.as_deref() {
-                None | Some("") | Some("nil") => (false, req.url.as_str()),
-                Some(s) => (true, s),
+                None | Some("") | Some("nil") => (0, req.url.as_str()),
+                Some(s) if is_oci_url(&req.url) => (2, s),
+                Some(s) => (1, s),
             };
             let g = *by_key.entry(key).or_insert_with(|| {
                 groups.push(Vec::new());
@@ -696,7 +821,10 @@ enum Lookup<'a> {
 struct Pending<'a> {
     flight: Arc<Flight>,
     leader: Option<FlightGuard<'a>>,
+    /// The content sha256 a non-OCI request names.
     expected: Option<Cow<'a, str>>,
+    /// The manifest digest an OCI request names.
+    manifest: Option<Cow<'a, str>>,
     candidate: Option<Arc<str>>,
 }
 

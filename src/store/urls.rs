@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::files::sha256_hex;
+use super::files::{is_sha256_hex, sha256_hex};
 use crate::module::{ModuleRequest, PullPolicy};
 
 /// The checksum one URL resolved to, and the resource version each consumer asked for it with.
@@ -94,12 +94,29 @@ impl UrlMap {
 
 /// Whether a checksum-less request may reuse what its URL resolved to whatever its resource version, as
 /// Istio's `shouldIgnoreResourceVersion` (`pkg/wasm/cache.go`): `Always` never; `IfNotPresent` always;
-/// unspecified always, except for an `oci://` URL whose path ends in `:latest` (which behaves as `Always`).
+/// unspecified always, except for an `oci://` image tagged `latest` (which behaves as `Always`). Istio
+/// looks only for a `:latest` suffix; an image reference without tag or digest means `latest` too (as
+/// `name.ParseReference` reads it), so `oci://reg/repo` is treated the same.
 pub(super) fn ignore_resource_version(policy: PullPolicy, url: &str) -> bool {
     match policy {
         PullPolicy::Always => false,
         PullPolicy::IfNotPresent => true,
-        PullPolicy::Unspecified => !(scheme_is(url, "oci") && url_path(url).ends_with(":latest")),
+        PullPolicy::Unspecified => !(scheme_is(url, "oci") && is_latest(url)),
+    }
+}
+
+/// Whether the image `oci://` URL `url` names is tagged `latest`, explicitly or by having no tag or digest.
+/// As go-containerregistry: the tag follows the last `:` after the last `/` (`reg:5000/repo` has none).
+fn is_latest(url: &str) -> bool {
+    if url.contains('@') {
+        return false;
+    }
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let name = rest.split(['?', '#']).next().unwrap_or("");
+    let last = name.rsplit('/').next().unwrap_or("");
+    match last.rsplit_once(':') {
+        Some((_, tag)) => tag == "latest",
+        None => true,
     }
 }
 
@@ -108,15 +125,20 @@ fn is_oci_digest_url(url: &str) -> bool {
     scheme_is(url, "oci") && url.contains('@')
 }
 
-fn scheme_is(url: &str, scheme: &str) -> bool {
-    url.split_once("://").is_some_and(|(s, _)| s.eq_ignore_ascii_case(scheme))
+/// The manifest digest an `oci://…@sha256:<hex>` URL names (lower-case hex, without `sha256:`), as Istio's
+/// `getEntry` (`pkg/wasm/cache.go`) takes it for the checksum of a request without one. A digest of another
+/// algorithm, or a malformed one, gives none: Istio then does without the cache.
+pub(super) fn url_manifest_digest(url: &str) -> Option<&str> {
+    if !scheme_is(url, "oci") {
+        return None;
+    }
+    let (name, digest) = url.rsplit_once('@')?;
+    let hex = digest.strip_prefix("sha256:")?;
+    (!name.ends_with("://") && is_sha256_hex(hex)).then_some(hex)
 }
 
-/// The path of `scheme://authority/path?query#fragment`.
-fn url_path(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.split(['?', '#']).next().unwrap_or("");
-    rest.find('/').map_or("", |i| &rest[i..])
+fn scheme_is(url: &str, scheme: &str) -> bool {
+    url.split_once("://").is_some_and(|(s, _)| s.eq_ignore_ascii_case(scheme))
 }
 
 #[cfg(test)]
@@ -125,7 +147,8 @@ mod tests {
     use crate::store::fixture::{fixture, req, wasm};
 
     /// One row per case of Istio's pull-policy behaviour (`pkg/wasm/cache.go`: `getEntry` with
-    /// `shouldIgnoreResourceVersion`): (policy, url, second resource version, expect a second download).
+    /// `shouldIgnoreResourceVersion`) for HTTP URLs: (policy, url, second resource version, expect a second
+    /// download).
     #[test]
     fn pull_policy_table() {
         let rows = [
@@ -135,10 +158,9 @@ mod tests {
             (PullPolicy::Always, "http://x/m.wasm", "2", true),
             (PullPolicy::Unspecified, "http://x/m.wasm", "2", false),
             (PullPolicy::Unspecified, "http://x/m:latest", "2", false),
-            (PullPolicy::Unspecified, "oci://reg/m:latest", "1", false),
-            (PullPolicy::Unspecified, "oci://reg/m:latest", "2", true),
-            (PullPolicy::Unspecified, "oci://reg/m:v1", "2", false),
+            (PullPolicy::Unspecified, "http://x/m", "2", false),
         ];
+        // The `oci://` rows are in the store's OCI tests.
         for (policy, url, rv2, refetch) in rows {
             let f = fixture();
             f.fetcher.serve(url, &wasm("m"));
@@ -175,11 +197,36 @@ mod tests {
 
     #[test]
     fn url_helpers() {
-        assert!(ignore_resource_version(PullPolicy::Unspecified, "http://x/m:latest"));
-        assert!(!ignore_resource_version(PullPolicy::Unspecified, "OCI://reg/m:latest"));
-        assert!(!ignore_resource_version(PullPolicy::Unspecified, "oci://reg/m:latest?x=1"));
-        assert!(ignore_resource_version(PullPolicy::Unspecified, "oci://reg:latest"));
+        let unspecified = |url| ignore_resource_version(PullPolicy::Unspecified, url);
+        assert!(unspecified("http://x/m:latest"));
+        assert!(unspecified("http://x/m"));
+        assert!(!unspecified("OCI://reg/m:latest"));
+        assert!(!unspecified("oci://reg/m:latest?x=1"));
+        // No tag and no digest is `latest`; a registry port is not a tag.
+        assert!(!unspecified("oci://reg/m"));
+        assert!(!unspecified("oci://reg:5000/team/m"));
+        assert!(unspecified("oci://reg:5000/team/m:v1"));
+        // As go-containerregistry reads `reg:latest`: Docker Hub's `library/reg`, tagged `latest`.
+        assert!(!unspecified("oci://reg:latest"));
+        assert!(unspecified("oci://reg/m:v1"));
+        assert!(unspecified("oci://reg/m:latest-1"));
+        assert!(unspecified(&format!("oci://reg/m@sha256:{}", "a".repeat(64))));
         assert!(!ignore_resource_version(PullPolicy::Always, "http://x"));
         assert!(ignore_resource_version(PullPolicy::IfNotPresent, "oci://reg/m:latest"));
+        assert!(ignore_resource_version(PullPolicy::IfNotPresent, "oci://reg/m"));
+
+        let hex = "0123456789abcdef".repeat(4);
+        assert_eq!(url_manifest_digest(&format!("oci://reg/m@sha256:{hex}")), Some(hex.as_str()));
+        assert_eq!(url_manifest_digest(&format!("OCI://reg:5000/a/m:v1@sha256:{hex}")), Some(hex.as_str()));
+        for none in [
+            format!("http://reg/m@sha256:{hex}"),
+            format!("oci://reg/m@sha512:{hex}"),
+            format!("oci://reg/m@sha256:{}", hex.to_ascii_uppercase()),
+            format!("oci://reg/m@sha256:{}", &hex[1..]),
+            format!("oci://@sha256:{hex}"),
+            "oci://reg/m:v1".to_owned(),
+        ] {
+            assert_eq!(url_manifest_digest(&none), None, "{none}");
+        }
     }
 }
