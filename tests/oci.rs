@@ -374,18 +374,20 @@ fn pull_policy_unspecified_with_another_tag_behaves_as_if_not_present() {
     assert_eq!(case.pull(&url, None, "2"), (a, false, 0));
 }
 
-/// No tag pulls `latest`, but Istio's rule looks at the URL's path, which does not end in `:latest`: an
-/// unspecified policy does not re-resolve it.
+/// No tag means `latest` (the table; go-containerregistry's `name.ParseReference` reads it so), so an
+/// unspecified policy behaves as `Always` for it too: Istio's literal check looks only for a `:latest` suffix.
 #[test]
-fn pull_policy_unspecified_without_a_tag_pulls_latest_once() {
+fn pull_policy_unspecified_without_a_tag_behaves_as_latest() {
     let (a, b) = (wasm_module(71), wasm_module(72));
     let case = PolicyCase::new("policy/notag", "latest", &a);
     let url = case.registry.oci_url("policy/notag");
     assert_eq!(case.pull(&url, None, "1"), (a.clone(), true, 1));
+    assert_eq!(case.pull(&url, None, "1"), (a.clone(), false, 0));
     case.move_tag(&b);
-    assert_eq!(case.pull(&url, None, "2"), (a.clone(), false, 0));
-    // Always does re-resolve it.
-    assert_eq!(case.pull(&url, Some("Always"), "3"), (b, true, 1));
+    assert_eq!(case.pull(&url, None, "2"), (b.clone(), true, 1));
+    // IfNotPresent keeps what it has.
+    case.move_tag(&a);
+    assert_eq!(case.pull(&url, Some("IfNotPresent"), "3"), (b, false, 0));
 }
 
 #[test]
@@ -563,10 +565,11 @@ fn the_secret_is_absent_from_every_output() {
         check(&format!("{entry:?}"), &std::fs::read(&entry).unwrap());
         check("a file name", entry.to_string_lossy().as_bytes());
     }
-    if capturing {
-        for line in wasm_ecds_testkit::logs::lines() {
-            check("a log line", line.as_bytes());
-        }
+    assert!(capturing, "the test binary installs no other logger");
+    let lines = wasm_ecds_testkit::logs::lines();
+    assert!(lines.iter().any(|l| l.contains("auth/secret")), "the library's log lines of this pull are captured");
+    for line in lines {
+        check("a log line", line.as_bytes());
     }
 }
 
