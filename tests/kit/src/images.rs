@@ -190,7 +190,12 @@ pub fn oci_compat(module: &[u8]) -> Image {
         Blob::new(OCI_LAYER, tar_gz(&[("etc/base.txt", b"a base layer\n")])),
         Blob::new(OCI_LAYER, tar_gz(&[("plugin.wasm", module)])),
     ];
-    Image { media_type: OCI_MANIFEST.into(), config: Blob::new(OCI_CONFIG, image_config(&layers)), layers, artifact_type: None }
+    Image {
+        media_type: OCI_MANIFEST.into(),
+        config: Blob::new(OCI_CONFIG, image_config(&layers)),
+        layers,
+        artifact_type: None,
+    }
 }
 
 /// The OCI artifact of the Wasm image spec Istio follows: config [`WASM_CONFIG`], two layers, one of them
@@ -223,7 +228,12 @@ pub fn oras_cli(module: &[u8], layer_media_type: &str) -> Image {
     single_layer(module, OCI_EMPTY, layer_media_type, Some(WASM_LAYER))
 }
 
-pub fn single_layer(module: &[u8], config_media_type: &str, layer_media_type: &str, artifact_type: Option<&str>) -> Image {
+pub fn single_layer(
+    module: &[u8],
+    config_media_type: &str,
+    layer_media_type: &str,
+    artifact_type: Option<&str>,
+) -> Image {
     Image {
         media_type: OCI_MANIFEST.into(),
         config: Blob::new(config_media_type, b"{}".to_vec()),
@@ -259,7 +269,12 @@ pub mod unusable {
     /// OCI compat whose last layer holds no `plugin.wasm` (the module is there under another name).
     pub fn compat_without_plugin(module: &[u8]) -> Image {
         let layers = vec![Blob::new(OCI_LAYER, tar_gz(&[("filter.wasm", module), ("README", b"x")]))];
-        Image { media_type: OCI_MANIFEST.into(), config: Blob::new(OCI_CONFIG, image_config(&layers)), layers, artifact_type: None }
+        Image {
+            media_type: OCI_MANIFEST.into(),
+            config: Blob::new(OCI_CONFIG, image_config(&layers)),
+            layers,
+            artifact_type: None,
+        }
     }
 
     /// A single-layer Wasm artifact whose layer is not a Wasm module.
@@ -317,7 +332,12 @@ impl Answer {
 impl Pusher {
     /// To the registry at `base` (`http(s)://host:port`), with Basic credentials for challenges.
     pub fn new(base: &str, credentials: Option<(String, String)>, ca_pem: Option<&str>) -> Pusher {
-        Pusher { agent: agent(ca_pem), base: base.trim_end_matches('/').to_string(), credentials, authorization: Mutex::new(None) }
+        Pusher {
+            agent: agent(ca_pem),
+            base: base.trim_end_matches('/').to_string(),
+            credentials,
+            authorization: Mutex::new(None),
+        }
     }
 
     /// Uploads every blob, then the manifest under `tag` (an empty tag pushes it by digest only). Returns the
@@ -362,7 +382,8 @@ impl Pusher {
     pub fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, manifest: &[u8]) -> String {
         let digest = sha256_hex(manifest);
         let reference = if reference.is_empty() { format!("sha256:{digest}") } else { reference.to_string() };
-        let put = self.call("PUT", &format!("{}/v2/{repo}/manifests/{reference}", self.base), Some(media_type), manifest);
+        let put =
+            self.call("PUT", &format!("{}/v2/{repo}/manifests/{reference}", self.base), Some(media_type), manifest);
         assert_eq!(put.status, 201, "push manifest {repo}:{reference}: {}", String::from_utf8_lossy(&put.body));
         assert_eq!(put.header("docker-content-digest"), Some(format!("sha256:{digest}").as_str()));
         digest
@@ -403,7 +424,8 @@ impl Pusher {
     }
 
     fn authorize(&self, challenge: &str) -> String {
-        let (user, password) = self.credentials.clone().expect("the registry asks for credentials and the pusher has none");
+        let (user, password) =
+            self.credentials.clone().expect("the registry asks for credentials and the pusher has none");
         let basic = format!("Basic {}", STANDARD.encode(format!("{user}:{password}")));
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         if scheme.eq_ignore_ascii_case("basic") {
@@ -418,7 +440,14 @@ impl Pusher {
         format!("Bearer {}", token["token"].as_str().expect("token"))
     }
 
-    fn send(&self, method: &str, url: &str, headers: &[(&str, &str)], authorization: Option<&str>, body: &[u8]) -> Answer {
+    fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        authorization: Option<&str>,
+        body: &[u8],
+    ) -> Answer {
         let mut request = ureq::http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             request = request.header(*k, *v);

@@ -128,9 +128,7 @@ pub(crate) fn read_head(s: &mut impl Read) -> io::Result<Option<Head>> {
     let mut request_line = lines.next().unwrap_or_default().split_whitespace();
     let method = request_line.next().unwrap_or_default().to_string();
     let target = request_line.next().unwrap_or("/").to_string();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
     Ok(Some(Head { method, target, headers, rest }))
 }

@@ -21,8 +21,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -140,7 +140,12 @@ impl Registry {
             let log_path = dir.path().join("registry.log");
             let log = std::fs::File::create(&log_path).expect("registry log");
             let mut command = Command::new(REGISTRY_BIN);
-            command.arg("serve").arg(&config_path).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+            command
+                .arg("serve")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log);
             // A test process killed before its drops run must not leave registries behind: the kernel kills
             // the registry when the thread that started it ends (PR_SET_PDEATHSIG), so a `Registry` lives
             // no longer than the thread that started it.
@@ -155,15 +160,7 @@ impl Registry {
             match wait_ready(&mut child, backend, tls.as_ref().map(|t| t.0.as_str())) {
                 Ok(()) => {
                     let forwarder = (!config.tls).then(|| Forwarder::start(backend));
-                    return Registry {
-                        child,
-                        dir,
-                        backend,
-                        config,
-                        forwarder,
-                        token,
-                        ca_pem: tls.map(|t| t.0),
-                    };
+                    return Registry { child, dir, backend, config, forwarder, token, ca_pem: tls.map(|t| t.0) };
                 }
                 Err(why) => {
                     let _ = child.kill();
@@ -279,8 +276,7 @@ fn wait_ready(child: &mut Child, backend: SocketAddr, ca_pem: Option<&str>) -> R
         if let Some(status) = child.try_wait().expect("registry status") {
             return Err(format!("the registry exited: {status}"));
         }
-        if TcpStream::connect_timeout(&backend, Duration::from_millis(200)).is_ok() && agent.get(&url).call().is_ok()
-        {
+        if TcpStream::connect_timeout(&backend, Duration::from_millis(200)).is_ok() && agent.get(&url).call().is_ok() {
             return Ok(());
         }
         if Instant::now() > end {
@@ -312,13 +308,7 @@ fn write_tls_files(dir: &Path) -> (String, PathBuf, PathBuf) {
     (ca.pem(), cert, key)
 }
 
-fn config_yml(
-    dir: &Path,
-    addr: SocketAddr,
-    config: &RegistryConfig,
-    token: Option<&TokenServer>,
-    tls: bool,
-) -> String {
+fn config_yml(dir: &Path, addr: SocketAddr, config: &RegistryConfig, token: Option<&TokenServer>, tls: bool) -> String {
     let q = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
     let s = |v: &str| serde_json::to_string(v).unwrap();
     let mut yml = format!(
@@ -337,10 +327,8 @@ fn config_yml(
         Auth::Anonymous => {}
         Auth::Htpasswd(users) => {
             let file = dir.join("htpasswd");
-            let lines: String = users
-                .iter()
-                .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 4).expect("bcrypt")))
-                .collect();
+            let lines: String =
+                users.iter().map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 4).expect("bcrypt"))).collect();
             std::fs::write(&file, lines).expect("write htpasswd");
             yml.push_str(&format!("auth:\n  htpasswd:\n    realm: wasm-ecds-test\n    path: {}\n", q(&file)));
         }
