@@ -266,7 +266,7 @@ mod tests {
         assert_eq!(pick_platform(&[first.clone(), entry("wasi", "wasm", D2)]).unwrap(), &first);
         assert_eq!(pick_platform(std::slice::from_ref(&wasi)).unwrap(), &wasi);
         let untagged = layer(OCI_MANIFEST, D2);
-        assert_eq!(pick_platform(&[untagged.clone()]).unwrap(), &untagged);
+        assert_eq!(pick_platform(std::slice::from_ref(&untagged)).unwrap(), &untagged);
         assert_eq!(pick_platform(&[]).unwrap_err(), "the index lists no manifest");
     }
 

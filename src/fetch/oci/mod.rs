@@ -34,8 +34,8 @@ use self::reference::{Reference, Target};
 use self::registry::{read_at_most, Bounded, Failure, ReadError, Route, Session};
 use super::client::{describe, Client};
 use super::unbox;
-use super::{copy_hashed, CopyError, Downloaded, FetchError, FetchErrorKind, ImageFetched, ImageRequest, Staged};
 use super::COPY_BUFFER_BYTES;
+use super::{copy_hashed, CopyError, Downloaded, FetchError, FetchErrorKind, ImageFetched, ImageRequest, Staged};
 use crate::options::Options;
 use crate::store::files::new_temp_file;
 
@@ -102,10 +102,9 @@ impl OciFetcher {
             return Ok(ImageFetched::Known { manifest_digest });
         }
         let (layer, packing) = manifest::choose_layer(&media_type, &layers).map_err(manifest_error)?;
-        let module = self.download(&mut session, &layer, packing, temp_dir).map_err(|e| FetchError {
-            kind: e.kind,
-            message: format!("could not fetch Wasm binary: {}", e.message),
-        })?;
+        let module = self
+            .download(&mut session, &layer, packing, temp_dir)
+            .map_err(|e| FetchError { kind: e.kind, message: format!("could not fetch Wasm binary: {}", e.message) })?;
         Ok(ImageFetched::Downloaded { manifest_digest, module })
     }
 
@@ -118,7 +117,8 @@ impl OciFetcher {
     /// The mirrors configured for `registry` (Docker Hub's also under `docker.io`).
     fn mirrors_of(&self, registry: &str) -> &[String] {
         let is_key = |key: &str| {
-            key.eq_ignore_ascii_case(registry) || (registry == "index.docker.io" && key.eq_ignore_ascii_case("docker.io"))
+            key.eq_ignore_ascii_case(registry)
+                || (registry == "index.docker.io" && key.eq_ignore_ascii_case("docker.io"))
         };
         self.registry_mirrors.iter().find(|(key, _)| is_key(key)).map_or(&[], |(_, endpoints)| endpoints.as_slice())
     }
@@ -148,7 +148,12 @@ impl OciFetcher {
             Packing::Raw => staged,
             Packing::PluginInTarGz => unbox::extract_plugin(&staged, temp_dir, self.max_module_bytes, &mut buf)?,
         };
-        Ok(Downloaded { is_wasm: unbox::is_wasm(&module, temp_dir)?, file: module.file, sha256: module.sha256, len: module.len })
+        Ok(Downloaded {
+            is_wasm: unbox::is_wasm(&module, temp_dir)?,
+            file: module.file,
+            sha256: module.sha256,
+            len: module.len,
+        })
     }
 }
 
@@ -183,14 +188,15 @@ fn get_manifest(
     reference: &str,
     expected: Option<&str>,
 ) -> Result<(String, Document), Failure> {
-    let (digest, body, content_type) = session.get(
-        "manifests",
-        reference,
-        Some(manifest::MANIFEST_ACCEPT),
-        &mut |response, timeout| {
-            let content_type =
-                response.headers().get(ureq::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-            let too_large = || ReadError::Reject(format!("the manifest is larger than the limit of {MAX_MANIFEST_BYTES} bytes"));
+    let (digest, body, content_type) =
+        session.get("manifests", reference, Some(manifest::MANIFEST_ACCEPT), &mut |response, timeout| {
+            let content_type = response
+                .headers()
+                .get(ureq::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let too_large =
+                || ReadError::Reject(format!("the manifest is larger than the limit of {MAX_MANIFEST_BYTES} bytes"));
             if announced_length(response).is_some_and(|n| n > MAX_MANIFEST_BYTES) {
                 return Err(too_large());
             }
@@ -200,11 +206,12 @@ fn get_manifest(
             })?;
             let digest = hex::encode(sha2::Sha256::digest(&body));
             if let Some(expected) = expected.filter(|e| !e.eq_ignore_ascii_case(&digest)) {
-                return Err(ReadError::Reject(format!("manifest digest mismatch: got sha256:{digest}, want sha256:{expected}")));
+                return Err(ReadError::Reject(format!(
+                    "manifest digest mismatch: got sha256:{digest}, want sha256:{expected}"
+                )));
             }
             Ok((digest, body, content_type))
-        },
-    )?;
+        })?;
     let document = manifest::parse(&body, content_type.as_deref()).map_err(Failure::Unavailable)?;
     Ok((digest, document))
 }
@@ -234,7 +241,10 @@ fn read_blob(
         return Err(ReadError::Reject(format!("the blob has {len} bytes, its descriptor declares {}", layer.size)));
     }
     if sha256 != layer.digest {
-        return Err(ReadError::Reject(format!("layer digest mismatch: got sha256:{sha256}, want sha256:{}", layer.digest)));
+        return Err(ReadError::Reject(format!(
+            "layer digest mismatch: got sha256:{sha256}, want sha256:{}",
+            layer.digest
+        )));
     }
     Ok(Staged { file, sha256, len })
 }

@@ -10,7 +10,6 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use ureq::http::{Response, Uri};
 use ureq::{Agent, Body};
 
@@ -126,7 +125,13 @@ impl<'a> Session<'a> {
     /// `GET <endpoint>/v2/<repository>/<kind>/<reference>` from each endpoint in turn until one answers `200`
     /// and `read` takes its answer. An endpoint that fails (connection, status, auth, an answer `read`
     /// rejects) is skipped with its reason kept; the reasons of all make the error when none succeeds.
-    pub fn get<T>(&mut self, kind: &str, reference: &str, accept: Option<&str>, read: &mut Reader<'_, T>) -> Result<T, Failure> {
+    pub fn get<T>(
+        &mut self,
+        kind: &str,
+        reference: &str,
+        accept: Option<&str>,
+        read: &mut Reader<'_, T>,
+    ) -> Result<T, Failure> {
         let path = format!("/v2/{}/{kind}/{reference}", self.repository);
         let mut reasons = Vec::new();
         for i in 0..self.endpoints.len() {
@@ -144,7 +149,13 @@ impl<'a> Session<'a> {
     }
 
     /// One endpoint: the request, answering a challenge once, and falling back to plain HTTP once.
-    fn get_from<T>(&mut self, i: usize, path: &str, accept: Option<&str>, read: &mut Reader<'_, T>) -> Result<T, Failure> {
+    fn get_from<T>(
+        &mut self,
+        i: usize,
+        path: &str,
+        accept: Option<&str>,
+        read: &mut Reader<'_, T>,
+    ) -> Result<T, Failure> {
         let mut answered_challenge = false;
         loop {
             let endpoint = &self.endpoints[i];
@@ -181,11 +192,16 @@ impl<'a> Session<'a> {
                     let tries = if attempts > 1 { format!(" (after {attempts} attempts)") } else { String::new() };
                     return Err(Failure::Unavailable(format!("GET {url}: {last_error}{tries}")));
                 }
-                Err(GaveUp::Fatal(Signal::Reject(why))) => return Err(Failure::Unavailable(format!("GET {url}: {why}"))),
+                Err(GaveUp::Fatal(Signal::Reject(why))) => {
+                    return Err(Failure::Unavailable(format!("GET {url}: {why}")))
+                }
                 Err(GaveUp::Fatal(Signal::Fatal(e))) => return Err(Failure::Fatal(e)),
                 Err(GaveUp::Fatal(Signal::PlainHttp)) => {
                     let endpoint = &mut self.endpoints[i];
-                    log::info!("OCI: {} answered https in plain HTTP; using http for the rest of this fetch", endpoint.label);
+                    log::info!(
+                        "OCI: {} answered https in plain HTTP; using http for the rest of this fetch",
+                        endpoint.label
+                    );
                     endpoint.base = format!("http://{}", endpoint.host);
                     endpoint.may_fall_back = false;
                 }
@@ -196,7 +212,9 @@ impl<'a> Session<'a> {
                             Some(_) => format!("the credentials for {}", endpoint.host),
                             None => "anonymous access".to_string(),
                         };
-                        return Err(Failure::Unavailable(format!("GET {url}: unauthorized: {whose} refused (status 401)")));
+                        return Err(Failure::Unavailable(format!(
+                            "GET {url}: unauthorized: {whose} refused (status 401)"
+                        )));
                     }
                     answered_challenge = true;
                     self.authenticate(i, &values).map_err(Failure::Unavailable)?;
@@ -215,7 +233,7 @@ impl<'a> Session<'a> {
                     .credentials
                     .as_ref()
                     .ok_or_else(|| format!("unauthorized (no credentials for {})", endpoint.host))?;
-                self.endpoints[i].authorization = Some(basic_header(credentials));
+                self.endpoints[i].authorization = Some(auth::basic_header(credentials));
                 Ok(())
             }
             Some(Challenge::Bearer { realm, service, scope }) => {
@@ -233,11 +251,9 @@ impl<'a> Session<'a> {
         let quoted = truncate(realm, MAX_QUOTED_CHARS);
         let realm_uri = auth::check_realm(realm, self.client.policy())
             .map_err(|why| format!("refusing the bearer realm {quoted:?}: {why}"))?;
-        let mut scopes = vec![format!("repository:{}:pull", self.repository)];
-        scopes.extend(scope.filter(|s| !scopes.iter().any(|ours| ours == s)).map(str::to_string));
-        let url = token_url(&realm_uri, service, &scopes);
+        let url = auth::token_url(&realm_uri, service, scope, &self.repository);
         let uri: Uri = url.parse().map_err(|e| format!("invalid token URL from the bearer realm {quoted:?}: {e}"))?;
-        let authorization = endpoint.credentials.as_ref().map(basic_header);
+        let authorization = endpoint.credentials.as_ref().map(auth::basic_header);
         let agent = self.client.agent_for(&uri);
         log::debug!(
             "OCI: token request GET {url} ({})",
@@ -260,7 +276,11 @@ impl<'a> Session<'a> {
                 }
                 status @ (401 | 403) => Err(AttemptError::Fatal(format!(
                     "unauthorized: the token endpoint refused {} (status {status})",
-                    if authorization.is_some() { format!("the credentials for {}", endpoint.host) } else { "an anonymous token".to_string() }
+                    if authorization.is_some() {
+                        format!("the credentials for {}", endpoint.host)
+                    } else {
+                        "an anonymous token".to_string()
+                    }
                 ))),
                 status => {
                     let why = status_reason(status, &mut response);
@@ -343,12 +363,7 @@ fn error_detail(body: &[u8]) -> Option<String> {
         message: String,
     }
     let errors: Errors = serde_json::from_slice(body).ok()?;
-    let text = errors
-        .errors
-        .iter()
-        .map(|e| format!("{}: {}", e.code, e.message))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let text = errors.errors.iter().map(|e| format!("{}: {}", e.code, e.message)).collect::<Vec<_>>().join("; ");
     let text: String = truncate(&text, MAX_QUOTED_CHARS).chars().filter(|c| !c.is_control()).collect();
     (!text.is_empty()).then_some(text)
 }
@@ -369,60 +384,9 @@ pub(crate) fn read_at_most(response: &mut Response<Body>, max: u64) -> Result<Ve
     Ok(body)
 }
 
-/// `Basic base64(user:password)` (RFC 7617).
-pub(crate) fn basic_header(credentials: &Credentials) -> String {
-    let pair = format!("{}:{}", credentials.username, credentials.password);
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
-}
-
-/// The token request URL: the realm with `service` and each `scope` added to its query (docker distribution
-/// `token.md`), escaped as Go's `url.QueryEscape`.
-pub(crate) fn token_url(realm: &Uri, service: Option<&str>, scopes: &[String]) -> String {
-    let mut url = realm.to_string();
-    let mut separator = if realm.query().is_some() { '&' } else { '?' };
-    let params = service.map(|s| ("service", s)).into_iter().chain(scopes.iter().map(|s| ("scope", s.as_str())));
-    for (key, value) in params {
-        url.push(separator);
-        url.push_str(key);
-        url.push('=');
-        url.push_str(&query_escape(value));
-        separator = '&';
-    }
-    url
-}
-
-fn query_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b as char),
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn basic_header_is_rfc_7617() {
-        let c = Credentials { username: "user".into(), password: "pa:ss".into() };
-        assert_eq!(basic_header(&c), "Basic dXNlcjpwYTpzcw==");
-    }
-
-    #[test]
-    fn token_url_adds_service_and_scopes() {
-        let realm: Uri = "https://auth.example/token".parse().unwrap();
-        assert_eq!(
-            token_url(&realm, Some("registry.example"), &["repository:a/b:pull".into()]),
-            "https://auth.example/token?service=registry.example&scope=repository%3Aa%2Fb%3Apull"
-        );
-        let realm: Uri = "https://auth.example/token?x=1".parse().unwrap();
-        assert_eq!(token_url(&realm, None, &["a b".into(), "c".into()]), "https://auth.example/token?x=1&scope=a+b&scope=c");
-    }
 
     #[test]
     fn error_details_are_bounded_and_plain() {
