@@ -35,6 +35,7 @@ header:
 # The fuzz crate (tests/fuzz) is a crate of its own; it shares the library's target directory.
 lint:
 	cargo fmt --check
+	cargo fmt --check --manifest-path tests/kit/Cargo.toml
 	cargo clippy --release --all-targets -- -D warnings
 	cargo fmt --check --manifest-path tests/fuzz/Cargo.toml
 	CARGO_TARGET_DIR=$(REPO)/target cargo clippy --release --manifest-path tests/fuzz/Cargo.toml --all-targets -- -D warnings

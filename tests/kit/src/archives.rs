@@ -104,4 +104,3 @@ fn write_repeated(out: &mut impl Write, byte: u8, mut n: u64) -> io::Result<()> 
     }
     Ok(())
 }
-
