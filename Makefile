@@ -13,7 +13,7 @@ REPO := $(abspath .)
 export WASM_ECDS_LIB_DIR ?= $(REPO)/target/release
 CFLAGS_TEST := -std=c11 -Wall -Wextra -Werror -pedantic -g -fsanitize=address,undefined -fno-omit-frame-pointer
 
-.PHONY: all build demo header lint test test-rust test-fuzz test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e bench fuzz fuzz-seeds clean-tests
+.PHONY: all build demo header lint test test-rust test-deps test-fuzz test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e bench fuzz fuzz-seeds clean-tests
 
 all: build
 
@@ -42,8 +42,12 @@ lint:
 test: lint build test-rust test-fuzz test-c test-header-cpp test-python test-go test-cpp test-fidelity test-e2e test-install
 	@echo "make test: all suites passed"
 
-test-rust:
+# The OCI tests start the distribution registry; tests/oci/deps.sh installs it when missing.
+test-rust: test-deps
 	cargo test --release
+
+test-deps:
+	bash tests/oci/deps.sh
 
 # Every checked-in corpus and regression input through every fuzz target, on stable (no libFuzzer needed).
 test-fuzz:

@@ -1,170 +1,51 @@
-//! HTTP/HTTPS fetch with retries, bounded by a deadline.
-//!
-//! Mirrors Istio's `HTTPFetcher` (`pkg/wasm/httpfetcher.go`): a secure and an insecure client, `GET` with up to
-//! 10 redirects, up to `max_attempts` attempts; transport errors and 5xx other than 501/505/511 are retried
-//! with exponential backoff (×1.5, ±50 % jitter, capped); any other non-200 status stops at once. Unlike
-//! Istio, the backoff sleeps end at the deadline, a body cut short is retried, and the body streams to disk.
+//! HTTP/HTTPS module downloads: Istio's `HTTPFetcher` (`pkg/wasm/httpfetcher.go`) over the shared [`Client`]
+//! (agents, retries, backoff). Unlike Istio, a body cut short is retried and the body streams to disk.
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ureq::http::Uri;
-use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
-use ureq::unversioned::transport::{Connector, DefaultConnector};
-use ureq::{Agent, Proxy};
 
+use super::client::{describe, retryable, AttemptError, Client, GaveUp};
 use super::{copy_hashed, CopyError, FetchError, FetchErrorKind, Staged};
-use crate::guard::{AddressPolicy, GuardedResolver, ProxiedTargetGuard};
-use crate::options::Options;
 use crate::store::files::new_temp_file;
 
-/// Redirects followed per request, as Go's default client.
-const MAX_REDIRECTS: u32 = 10;
-/// The most a response's status line and headers (a redirect's `Location` included) may take. ureq's default,
-/// named here because it bounds what a server can make the client buffer; Go allows 1 MiB, no module server
-/// needs more than a few hundred bytes.
-const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
-/// Per-attempt timeout when the options say zero (Istio's `NewHTTPFetcher` does the same).
-const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub(super) struct HttpFetcher {
-    /// The secure and the insecure client, built on the first fetch: loading the system trust store costs
-    /// milliseconds (hundreds of files), which a process serving only cached modules never needs to pay.
-    agents: OnceLock<(Agent, Agent)>,
-    /// `ca_file`'s certificates, read (and checked) when the fetcher is made.
-    ca_certs: Vec<Certificate<'static>>,
-    proxy: Option<Proxy>,
-    policy: AddressPolicy,
-    insecure_hosts: Arc<Vec<String>>,
-    request_timeout: Duration,
-    max_attempts: u32,
-    initial_backoff: Duration,
-    max_backoff: Duration,
+    client: Arc<Client>,
     max_module_bytes: u64,
 }
 
-/// How one attempt ended, when it did not produce the module.
-enum AttemptError {
-    /// Worth another attempt (transport error, retryable status, body cut short).
-    Retry(String),
-    /// A status that is not retried: stop, reporting it as the last error.
-    Stop(String),
-    /// Not a download failure to retry or report as such (too large, disk error).
-    Fatal(FetchError),
-}
-
 impl HttpFetcher {
-    /// Clients that use the proxy named by `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (first set wins, as
-    /// ureq reads them) except for hosts in `NO_PROXY`. The SSRF rules apply to the proxy's address and to
-    /// every target before the proxy is asked for it (see `guard`).
-    pub fn new(options: &Options) -> Result<HttpFetcher, FetchError> {
-        HttpFetcher::with_proxy(options, Proxy::try_from_env())
-    }
-
-    pub fn with_proxy(options: &Options, proxy: Option<Proxy>) -> Result<HttpFetcher, FetchError> {
-        let ca_certs = match options.ca_file.as_deref() {
-            Some(path) => ca_file_certs(path)?,
-            None => Vec::new(),
-        };
-        let policy = AddressPolicy::new(options.blocked_cidrs.clone());
-        let request_timeout =
-            if options.http_request_timeout.is_zero() { DEFAULT_REQUEST_TIMEOUT } else { options.http_request_timeout };
-        Ok(HttpFetcher {
-            agents: OnceLock::new(),
-            ca_certs,
-            proxy,
-            policy,
-            insecure_hosts: Arc::new(options.insecure_hosts.clone()),
-            request_timeout,
-            max_attempts: options.max_attempts.max(1),
-            initial_backoff: options.retry_initial_backoff,
-            max_backoff: options.retry_max_backoff,
-            max_module_bytes: options.max_module_bytes,
-        })
-    }
-
-    /// The secure and the insecure client (built on first use).
-    fn agents(&self) -> &(Agent, Agent) {
-        self.agents.get_or_init(|| {
-            let roots = root_certs(&self.ca_certs);
-            let agent = |tls: TlsConfig| {
-                let config = Agent::config_builder()
-                    .http_status_as_error(false)
-                    .max_redirects(MAX_REDIRECTS)
-                    .max_response_header_size(MAX_RESPONSE_HEAD_BYTES)
-                    .max_redirects_will_error(true)
-                    .proxy(self.proxy.clone())
-                    .tls_config(tls)
-                    .user_agent(concat!("wasm-ecds/", env!("CARGO_PKG_VERSION")))
-                    .build();
-                // The SSRF rules: the resolver checks every host ureq resolves, the guard in front of the
-                // connectors every target handed to a proxy (see `guard`).
-                let connector = ProxiedTargetGuard::new(self.policy.clone()).chain(DefaultConnector::new());
-                Agent::with_parts(config, connector, GuardedResolver::new(self.policy.clone()))
-            };
-            let secure = agent(TlsConfig::builder().root_certs(roots.clone()).build());
-            let insecure = agent(TlsConfig::builder().root_certs(roots).disable_verification(true).build());
-            (secure, insecure)
-        })
-    }
-
-    /// Whether TLS verification is skipped for this URL: its `host[:port]` exactly as written in the URL is in
-    /// `insecure_hosts`, or `insecure_hosts` holds `*`.
-    fn is_insecure(&self, uri: &Uri) -> bool {
-        let Some(authority) = uri.authority() else { return false };
-        let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
-        self.insecure_hosts.iter().any(|h| h == "*" || h.eq_ignore_ascii_case(host_port))
+    pub fn new(client: Arc<Client>, max_module_bytes: u64) -> HttpFetcher {
+        HttpFetcher { client, max_module_bytes }
     }
 
     /// Downloads `uri` into a temp file in `temp_dir`, retrying as Istio does, within `deadline`.
     pub fn fetch(&self, uri: &Uri, deadline: Instant, temp_dir: &Path, buf: &mut [u8]) -> Result<Staged, FetchError> {
-        let (secure, insecure) = self.agents();
-        let agent = if self.is_insecure(uri) { insecure } else { secure };
-        let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
-        let mut attempts = 0u32;
-        let last_error = loop {
-            attempts += 1;
-            let result = match deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
-                None => Err(AttemptError::Retry("deadline exceeded".to_string())),
-                Some(remaining) => self.attempt(agent, uri, remaining.min(self.request_timeout), temp_dir, buf),
-            };
-            let message = match result {
-                Ok(staged) => return Ok(staged),
-                Err(AttemptError::Fatal(e)) => return Err(e),
-                Err(AttemptError::Stop(message)) => break message,
-                Err(AttemptError::Retry(message)) => message,
-            };
-            log::debug!("wasm module download attempt {attempts} failed: {message}");
-            if attempts >= self.max_attempts {
-                break message;
-            }
-            // Sleep the backoff unless it ends at or past the deadline: then no attempt could follow, so stop
-            // now rather than sleep until the deadline.
-            let Some(remaining) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
-                break message;
-            };
-            let pause = backoff.next();
-            if pause >= remaining {
-                break message;
-            }
-            std::thread::sleep(pause);
-        };
-        Err(FetchError::new(
-            FetchErrorKind::Download,
-            format!("wasm module download failed after {attempts} attempts, last error: {last_error}"),
-        ))
+        let agent = self.client.agent_for(uri);
+        let result = self
+            .client
+            .retrying(deadline, "wasm module download", |timeout| self.attempt(agent, uri, timeout, temp_dir, buf));
+        match result {
+            Ok(staged) => Ok(staged),
+            Err(GaveUp::Fatal(e)) => Err(e),
+            Err(GaveUp::Failed { attempts, last_error }) => Err(FetchError::new(
+                FetchErrorKind::Download,
+                format!("wasm module download failed after {attempts} attempts, last error: {last_error}"),
+            )),
+        }
     }
 
     /// One `GET` (following redirects) with `timeout` for the whole exchange, body included.
     fn attempt(
         &self,
-        agent: &Agent,
+        agent: &ureq::Agent,
         uri: &Uri,
         timeout: Duration,
         temp_dir: &Path,
         buf: &mut [u8],
-    ) -> Result<Staged, AttemptError> {
+    ) -> Result<Staged, AttemptError<FetchError>> {
         let request = agent.get(uri.clone()).config().timeout_global(Some(timeout)).build();
         let mut response = request.call().map_err(|e| AttemptError::Retry(describe(&e, timeout)))?;
         let status = response.status().as_u16();
@@ -200,32 +81,6 @@ impl HttpFetcher {
             }
             Err(CopyError::TooLarge) => Err(AttemptError::Fatal(FetchError::too_large(self.max_module_bytes))),
         }
-    }
-}
-
-/// Istio's `retryable`: 5xx except 501 Not Implemented, 505 HTTP Version Not Supported and 511 Network
-/// Authentication Required.
-fn retryable(status: u16) -> bool {
-    status >= 500 && !matches!(status, 501 | 505 | 511)
-}
-
-/// An error as an operator reads it: without ureq's variant prefixes where they add nothing.
-fn describe(e: &ureq::Error, timeout: Duration) -> String {
-    match e {
-        ureq::Error::Timeout(_) => format!("request timed out after {timeout:?}"),
-        ureq::Error::Io(io) => match io.kind() {
-            std::io::ErrorKind::TimedOut => format!("request timed out after {timeout:?}"),
-            std::io::ErrorKind::UnexpectedEof => {
-                "connection closed by the server before a complete response".to_string()
-            }
-            _ => io.to_string(),
-        },
-        ureq::Error::Other(other) => other.to_string(),
-        ureq::Error::TooManyRedirects => format!("stopped after {MAX_REDIRECTS} redirects"),
-        ureq::Error::LargeResponseHeader(..) => {
-            format!("the response's status line and headers exceed the limit of {MAX_RESPONSE_HEAD_BYTES} bytes")
-        }
-        other => other.to_string(),
     }
 }
 
@@ -268,154 +123,5 @@ fn check_port(authority: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("invalid port {port:?} after host"))
-    }
-}
-
-/// The trust roots: the system's, plus the certificates of `ca_file`. With neither (no system store found and
-/// no `ca_file`), the Mozilla roots bundled with ureq.
-fn root_certs(ca_certs: &[Certificate<'static>]) -> RootCerts {
-    let mut certs: Vec<Certificate<'static>> = Vec::new();
-    let native = rustls_native_certs::load_native_certs();
-    for e in &native.errors {
-        log::debug!("loading the system trust store: {e}");
-    }
-    certs.extend(native.certs.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()));
-    certs.extend(ca_certs.iter().cloned());
-    if certs.is_empty() {
-        log::debug!("no system trust store found; using the bundled Mozilla roots");
-        return RootCerts::WebPki;
-    }
-    RootCerts::new_with_certs(&certs)
-}
-
-/// The most `ca_file` may hold. PEM roots are far smaller (the whole Mozilla bundle is about 220 KiB); the limit
-/// keeps a mistaken path (a log, a device) from being read into memory.
-const MAX_CA_FILE_BYTES: u64 = 4 << 20;
-
-/// `O_NONBLOCK` of `<fcntl.h>` (the crate has no libc dependency): opening a FIFO with it returns at once
-/// instead of waiting for a writer. Linux's generic value and MIPS's and SPARC's own; the BSDs' and macOS's.
-/// Other targets open without it.
-#[cfg(unix)]
-const O_NONBLOCK: i32 = if cfg!(any(target_os = "linux", target_os = "android")) {
-    if cfg!(any(target_arch = "mips", target_arch = "mips64", target_arch = "mips32r6", target_arch = "mips64r6")) {
-        0o200
-    } else if cfg!(any(target_arch = "sparc", target_arch = "sparc64")) {
-        0x4000
-    } else {
-        0o4000
-    }
-} else if cfg!(any(
-    target_os = "macos",
-    target_os = "ios",
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly"
-)) {
-    0x4
-} else {
-    0
-};
-
-/// The bytes of `ca_file`: a regular file (checked on the opened handle, so a FIFO, a device such as
-/// `/dev/zero` or a directory is refused before anything is read) of at most [`MAX_CA_FILE_BYTES`].
-fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, O_NONBLOCK);
-    let file = options.open(path).map_err(|e| e.to_string())?;
-    if !file.metadata().map_err(|e| e.to_string())?.is_file() {
-        return Err("not a regular file".to_string());
-    }
-    let mut pem = Vec::new();
-    file.take(MAX_CA_FILE_BYTES + 1).read_to_end(&mut pem).map_err(|e| e.to_string())?;
-    if pem.len() as u64 > MAX_CA_FILE_BYTES {
-        return Err(format!("larger than the limit of {MAX_CA_FILE_BYTES} bytes for PEM roots"));
-    }
-    Ok(pem)
-}
-
-/// The certificates of `ca_file` (PEM): at least one, each a DER SEQUENCE.
-fn ca_file_certs(path: &Path) -> Result<Vec<Certificate<'static>>, FetchError> {
-    let mut certs: Vec<Certificate<'static>> = Vec::new();
-    {
-        let tls_error =
-            |why: String| FetchError::new(FetchErrorKind::Io, format!("cannot load ca_file {}: {why}", path.display()));
-        let pem = read_ca_file(path).map_err(tls_error)?;
-        let mut found = 0;
-        for item in ureq::tls::parse_pem(&pem) {
-            match item {
-                Ok(PemItem::Certificate(cert)) => {
-                    if !is_der_sequence(cert.der()) {
-                        return Err(tls_error("a certificate is not valid DER".to_string()));
-                    }
-                    certs.push(cert);
-                    found += 1;
-                }
-                Ok(_) => {}
-                Err(e) => return Err(tls_error(e.to_string())),
-            }
-        }
-        if found == 0 {
-            return Err(tls_error("no PEM certificate found".to_string()));
-        }
-    }
-    Ok(certs)
-}
-
-/// A cheap sanity check of a certificate: one DER SEQUENCE spanning exactly the bytes.
-fn is_der_sequence(der: &[u8]) -> bool {
-    if der.len() < 2 || der[0] != 0x30 {
-        return false;
-    }
-    let (len, header) = match der[1] {
-        n if n < 0x80 => (n as usize, 2),
-        n => {
-            let count = (n & 0x7f) as usize;
-            if count == 0 || count > 4 || der.len() < 2 + count {
-                return false;
-            }
-            (der[2..2 + count].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize), 2 + count)
-        }
-    };
-    header + len == der.len()
-}
-
-/// Exponential backoff as Istio's (cenkalti/backoff): start at `initial`, ×1.5 per step, each pause drawn
-/// uniformly within ±50 % of the current interval, intervals and pauses capped at `max`.
-struct Backoff {
-    current: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff { current: initial.min(max), max }
-    }
-
-    fn next(&mut self) -> Duration {
-        let base = self.current.as_secs_f64();
-        let pause = base * (0.5 + fastrand::f64()); // [0.5, 1.5) × current
-        self.current = Duration::from_secs_f64((base * 1.5).min(self.max.as_secs_f64()));
-        Duration::from_secs_f64(pause).min(self.max)
-    }
-}
-
-#[cfg(test)]
-pub(super) mod tests_support {
-    use super::*;
-
-    pub(crate) struct TestBackoff(Backoff);
-
-    impl TestBackoff {
-        pub(crate) fn next(&mut self) -> Duration {
-            self.0.next()
-        }
-    }
-
-    pub(crate) fn backoff(initial: Duration, max: Duration) -> TestBackoff {
-        TestBackoff(Backoff::new(initial, max))
     }
 }

@@ -1,11 +1,13 @@
 //! Network fetchers. A fetch streams a module into a temp file in the cache directory while hashing it.
 
+mod client;
 mod http;
 mod oci;
 mod unbox;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::metrics::FetchResult;
@@ -102,9 +104,15 @@ pub(crate) struct Fetcher {
 impl Fetcher {
     /// Builds the HTTP clients; fails only when the TLS settings (`ca_file`) cannot be loaded.
     pub fn new(options: &Options) -> Result<Fetcher, FetchError> {
+        Fetcher::with_proxy(options, ureq::Proxy::try_from_env())
+    }
+
+    /// A fetcher whose connections go through `proxy` (see [`client::Client::new`]).
+    fn with_proxy(options: &Options, proxy: Option<ureq::Proxy>) -> Result<Fetcher, FetchError> {
+        let client = Arc::new(client::Client::new(options, proxy)?);
         Ok(Fetcher {
-            http: http::HttpFetcher::new(options)?,
-            oci: oci::OciFetcher::new(options)?,
+            http: http::HttpFetcher::new(client.clone(), options.max_module_bytes),
+            oci: oci::OciFetcher::new(client, options),
             max_module_bytes: options.max_module_bytes,
         })
     }
@@ -682,11 +690,7 @@ mod tests {
     /// A fetcher whose clients go through `proxy` (the environment is process-global; tests set it here).
     fn fetcher_with_proxy(s: &Options, proxy: &str) -> Fetcher {
         let proxy = ureq::Proxy::new(proxy).unwrap();
-        Fetcher {
-            http: http::HttpFetcher::with_proxy(s, Some(proxy)).unwrap(),
-            oci: oci::OciFetcher::new(s).unwrap(),
-            max_module_bytes: s.max_module_bytes,
-        }
+        Fetcher::with_proxy(s, Some(proxy)).unwrap()
     }
 
     #[test]
@@ -904,7 +908,7 @@ mod tests {
     #[test]
     fn backoff_grows_with_jitter_and_cap() {
         // Pauses stay within ±50 % of 100, 150, 225, … ms and never exceed the cap.
-        let mut b = http::tests_support::backoff(Duration::from_millis(100), Duration::from_millis(300));
+        let mut b = client::tests_support::backoff(Duration::from_millis(100), Duration::from_millis(300));
         let mut interval = 100.0f64;
         for _ in 0..10 {
             let p = b.next().as_secs_f64() * 1000.0;

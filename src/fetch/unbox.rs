@@ -21,7 +21,7 @@ use std::path::Path;
 
 use tar::EntryType;
 
-use super::{copy_hashed, CopyError, FetchError, Staged, WASM_MAGIC};
+use super::{copy_hashed, CopyError, FetchError, FetchErrorKind, Staged, WASM_MAGIC};
 use crate::store::files::new_temp_file;
 
 /// Layers of gzip/tar unwrapped at most.
@@ -196,8 +196,8 @@ fn first_tar_entry(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) ->
             if records.len() as u64 != size {
                 return not_unpackable(io::Error::new(io::ErrorKind::UnexpectedEof, "pax record is truncated"));
             }
-            pax_size = match pax_size_of(&records) {
-                Ok(size) => size,
+            pax_size = match pax_fields(&records) {
+                Ok(fields) => fields.size,
                 Err(e) => return not_unpackable(invalid(e)),
             };
             continue;
@@ -249,12 +249,12 @@ fn record_name(kind: EntryType) -> &'static str {
     }
 }
 
-/// The `size` record of a pax header, parsed as Go's `parsePAX` and `mergePAX` (`archive/tar` `reader.go`,
-/// `strconv.go`) do: records are `"<length> <key>=<value>\n"`, the length counting the whole record; the last
-/// `size` wins. GNU sparse records are refused (see [`first_tar_entry`]).
-fn pax_size_of(mut records: &[u8]) -> Result<Option<u64>, String> {
+/// The `size` and `path` records of a pax header, parsed as Go's `parsePAX` and `mergePAX` (`archive/tar`
+/// `reader.go`, `strconv.go`) do: records are `"<length> <key>=<value>\n"`, the length counting the whole
+/// record; the last of a key wins. GNU sparse records are refused (see [`first_tar_entry`]).
+fn pax_fields(mut records: &[u8]) -> Result<PaxFields, String> {
     let malformed = || "its pax header is malformed".to_string();
-    let mut size = None;
+    let mut fields = PaxFields::default();
     while !records.is_empty() {
         let space = records.iter().position(|&b| b == b' ').ok_or_else(malformed)?;
         let len: usize = std::str::from_utf8(&records[..space])
@@ -271,11 +271,150 @@ fn pax_size_of(mut records: &[u8]) -> Result<Option<u64>, String> {
         }
         if key == b"size" {
             let value = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
-            size = Some(value.ok_or_else(|| "its pax size record is not a number".to_string())?);
+            fields.size = Some(value.ok_or_else(|| "its pax size record is not a number".to_string())?);
+        }
+        if key == b"path" {
+            fields.path = Some(value.to_vec());
         }
         records = rest;
     }
-    Ok(size)
+    Ok(fields)
+}
+
+#[derive(Default)]
+struct PaxFields {
+    size: Option<u64>,
+    path: Option<Vec<u8>>,
+}
+
+/// The file compat images carry the module in (solo-io wasm `spec-compat.md`, Istio `extractWasmPluginBinary`).
+pub(crate) const PLUGIN_FILE_NAME: &str = "plugin.wasm";
+
+/// The most tar entries of a compat layer walked looking for [`PLUGIN_FILE_NAME`]. Such a layer holds the module
+/// and perhaps a few files beside it; the bound stops a walk over a hostile archive of empty entries.
+const MAX_LAYER_TAR_ENTRIES: usize = 10_000;
+
+/// The most bytes of a compat layer's tar (gunzipped) walked looking for [`PLUGIN_FILE_NAME`], as a multiple of
+/// `max_module_bytes`: room for the module and as much beside it, while a gzip bomb (a 1000:1 ratio is easy)
+/// stops early instead of being inflated whole.
+const MAX_LAYER_TAR_EXPANSION: u64 = 2;
+
+/// Istio's `extractWasmPluginBinary`: gunzips the layer and walks its tar for the first file whose base name
+/// (Go's `filepath.Base`) is `plugin.wasm`, streaming that file into a new temp file. Memory stays bounded:
+/// special records as in [`first_tar_entry`] (over 1 MiB fails; `L` and pax `path` names are read, since the
+/// name matters here), the walk by [`MAX_LAYER_TAR_ENTRIES`] and [`MAX_LAYER_TAR_EXPANSION`], the module by
+/// `max` (`TooLarge`). Entries that hold no file data (links, directories, devices) are passed over. Errors
+/// are `Download` kind with Istio's wording (`plugin.wasm not found in the archive`), or `TooLarge`/`Io`.
+pub(crate) fn extract_plugin(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<Staged, FetchError> {
+    let unusable = |why: String| FetchError::new(FetchErrorKind::Download, why);
+    let parse_error = |e: io::Error| unusable(format!("failed to parse layer as tar.gz: {e}"));
+    let file = reopen(layer, temp_dir)?;
+    let budget = max.saturating_mul(MAX_LAYER_TAR_EXPANSION).saturating_add(1 << 20);
+    let gunzipped = Budget { inner: flate2::read::MultiGzDecoder::new(BufReader::new(file)), remaining: budget };
+    let mut archive = tar::Archive::new(gunzipped);
+    let mut entries = archive.entries().map_err(parse_error)?.raw(true);
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut pax = PaxFields::default();
+    for _ in 0..MAX_LAYER_TAR_ENTRIES {
+        let mut entry = match entries.next() {
+            Some(entry) => entry.map_err(parse_error)?,
+            None => return Err(unusable(format!("{PLUGIN_FILE_NAME} not found in the archive"))),
+        };
+        let kind = entry.header().entry_type();
+        let size = entry.size();
+        let is_special = kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions();
+        if is_special && size > MAX_SPECIAL_RECORD_BYTES {
+            return Err(parse_error(invalid(format!(
+                "a {} record of {size} bytes is over the limit of {MAX_SPECIAL_RECORD_BYTES} bytes for tar headers",
+                record_name(kind)
+            ))));
+        }
+        if kind.is_gnu_longname() || kind.is_pax_local_extensions() {
+            let mut record = Vec::with_capacity(size as usize);
+            (&mut entry).take(size).read_to_end(&mut record).map_err(parse_error)?;
+            if record.len() as u64 != size {
+                return Err(parse_error(io::Error::new(io::ErrorKind::UnexpectedEof, "a tar record is truncated")));
+            }
+            if kind.is_gnu_longname() {
+                // NUL-terminated, as GNU tar writes it.
+                let end = record.iter().position(|&b| b == 0).unwrap_or(record.len());
+                record.truncate(end);
+                long_name = Some(record);
+            } else {
+                pax = pax_fields(&record).map_err(|e| parse_error(invalid(e)))?;
+            }
+            continue;
+        }
+        if kind.is_gnu_longlink() || kind.is_pax_global_extensions() {
+            continue;
+        }
+        let name = match pax.path.take().or(long_name.take()) {
+            Some(name) => name,
+            None => entry.header().path_bytes().into_owned(),
+        };
+        let pax_size = pax.size.take();
+        let holds_data = matches!(kind, EntryType::Regular | EntryType::Continuous);
+        if !holds_data || base_name(&name) != PLUGIN_FILE_NAME.as_bytes() {
+            continue;
+        }
+        if let Some(pax) = pax_size.filter(|&pax| pax != size) {
+            return Err(parse_error(invalid(format!(
+                "the pax size record of {PLUGIN_FILE_NAME} ({pax}) disagrees with the header's size ({size})"
+            ))));
+        }
+        if size > max {
+            return Err(FetchError::too_large(max));
+        }
+        let mut out = new_temp_file(temp_dir).map_err(|e| FetchError::io("cannot create a temp file", temp_dir, &e))?;
+        let mut exact = ExactLen { inner: &mut entry, remaining: size };
+        return match copy_hashed(&mut exact, out.as_file_mut(), buf, max) {
+            Ok((sha256, len)) => Ok(Staged { file: out, sha256, len }),
+            Err(CopyError::Read(e)) => Err(unusable(format!("failed to read {PLUGIN_FILE_NAME}: {e}"))),
+            Err(CopyError::Write(e)) => Err(FetchError::io("cannot write the unpacked module", temp_dir, &e)),
+            Err(CopyError::TooLarge) => Err(FetchError::too_large(max)),
+        };
+    }
+    Err(unusable(format!(
+        "{PLUGIN_FILE_NAME} not found in the first {MAX_LAYER_TAR_ENTRIES} entries of the archive (the limit)"
+    )))
+}
+
+/// Go's `filepath.Base` on a Unix path: the last element, trailing slashes ignored.
+fn base_name(path: &[u8]) -> &[u8] {
+    let mut end = path.len();
+    while end > 1 && path[end - 1] == b'/' {
+        end -= 1;
+    }
+    let trimmed = &path[..end];
+    match trimmed.iter().rposition(|&b| b == b'/') {
+        Some(slash) if trimmed.len() > 1 => &trimmed[slash + 1..],
+        _ => trimmed,
+    }
+}
+
+/// Fails once more than `remaining` bytes have been read: the bound on a layer's gunzipped tar.
+struct Budget<R: Read> {
+    inner: R,
+    remaining: u64,
+}
+
+impl<R: Read> Read for Budget<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.remaining = self.remaining.checked_sub(n as u64).ok_or_else(|| {
+            invalid("the layer's uncompressed tar is larger than twice max_module_bytes (the limit)".to_string())
+        })?;
+        Ok(n)
+    }
+}
+
+/// Whether a staged module starts with the Wasm magic and has at least 8 bytes (magic and version).
+pub(crate) fn is_wasm(staged: &Staged, temp_dir: &Path) -> Result<bool, FetchError> {
+    let head = read_head(staged, temp_dir)?;
+    Ok(staged.len >= 8 && head.starts_with(WASM_MAGIC))
 }
 
 fn invalid(reason: impl Into<String>) -> io::Error {
@@ -309,7 +448,7 @@ impl<R: Read> Read for ExactLen<'_, R> {
 mod tests {
     use std::io::Write;
 
-    use super::super::{FetchErrorKind, COPY_BUFFER_BYTES};
+    use super::super::COPY_BUFFER_BYTES;
     use super::*;
     use wasm_ecds_testkit::archives::{header, pax_record, tar_records, BLOCK};
     use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module};
@@ -565,5 +704,134 @@ mod tests {
         let archive = tar_records(&[]);
         assert!(archive.len() > 262);
         unboxed_to(&archive, &archive);
+    }
+}
+
+#[cfg(test)]
+mod plugin_tests {
+    use std::io::Write;
+
+    use super::super::COPY_BUFFER_BYTES;
+    use super::*;
+    use wasm_ecds_testkit::archives::{gzip_tar_with_special, header, pax_record, tar_records};
+    use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module};
+
+    /// Extracts `plugin.wasm` out of `layer` (bytes as downloaded); returns the dir so it outlives the result.
+    fn extract(layer: &[u8], max: u64) -> (tempfile::TempDir, Result<Staged, FetchError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = new_temp_file(dir.path()).unwrap();
+        file.write_all(layer).unwrap();
+        let staged = Staged { file, sha256: sha256_hex(layer), len: layer.len() as u64 };
+        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        let result = extract_plugin(&staged, dir.path(), max, &mut buf);
+        (dir, result)
+    }
+
+    fn extracts(layer: &[u8], expected: &[u8]) {
+        let (dir, result) = extract(layer, 1 << 24);
+        let s = result.unwrap();
+        assert_eq!((s.sha256.as_str(), s.len), (sha256_hex(expected).as_str(), expected.len() as u64));
+        assert_eq!(std::fs::read(s.file.path()).unwrap(), expected);
+        assert!(is_wasm(&s, dir.path()).unwrap() == expected.starts_with(WASM_MAGIC));
+    }
+
+    fn fails(layer: &[u8], max: u64) -> FetchError {
+        let (dir, result) = extract(layer, max);
+        let err = result.err().expect("extraction should fail");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "files left behind");
+        err
+    }
+
+    #[test]
+    fn the_first_plugin_wasm_by_base_name() {
+        let m = wasm_module(5000);
+        let other = wasm_module(10);
+        extracts(&gzip(&tar(&[("plugin.wasm", &m)])), &m);
+        extracts(&gzip(&tar(&[("README", b"hi"), ("x/y/plugin.wasm", &m), ("plugin.wasm", &other)])), &m);
+        // Not its base name; a directory of that name holds no data and is passed over.
+        let dir_entry = tar_records(&[
+            (header("plugin.wasm/", b'5', 0), b""),
+            (header("a/plugin.wasm", b'0', 8), b"\0asm\x01\0\0\0"),
+        ]);
+        extracts(&gzip(&dir_entry), b"\0asm\x01\0\0\0");
+        extracts(&gzip(&tar(&[("plugin.wasm.bak", &other), ("./plugin.wasm", &m)])), &m);
+        // Names from a GNU long name and from a pax path count.
+        let long = format!("{}/plugin.wasm\0", "d".repeat(150));
+        let gnu = tar_records(&[
+            (header("././@LongLink", b'L', long.len() as u64), long.as_bytes()),
+            (header("x", b'0', m.len() as u64), &m),
+        ]);
+        extracts(&gzip(&gnu), &m);
+        let pax = pax_record("path", "deep/plugin.wasm");
+        let paxed = tar_records(&[
+            (header("PaxHeaders.0/x", b'x', pax.len() as u64), &pax),
+            (header("x", b'0', m.len() as u64), &m),
+        ]);
+        extracts(&gzip(&paxed), &m);
+        // A pax path names only the next entry (here a directory, passed over).
+        let once = tar_records(&[
+            (header("PaxHeaders.0/x", b'x', pax.len() as u64), &pax),
+            (header("x", b'5', 0), b""),
+            (header("y", b'0', 2), b"no"),
+        ]);
+        assert_eq!(fails(&gzip(&once), 1 << 20).message, "plugin.wasm not found in the archive");
+        // Special records up to 1 MiB are followed, as in unboxing.
+        extracts(&gzip_tar_with_special(b'x', 1 << 20, &m), &m);
+    }
+
+    #[test]
+    fn missing_or_unreadable_is_a_download_error() {
+        let err = fails(&gzip(&tar(&[("module.wasm", &wasm_module(10))])), 1 << 20);
+        assert_eq!(
+            (err.kind, err.message.as_str()),
+            (FetchErrorKind::Download, "plugin.wasm not found in the archive")
+        );
+        let err = fails(&wasm_module(100), 1 << 20);
+        assert!(err.message.starts_with("failed to parse layer as tar.gz: "), "{}", err.message);
+        let m = wasm_module(5000);
+        let mut truncated = tar(&[("plugin.wasm", &m)]);
+        truncated.truncate(2000);
+        let err = fails(&gzip(&truncated), 1 << 20);
+        assert_eq!(err.kind, FetchErrorKind::Download);
+        assert!(err.message.starts_with("failed to read plugin.wasm: "), "{}", err.message);
+        // A special record over 1 MiB is not read.
+        let err = fails(&gzip_tar_with_special(b'L', (1 << 20) + 1, &m), 1 << 30);
+        assert!(err.message.contains("over the limit of 1048576 bytes for tar headers"), "{}", err.message);
+    }
+
+    #[test]
+    fn bounded_by_max_module_bytes() {
+        let m = wasm_module(5000);
+        let err = fails(&gzip(&tar(&[("plugin.wasm", &m)])), 4999);
+        assert_eq!(err.kind, FetchErrorKind::TooLarge);
+        // A gzip bomb stops at twice the limit (plus 1 MiB) of inflated bytes.
+        let err = fails(&gzip_tar_of_zeros(64 << 20), 1 << 20);
+        assert_eq!(err.kind, FetchErrorKind::Download);
+        assert!(err.message.contains("larger than twice max_module_bytes"), "{}", err.message);
+    }
+
+    /// gzip of a tar whose one entry `filler` holds `len` zero bytes, streamed (small in memory and on the wire).
+    fn gzip_tar_of_zeros(len: u64) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&header("filler", b'0', len)).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..len / zeros.len() as u64 {
+            gz.write_all(&zeros).unwrap();
+        }
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn base_names_as_go() {
+        for (path, base) in [
+            ("plugin.wasm", "plugin.wasm"),
+            ("a/b/plugin.wasm", "plugin.wasm"),
+            ("a/plugin.wasm//", "plugin.wasm"),
+            ("/", "/"),
+            ("", ""),
+            ("a/", "a"),
+        ] {
+            assert_eq!(base_name(path.as_bytes()), base.as_bytes(), "{path}");
+        }
     }
 }
