@@ -171,6 +171,9 @@ if lib and sko:
     r = med(lib) / med(sko)
     same = all(x.get("module_sha256") == x.get("layer_digest", "").split(":")[-1] for x in ol if "secs" in x)
     spread = spread_s(lib) + "; skopeo " + spread_s(sko)
+    proc = secs_of(reps("oci_libproc"))
+    if proc:
+        spread += "; the library's whole bench process (start, convert, re-hash to check) median %.3f s" % med(proc)
     if not same:
         spread += "; the stored module differs from the layer pushed"
     errors = [x["error"] for x in ol + sk if "error" in x]
