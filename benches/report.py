@@ -211,8 +211,9 @@ def growth_range(runs):
 
 
 MEM_CASES = (
-    ("fixture", "memory: largest fixture (large, 200 res) cold, 200 fetches at once",
-     "one fetch thread per missing module, each with its HTTP connection's buffers and a 64 KiB copy buffer"),
+    ("fixture", "memory: largest fixture (large, 200 res) cold, 200 fetches",
+     "up to 32 fetch threads (MAX_FETCH_THREADS), each with its HTTP connection's buffers and a 64 KiB copy "
+     "buffer"),
     ("plain", "memory: 256 MiB module, plain", "streaming buffers only (socket read buffer + write buffer + hasher)"),
     ("gzip", "memory: 256 MiB module, gzipped", "as plain, plus the inflater's window; the gzip layer unboxed "
      "file to file"),
