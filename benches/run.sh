@@ -30,6 +30,18 @@ run_json() {
     fi
 }
 now() { date +%s.%N; }
+# need BIN PACKAGE: installs the Debian package when its program is missing (a fresh bookworm machine).
+need() {
+    [ -x "$1" ] && return 0
+    local sudo=(); [ "$(id -u)" -ne 0 ] && sudo=(sudo)
+    apt-cache show "$2" >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+    [ -x "$1" ] || { echo "$2 did not install $1" >&2; exit 1; }
+}
+
+log "tools: the distribution registry and skopeo (the OCI figures)"
+need /usr/bin/docker-registry docker-registry
+need /usr/bin/skopeo skopeo
 
 log "build (release): library and bench binary"
 cargo build --release --lib --bench ecds --message-format=json-render-diagnostics >"$OUT/build.jsonl"
@@ -48,9 +60,12 @@ log "inputs: module files and the archives holding them (deterministic; reused w
 
 log "loopback server"
 SERVER_PID=
+REGISTRY_PID=
 cleanup() {
     if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-    rm -rf "$WORK"/tmp* "$WORK"/warm-* "$WORK"/curl.wasm
+    # the registry process removes its storage when it sees the stop file (a signal would leave it behind)
+    if [ -n "$REGISTRY_PID" ]; then touch "$OUT/registry.stop"; wait "$REGISTRY_PID" 2>/dev/null || true; fi
+    rm -rf "$WORK"/tmp* "$WORK"/warm-* "$WORK"/curl.wasm "$WORK"/skopeo-*
 }
 trap cleanup EXIT
 rm -f "$OUT/port"
@@ -60,6 +75,22 @@ for _ in $(seq 1 100); do [ -s "$OUT/port" ] && break; sleep 0.1; done
 [ -s "$OUT/port" ] || { echo "server did not start" >&2; exit 1; }
 SERVER=127.0.0.1:$(cat "$OUT/port")
 COMMON=(--server "$SERVER" --dir "$MODULES" --work "$WORK")
+
+log "distribution registry on 127.0.0.1 (plain HTTP) with the OCI images pushed (16 MiB, 256 MiB, 256 MiB compat)"
+rm -f "$OUT/registry.json" "$OUT/registry.stop"
+"$BENCH" registry --dir "$MODULES" --info "$OUT/registry.json" --stop "$OUT/registry.stop" --max-secs 900 \
+    2>"$RAW/registry.err" &
+REGISTRY_PID=$!
+for _ in $(seq 1 1200); do
+    [ -s "$OUT/registry.json" ] && break
+    kill -0 "$REGISTRY_PID" 2>/dev/null || break
+    sleep 0.1
+done
+if [ -s "$OUT/registry.json" ]; then
+    cp "$OUT/registry.json" "$RAW/registry.json"
+else
+    printf '   failed: the registry did not start (%s)\n' "$(tail -n 3 "$RAW/registry.err" | tr '\n' ' ')" >&2
+fi
 
 log "in-process inputs and the cache they hit (every module stored once)"
 run_json "$RAW/prepare.json" "$BENCH" prepare "${COMMON[@]}"
@@ -98,13 +129,55 @@ for r in $(seq 1 "$REPS"); do
     rm -f "$WORK/curl.wasm"
 done
 
+log "OCI cold pull of 16 MiB: library vs skopeo copy docker:// dir:, alternating, $REPS reps"
+if [ -s "$OUT/registry.json" ]; then
+    read -r O16_DOCKER O16_LAYER < <(python3 -c 'import json,sys; i=json.load(open(sys.argv[1]))["images"]["bench/o16"]
+print(i["docker"], i["layer_digest"].split(":")[1])' "$OUT/registry.json")
+    skopeo_once() {
+        local d=$WORK/skopeo-$1 t0 t1 sum
+        rm -rf "$d"
+        t0=$(now)
+        skopeo copy -q --src-tls-verify=false "$O16_DOCKER" "dir:$d" >"$RAW/oci_skopeo_$1.err" 2>&1 || true
+        t1=$(now)
+        # dir: names each blob by its digest: the layer's bytes must be the layer pushed
+        sum=$(sha256sum "$d/$O16_LAYER" 2>/dev/null | cut -d' ' -f1) || true
+        if [ "$sum" = "$O16_LAYER" ]; then
+            echo "{\"secs\": $(awk "BEGIN{print $t1 - $t0}"), \"layer_sha256\": \"$sum\"}" >"$RAW/oci_skopeo_$1.json"
+        else
+            echo "{\"error\": \"skopeo: layer missing or sha256 mismatch ($(tail -n 2 "$RAW/oci_skopeo_$1.err" | tr '\n\"' '  '))\"}" \
+                >"$RAW/oci_skopeo_$1.json"
+        fi
+        rm -rf "$d"
+    }
+    # the library's figure is its convert call; the whole process (start, open, convert, then re-hashing the
+    # stored module to check it) is recorded beside it, as skopeo's figure includes its process start
+    lib_once() {
+        local t0 t1
+        t0=$(now)
+        run_json "$RAW/oci_lib_$1.json" "$BENCH" oci-cold --registry-info "$OUT/registry.json" --work "$WORK" --image bench/o16
+        t1=$(now)
+        echo "{\"secs\": $(awk "BEGIN{print $t1 - $t0}")}" >"$RAW/oci_libproc_$1.json"
+    }
+    for r in $(seq 1 "$REPS"); do
+        # who goes first alternates: the second of a pair finds the registry's files in the page cache too
+        if [ $((r % 2)) -eq 1 ]; then
+            lib_once "$r"
+            skopeo_once "$r"
+        else
+            skopeo_once "$r"
+            lib_once "$r"
+        fi
+    done
+fi
+
 log "memory: peak RSS growth over the idle process, each case a fresh process (and /usr/bin/time max RSS)"
 # fixture: the largest response (200 resources) cold, then again as cache hits (3 processes: its peak depends
 # on how many of its 200 fetches overlap); a 256 MiB module plain, gzipped, in a tar and in a gzipped tar;
-# 8 hostile gzipped tars in one response.
-for run in fixture_1 fixture_2 fixture_3 plain_1 gzip_1 tar_1 targz_1 hostile_1; do
+# 8 hostile gzipped tars in one response; the 256 MiB module from the registry, as a single-layer artifact and
+# in an OCI compat tar+gzip layer.
+for run in fixture_1 fixture_2 fixture_3 plain_1 gzip_1 tar_1 targz_1 hostile_1 oci_1 oci-compat_1; do
     run_json "$RAW/mem_$run.json" /usr/bin/time -f '%M' -o "$RAW/mem_${run}_time.txt" \
-        "$BENCH" mem "${COMMON[@]}" --case "${run%_*}"
+        "$BENCH" mem "${COMMON[@]}" --registry-info "$OUT/registry.json" --case "${run%_*}"
 done
 
 log "fan-in: 16 threads vs 1 on one cold module served with 200 ms latency, $REPS reps"

@@ -24,6 +24,7 @@ pub fn module_specs() -> Vec<(String, u64)> {
     }
     v.push(("fanin.wasm".into(), 1 << 20)); // fan-in
     v.push(("m64.wasm".into(), 64 << 20)); // cold fetch
+    v.push(("o16.wasm".into(), 16 << 20)); // OCI cold pull
     v.push(("m256.wasm".into(), 256 << 20)); // memory
     v
 }
@@ -398,24 +399,29 @@ pub fn pass_through(n: usize) -> Vec<u8> {
 
 /// How many resources of a converted response load their module from a local file (sanity check).
 pub fn count_local(converted: &[u8]) -> usize {
+    local_files(converted).len()
+}
+
+/// The local files the resources of a converted response load their modules from.
+pub fn local_files(converted: &[u8]) -> Vec<String> {
     let response = DiscoveryResponse::decode(converted).expect("converted response decodes");
     response
         .resources
         .iter()
-        .filter(|any| {
+        .filter_map(|any| {
             let ext = TypedExtensionConfig::decode(any.value.as_slice()).expect("TypedExtensionConfig");
             let typed = ext.typed_config.unwrap_or_default();
             if typed.type_url != HTTP_WASM_TYPE {
-                return false;
+                return None;
             }
             let wasm = Wasm::decode(typed.value.as_slice()).expect("Wasm");
-            matches!(
-                wasm.config.and_then(|c| c.vm_config).and_then(|v| v.code).and_then(|c| c.specifier),
+            match wasm.config.and_then(|c| c.vm_config).and_then(|v| v.code).and_then(|c| c.specifier) {
                 Some(async_data_source::Specifier::Local(DataSource {
-                    specifier: Some(data_source::Specifier::Filename(_)),
+                    specifier: Some(data_source::Specifier::Filename(f)),
                     ..
-                }))
-            )
+                })) => Some(f),
+                _ => None,
+            }
         })
-        .count()
+        .collect()
 }

@@ -9,8 +9,15 @@
 //!                                                     variants) interleaved with its prost and copy baselines
 //!   abi-rust --cache-dir C --response F               the cache-hit call from Rust in a fresh process
 //!   cold     --server A --dir D --work W --module M   one cold conversion (fresh cache dir)
-//!   mem      --server A --dir D --work W --case C     peak RSS growth of one cold conversion over the idle
-//!                                                     process (fixture, plain, gzip, tar, targz, hostile)
+//!   mem      --server A --dir D --work W --case C [--registry-info F]
+//!                                                     peak RSS growth of one cold conversion over the idle
+//!                                                     process (fixture, plain, gzip, tar, targz, hostile;
+//!                                                     oci, oci-compat: from the registry)
+//!   registry --dir D --info F --stop F [--max-secs 900]
+//!                                                     the distribution registry with the bench images
+//!                                                     pushed, described in F, until the file `--stop` appears
+//!   oci-cold --registry-info F --work W --image R     one cold conversion of an `oci://` image (fresh cache
+//!                                                     dir); checks the stored module's sha256
 //!   fanin    --server A --dir D --work W --threads N  N threads convert one cold response (slow module)
 //!   fanout   --server A --dir D --work W --modules N  one response naming N slow modules
 //!   warm     --server A --dir D --cache-dir C --phase download|restart
@@ -20,6 +27,7 @@
 
 mod inputs;
 mod measure;
+mod registry;
 mod server;
 
 use std::cell::RefCell;
@@ -106,6 +114,11 @@ fn main() {
             );
             return;
         }
+        "registry" => {
+            registry::serve(&args.path("dir"), &args.path("info"), &args.path("stop"), args.num("max-secs", 900));
+            return;
+        }
+        "oci-cold" => oci_cold(&args),
         "prepare" => prepare(&args),
         "micro" => micro(&args),
         "abi-rust" => abi_rust(&args),
@@ -358,6 +371,49 @@ fn cold(args: &Args) -> serde_json::Value {
     json!({ "secs": secs, "downloads": gets, "module_bytes": std::fs::metadata(args.path("dir").join(&module)).unwrap().len() })
 }
 
+/// A response naming one bench image (its manifest digest as the `sha256`, as Istio's agent takes it), and
+/// the options that let the library speak plain HTTP to the registry.
+fn oci_response(image: &registry::BenchImage) -> (Vec<u8>, serde_json::Value) {
+    let spec = inputs::WasmSpec { uri: image.url.clone(), sha256: image.manifest_digest.clone(), typed_struct: false };
+    (inputs::wasm_response(&[spec]), json!({ "plain_http_hosts": [&image.host] }))
+}
+
+/// The sha256 of the one module file a converted response loads.
+fn stored_module_sha256(converted: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let files = inputs::local_files(converted);
+    assert_eq!(files.len(), 1, "one local module");
+    let mut file = std::fs::File::open(&files[0]).unwrap();
+    let (mut hasher, mut buf) = (Sha256::new(), vec![0u8; 1 << 20]);
+    loop {
+        match file.read(&mut buf).unwrap() {
+            0 => return hex::encode(hasher.finalize()),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
+/// One cold pull of an `oci://` image into a fresh cache directory, timed around `convert` alone; the stored
+/// module is then checked against the module pushed (for a single-layer artifact: the layer itself).
+fn oci_cold(args: &Args) -> serde_json::Value {
+    let image = registry::image(&args.path("registry-info"), args.get("image"));
+    let (response, extra) = oci_response(&image);
+    let work = args.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let dir = tempfile::tempdir_in(&work).unwrap();
+    let cache = open_cache(dir.path(), extra);
+    let t = Instant::now();
+    let out = cache.convert(&response).expect("cold OCI pull succeeds");
+    let secs = t.elapsed().as_secs_f64();
+    let sha256 = stored_module_sha256(&out);
+    assert_eq!(sha256, image.module_sha256, "the stored module is the one pushed");
+    json!({
+        "secs": secs, "module_sha256": sha256, "layer_digest": image.layer_digest,
+        "module_bytes": std::fs::metadata(&inputs::local_files(&out)[0]).unwrap().len(),
+    })
+}
+
 /// The memory figures: one case converted cold, in a fresh cache directory, by a process that did nothing
 /// before but open the cache and build the response. The figure is the peak resident memory during
 /// `convert` over the idle process's resident memory right before it; the server is another process.
@@ -365,19 +421,33 @@ fn mem(args: &Args) -> serde_json::Value {
     let manifest = inputs::load_manifest(&args.path("dir"));
     let case = args.get("case");
     let one = |name: &str| inputs::named(&base(args), &manifest, &[name.to_string()]);
-    // (response, what it is, modules it names, whether it must convert)
-    let (response, what, modules, converts) = match case {
+    // (response, what it is, modules it names, whether it must convert, options beyond the cache's)
+    let (response, what, modules, converts, mut extra) = match case {
         "fixture" => {
-            (inputs::typical(&base(args), &manifest, 200), "large: 200 resources, 100 of them TypedStruct", 200, true)
+            let what = "large: 200 resources, 100 of them TypedStruct";
+            (inputs::typical(&base(args), &manifest, 200), what, 200, true, json!({}))
         }
-        "plain" => (one("m256.wasm"), "m256.wasm: a 256 MiB module", 1, true),
-        "gzip" => (one("m256.wasm.gz"), "m256.wasm.gz: the 256 MiB module gzipped", 1, true),
-        "tar" => (one("m256.tar"), "m256.tar: the 256 MiB module in a tar", 1, true),
-        "targz" => (one("m256.tar.gz"), "m256.tar.gz: the 256 MiB module in a gzipped tar", 1, true),
+        "plain" => (one("m256.wasm"), "m256.wasm: a 256 MiB module", 1, true, json!({})),
+        "gzip" => (one("m256.wasm.gz"), "m256.wasm.gz: the 256 MiB module gzipped", 1, true, json!({})),
+        "tar" => (one("m256.tar"), "m256.tar: the 256 MiB module in a tar", 1, true, json!({})),
+        "targz" => (one("m256.tar.gz"), "m256.tar.gz: the 256 MiB module in a gzipped tar", 1, true, json!({})),
+        "oci" | "oci-compat" => {
+            let (repo, what) = if case == "oci" {
+                ("bench/m256", "oci://…/bench/m256:v1: a single-layer artifact whose layer is the 256 MiB module")
+            } else {
+                (
+                    "bench/m256-compat",
+                    "oci://…/bench/m256-compat:v1: OCI compat, the 256 MiB module in a tar+gzip layer",
+                )
+            };
+            let image = registry::image(&args.path("registry-info"), repo);
+            let (response, extra) = oci_response(&image);
+            (response, what, 1, true, extra)
+        }
         "hostile" => {
             let names = inputs::hostile_names();
             let what = "8 gzipped tars, each opening with a 200 MiB long-name, long-link, pax or global pax record";
-            (inputs::named(&base(args), &manifest, &names), what, names.len(), false)
+            (inputs::named(&base(args), &manifest, &names), what, names.len(), false, json!({}))
         }
         other => panic!("unknown memory case {other:?}"),
     };
@@ -385,11 +455,15 @@ fn mem(args: &Args) -> serde_json::Value {
     std::fs::create_dir_all(&work).unwrap();
     let dir = tempfile::tempdir_in(&work).unwrap();
     // The 256 MiB module unboxes to exactly the default limit; its tar is a little larger.
-    let cache = open_cache(dir.path(), json!({ "max_module_bytes": 1u64 << 30 }));
-    let gets_before = total_gets(args.get("server"));
+    extra["max_module_bytes"] = json!(1u64 << 30);
+    let cache = open_cache(dir.path(), extra);
+    // The loopback server's GETs (the registry keeps no counts).
+    let from_registry = case.starts_with("oci");
+    let gets = || if from_registry { 0 } else { total_gets(args.get("server")) };
+    let gets_before = gets();
     let hwm_before_reset = status_kib("VmHWM:");
     let (idle, peak, secs, result) = peak_of(|| cache.convert(&response));
-    let downloads = total_gets(args.get("server")) - gets_before;
+    let downloads = gets() - gets_before;
     let outcome = match &result {
         Ok(out) => format!("converted, {} local files", inputs::count_local(out)),
         Err(nack) => format!("rejected: {}", nack.reason),
@@ -399,6 +473,10 @@ fn mem(args: &Args) -> serde_json::Value {
         Err(_) if !converts => {}
         _ => panic!("{case}: unexpected outcome: {outcome}"),
     }
+    if let (true, Ok(out)) = (from_registry, &result) {
+        assert_eq!(stored_module_sha256(out), manifest["m256.wasm"], "{case}: the stored module is m256.wasm");
+    }
+    let downloads = if from_registry { json!(null) } else { json!(downloads) };
     let mut v = json!({
         "case": case, "what": what, "response_bytes": response.len(), "modules": modules,
         "downloads": downloads, "outcome": outcome, "secs": secs,
