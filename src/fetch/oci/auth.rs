@@ -4,8 +4,9 @@
 //! **Pull secrets** follow Istio's `wasmKeyChain` (`pkg/wasm/imagefetcher.go`), which loads the secret with
 //! docker cli's `ConfigFile.LoadFromReader` and looks the registry up with `GetAuthConfig`
 //! (`cli/config/configfile/file.go`, `cli/config/credentials/file_store.go`):
-//! - no secret, or an empty (all-whitespace) one: anonymous; the JSON literal `null` is an error (Istio
-//!   refuses it before docker's loader sees it); more than 1 MiB is refused;
+//! - no secret, or an empty (all-whitespace) one: anonymous (an empty `ISTIO_META_WASM_IMAGE_PULL_SECRET` never
+//!   gets here: the conversion fails it first with Istio's "missing image pulling secret"); the JSON literal
+//!   `null` is an error (Istio refuses it before docker's loader sees it); more than 1 MiB is refused;
 //! - field names match case-insensitively, an exact match first (Go's `encoding/json`);
 //! - every entry of `auths` is decoded, so a broken `auth` in any entry makes the secret unusable
 //!   (`LoadFromReader`); `auth` is standard base64 (line breaks ignored) of `user:password`, split at the
