@@ -10,9 +10,9 @@
 //! 3. Pick the layer by image format (see `manifest`), stream it to a temp file with its digest and size
 //!    verified, and for the compat formats extract `plugin.wasm` from it, streaming too.
 //!
-//! Each request tries the registry's mirrors, then the registry (see `registry`). Errors before the layer are
-//! manifest failures (`could not fetch Wasm OCI image: …`), from the layer on download failures (`could not
-//! fetch Wasm binary: …`), as Istio counts them.
+//! Each request tries the registry's mirrors, then the registry (see `registry`). Errors resolving the manifest
+//! are manifest failures (`could not fetch Wasm OCI image: …`); an image in no known format and errors from the
+//! layer on are download failures (`could not fetch Wasm binary: …`), as Istio counts them.
 
 #[cfg_attr(not(test), allow(dead_code))]
 mod auth;
@@ -101,7 +101,10 @@ impl OciFetcher {
         if known(&manifest_digest) {
             return Ok(ImageFetched::Known { manifest_digest });
         }
-        let (layer, packing) = manifest::choose_layer(&media_type, &layers).map_err(manifest_error)?;
+        // Decided from the manifest, yet counted as Istio does: its binary fetcher finds the format, so an
+        // unusable image is a download failure ("could not fetch Wasm binary: …").
+        let (layer, packing) = manifest::choose_layer(&media_type, &layers)
+            .map_err(|why| FetchError::new(FetchErrorKind::Download, format!("could not fetch Wasm binary: {why}")))?;
         let module = self
             .download(&mut session, &layer, packing, temp_dir)
             .map_err(|e| FetchError { kind: e.kind, message: format!("could not fetch Wasm binary: {}", e.message) })?;

@@ -461,8 +461,15 @@ fn an_unusable_image_lists_every_format_and_fetches_no_layer() {
     let server = registry(repo, Auth::Anonymous);
     let outcome = fetch(&options(), &url(&server, ":v1"));
     let err = outcome.error();
-    assert_eq!(err.kind, FetchErrorKind::Manifest);
-    assert!(err.message.starts_with(&format!("could not fetch Wasm OCI image: {}: the given image is in invalid format as an OCI image: could not parse as Docker image: ", url(&server, ":v1"))), "{}", err.message);
+    assert_eq!(err.kind, FetchErrorKind::Download);
+    assert!(
+        err.message.starts_with(
+            "could not fetch Wasm binary: the given image is in invalid format as an OCI image: could not parse as \
+             Docker image: "
+        ),
+        "{}",
+        err.message
+    );
     for reason in [
         format!("invalid media type text/plain (expect {OCI_LAYER})"),
         "number of layers must be 2 but got 3".to_string(),
