@@ -289,23 +289,12 @@ fn wait_ready(child: &mut Child, backend: SocketAddr, ca_pem: Option<&str>) -> R
 /// Writes a CA, and a server certificate for `127.0.0.1`/`localhost` it issued, into `dir`: `ca.pem`,
 /// `server.pem` (leaf then CA), `server-key.pem`. Returns the CA PEM and the two server file paths.
 fn write_tls_files(dir: &Path) -> (String, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "wasm-ecds test registry CA");
-    ca_params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA cert");
-    let mut leaf_params =
-        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("leaf params");
-    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
-    let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf cert");
+    let ca = crate::server::TestCa::new("wasm-ecds test registry CA");
     let (cert, key) = (dir.join("server.pem"), dir.join("server-key.pem"));
-    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write CA");
-    std::fs::write(&cert, format!("{}{}", leaf.pem(), ca.pem())).expect("write cert");
-    std::fs::write(&key, leaf_key.serialize_pem()).expect("write key");
-    (ca.pem(), cert, key)
+    std::fs::write(dir.join("ca.pem"), &ca.ca_pem).expect("write CA");
+    std::fs::write(&cert, format!("{}{}", ca.leaf_pem, ca.ca_pem)).expect("write cert");
+    std::fs::write(&key, &ca.key_pem).expect("write key");
+    (ca.ca_pem, cert, key)
 }
 
 fn config_yml(dir: &Path, addr: SocketAddr, config: &RegistryConfig, token: Option<&TokenServer>, tls: bool) -> String {

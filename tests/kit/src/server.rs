@@ -469,32 +469,56 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// A test certificate authority and the leaf certificate for `127.0.0.1`/`localhost` it issued.
+pub struct TestCa {
+    /// The CA's certificate, PEM: what a client is given as `ca_file`.
+    pub ca_pem: String,
+    pub ca_der: Vec<u8>,
+    /// The leaf's certificate, PEM and DER, and its PKCS#8 private key, PEM and DER.
+    pub leaf_pem: String,
+    pub leaf_der: Vec<u8>,
+    pub key_pem: String,
+    pub key_der: Vec<u8>,
+}
+
+impl TestCa {
+    /// A new CA named `name` and a leaf for `127.0.0.1` and `localhost` signed by it.
+    pub fn new(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, name);
+        ca_params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA cert");
+        let mut leaf_params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("leaf params");
+        leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf cert");
+        TestCa {
+            ca_pem: ca.pem(),
+            ca_der: ca.der().to_vec(),
+            leaf_pem: leaf.pem(),
+            leaf_der: leaf.der().to_vec(),
+            key_pem: leaf_key.serialize_pem(),
+            key_der: leaf_key.serialize_der(),
+        }
+    }
+}
+
 /// A server config with a leaf certificate for `127.0.0.1`/`localhost` issued by a new CA; and the CA's PEM.
 fn tls_config() -> (Arc<rustls::ServerConfig>, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "wasm-ecds test CA");
-    ca_params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA cert");
-
-    let mut leaf_params =
-        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("leaf params");
-    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
-    let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf cert");
-
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let ca = TestCa::new("wasm-ecds test CA");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ca.key_der.clone()));
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
         .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], key)
+        .with_single_cert(vec![ca.leaf_der.clone().into(), ca.ca_der.clone().into()], key)
         .expect("server cert");
-    (Arc::new(config), ca.pem())
+    (Arc::new(config), ca.ca_pem)
 }
 
 // ---- fixtures -------------------------------------------------------------------------------------------
