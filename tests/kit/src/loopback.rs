@@ -1,4 +1,4 @@
-//! The accept loop shared by the kit's small servers that are not [`crate::server::TestServer`] (the token
+//! The accept loop shared by the kit's servers ([`crate::server::TestServer`], the token
 //! server and the registry's counting forwarder): a listener on 127.0.0.1, a thread per connection, stopped
 //! and joined on drop. Also the bounded reading of an HTTP/1.1 request head.
 

@@ -22,19 +22,19 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::loopback::Loopback;
 
 /// How long a connection thread waits on its socket before giving up.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound on the request head.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
-/// How long `Drop` waits for connection threads in total.
-const DROP_JOIN_WAIT: Duration = Duration::from_secs(2);
 
 /// What a path answers. Build with a constructor, refine with the chained modifiers.
 #[derive(Clone, Debug)]
@@ -152,9 +152,8 @@ impl Route {
 struct Shared {
     routes: Mutex<HashMap<String, Route>>,
     counts: Mutex<HashMap<String, usize>>,
+    /// Set on drop: ends the routes' delays and trickles.
     stop: AtomicBool,
-    /// Connection threads and a handle on their socket (to shut it down on drop).
-    conns: Mutex<Vec<(JoinHandle<()>, TcpStream)>>,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -182,8 +181,8 @@ impl Shared {
 /// A running test server; stops when dropped.
 pub struct TestServer {
     shared: Arc<Shared>,
-    addr: SocketAddr,
-    acceptor: Option<JoinHandle<()>>,
+    /// Accepts and serves connections until dropped (after `Drop for TestServer` has set `shared.stop`).
+    loopback: Loopback,
     ca_pem: Option<String>,
 }
 
@@ -201,9 +200,6 @@ impl TestServer {
     }
 
     fn start(tls: Option<(Arc<rustls::ServerConfig>, String)>) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-        listener.set_nonblocking(true).expect("nonblocking listener");
-        let addr = listener.local_addr().expect("local addr");
         let (tls, ca_pem) = match tls {
             Some((c, p)) => (Some(c), Some(p)),
             None => (None, None),
@@ -212,15 +208,13 @@ impl TestServer {
             routes: Mutex::new(HashMap::new()),
             counts: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
-            conns: Mutex::new(Vec::new()),
             tls,
         });
         let s = shared.clone();
-        let acceptor = thread::Builder::new()
-            .name("test-server-accept".into())
-            .spawn(move || accept_loop(listener, s))
-            .expect("spawn acceptor");
-        TestServer { shared, addr, acceptor: Some(acceptor), ca_pem }
+        let loopback = Loopback::start("127.0.0.1:0", move |stream| {
+            let _ = serve_connection(stream, &s);
+        });
+        TestServer { shared, loopback, ca_pem }
     }
 
     /// Sets (or replaces) what `path` answers. `path` is matched without the query string.
@@ -230,17 +224,17 @@ impl TestServer {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.loopback.addr()
     }
 
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.addr().port()
     }
 
     /// `http://127.0.0.1:<port>` (or `https://…`).
     pub fn base_url(&self) -> String {
         let scheme = if self.shared.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}", self.addr)
+        format!("{scheme}://{}", self.addr())
     }
 
     /// `base_url() + path`; `path` starts with `/`.
@@ -273,45 +267,8 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        // Ends delays and trickles at once; the loopback (dropped next) shuts the connections down.
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(a) = self.acceptor.take() {
-            // The acceptor polls the stop flag every few milliseconds.
-            let _ = a.join();
-        }
-        let conns: Vec<_> = std::mem::take(&mut *self.shared.conns.lock().unwrap());
-        for (_, stream) in &conns {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        let end = Instant::now() + DROP_JOIN_WAIT;
-        for (handle, _) in conns {
-            while !handle.is_finished() && Instant::now() < end {
-                thread::sleep(Duration::from_millis(2));
-            }
-            if handle.is_finished() {
-                let _ = handle.join();
-            } // else: detached; it only owns its socket and an Arc of the shared state.
-        }
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    while !shared.stopped() {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let Ok(handle) = stream.try_clone() else { continue };
-                let s = shared.clone();
-                let spawned = thread::Builder::new().name("test-server-conn".into()).spawn(move || {
-                    let _ = serve_connection(stream, &s);
-                });
-                if let Ok(t) = spawned {
-                    let mut conns = shared.conns.lock().unwrap();
-                    conns.retain(|(t, _)| !t.is_finished());
-                    conns.push((t, handle));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
-            Err(_) => thread::sleep(Duration::from_millis(2)),
-        }
     }
 }
 
