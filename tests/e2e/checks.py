@@ -112,3 +112,15 @@ def assert_rbac_served(envoy: h.Envoy, fail_open: bool) -> None:
             r = h.http_request(envoy.ports.http, method, path, auth=("ok", "test"))
             assert r.status == 403 and h.PROOF_HEADER not in r.headers, (method, path, r.status, r.headers)
         assert h.tcp_roundtrip(envoy.ports.tcp, b"hello wasm\n") == b""
+
+
+def assert_v2_served_in_place(envoy: h.Envoy, stack, out_v2: bytes, reloads: int, pid: int) -> None:
+    """Serves the converted v2 response to Envoy and checks that the same Envoy process reloads the HTTP filter
+    to the v2 module (its proof header and basic-auth behaviour) without a rejected update."""
+    h.write_ecds(stack.http_ecds, out_v2)
+    wait_reload(envoy, h.HTTP_FILTER_NAME, reloads + 1)
+    h.wait_until(lambda: h.http_request(envoy.ports.http, "GET", "/").headers.get(h.PROOF_HEADER) == "v2",
+                 timeout=10, what="v2 proof header")
+    assert_basic_auth(envoy, "v2")
+    assert envoy.pid() == pid and envoy.proc.alive(), "Envoy must not have restarted"
+    assert envoy.ecds_stat(h.HTTP_FILTER_NAME, "update_rejected") == 0

@@ -25,7 +25,7 @@ import pytest
 import harness as h
 import registry as r
 from checks import (assert_basic_auth, assert_converted, assert_network_filter, assert_rbac_fallback,
-                    assert_rbac_served, convert, wait_reload)
+                    assert_rbac_served, assert_v2_served_in_place, convert)
 
 POLICY_ENV = "ISTIO_META_WASM_IMAGE_PULL_POLICY"
 RESOURCE_VERSION_ENV = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"
@@ -197,13 +197,7 @@ def test_oci_rejected_then_tag_update_applies(stack, registry, repo, wasm_module
         assert convert(cache, http_v2) == out_v2
         assert registry.requests(repo) == seen, "the same resource version must not resolve the tag again"
 
-        h.write_ecds(stack.http_ecds, out_v2)
-        wait_reload(envoy, h.HTTP_FILTER_NAME, reloads + 1)
-        h.wait_until(lambda: h.http_request(envoy.ports.http, "GET", "/").headers.get(h.PROOF_HEADER) == "v2",
-                     timeout=10, what="v2 proof header")
-        assert_basic_auth(envoy, "v2")
-        assert envoy.pid() == pid and envoy.proc.alive(), "Envoy must not have restarted"
-        assert envoy.ecds_stat(h.HTTP_FILTER_NAME, "update_rejected") == 0
+        assert_v2_served_in_place(envoy, stack, out_v2, reloads, pid)
 
 
 @pytest.mark.parametrize("case", ["fail_open", "on_fetch_failure_deny"])
