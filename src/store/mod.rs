@@ -10,6 +10,9 @@
 //!
 //! * `modules/<sha256>.wasm` — one file per module; the name derives only from the module's hex digest.
 //! * `index.json` — what a later process needs to reuse the modules ([`index`]).
+//! * `locks/<sha256 of a flight key>` — one per module, manifest digest or checksum-less URL ever downloaded,
+//!   a few bytes each, never deleted: the cross-process download locks and what their last holder stored
+//!   ([`download_lock`]).
 //! * `.tmp-<pid>-<random>` — downloads and index writes in progress, each locked by its writer while it lives
 //!   (so that a start-up clean-up removes only crash leftovers); renamed into place when complete.
 //!
