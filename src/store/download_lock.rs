@@ -282,7 +282,9 @@ mod tests {
             let (neighbour, theirs, _) = f.reopen();
             theirs.serve("http://x/a.wasm", &body);
             theirs.serve_image(tag, &d, &body);
-            theirs.set_delay(Duration::from_millis(300));
+            // Long enough that this store asks while the neighbour downloads, even on a loaded machine (a
+            // URL record written before this store missed would not be used).
+            theirs.set_delay(Duration::from_secs(1));
             std::thread::scope(|s| {
                 let downloading = s.spawn(|| neighbour.get(&r));
                 // Inside its fetch, so holding the lock.
