@@ -158,15 +158,32 @@ pub(super) enum Opened {
 /// symlink (`O_NOFOLLOW`: a link to `/dev/zero` would be read forever, one elsewhere would serve or lock a
 /// file outside the directory), without blocking (`O_NONBLOCK`: opening a FIFO that has no writer waits
 /// forever; it changes nothing for a regular file), and only if it is a regular file (checked on the open
-/// handle, so nothing can be swapped in between). The flags come from `libc`: their values differ between
-/// architectures.
+/// handle, so nothing can be swapped in between), and without making a terminal the process's controlling
+/// terminal (`O_NOCTTY`). The flags come from `libc`: their values differ between architectures.
 pub(super) fn open_regular(path: &Path) -> io::Result<Opened> {
     let mut options = fs::OpenOptions::new();
     options.read(true);
+    open_no_follow(path, options)
+}
+
+/// Opens (creating it, private, if missing) a lock file for reading and writing, by the rules of
+/// [`open_regular`].
+pub(super) fn open_lock_file(path: &Path) -> io::Result<Opened> {
+    let mut options = fs::OpenOptions::new();
+    options.read(true).write(true).create(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        options.mode(0o600);
+    }
+    open_no_follow(path, options)
+}
+
+fn open_no_follow(path: &Path, mut options: fs::OpenOptions) -> io::Result<Opened> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY);
     }
     match options.open(path) {
         Ok(file) => {
@@ -329,7 +346,7 @@ pub(super) fn delete_module_file(path: &Path, open: Option<File>) -> bool {
 }
 
 /// Whether `path` still names the inode `file` has open.
-fn same_file(file: &File, path: &Path) -> bool {
+pub(super) fn same_file(file: &File, path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;

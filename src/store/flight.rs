@@ -2,6 +2,9 @@
 //! each downloading it (Istio's cache, `pkg/wasm/cache.go`, has none: concurrent misses each download). A
 //! request is the same module as another when it names the same sha256, or the same OCI manifest digest,
 //! or, without either, the same URL.
+//!
+//! Across the processes sharing the cache directory, the leader of a flight also takes the key's download
+//! lock before it goes to the network ([`super::download_lock`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};

@@ -10,6 +10,9 @@
 //!
 //! * `modules/<sha256>.wasm` — one file per module; the name derives only from the module's hex digest.
 //! * `index.json` — what a later process needs to reuse the modules ([`index`]).
+//! * `locks/<sha256 of a flight key>` — one per module, manifest digest or checksum-less URL ever downloaded,
+//!   a few bytes each, never deleted: the cross-process download locks and what their last holder stored
+//!   ([`download_lock`]).
 //! * `.tmp-<pid>-<random>` — downloads and index writes in progress, each locked by its writer while it lives
 //!   (so that a start-up clean-up removes only crash leftovers); renamed into place when complete.
 //!
@@ -21,7 +24,12 @@
 //! not is replaced by the download ([`files::open_regular`]).
 //!
 //! Within a process, a purge also spares the modules a conversion in progress was answered with ([`Pins`]).
+//!
+//! One download per module across processes too: the leader of a flight locks a file in `locks/` for its
+//! module before it downloads, and a neighbour that waited for that lock is served what the leader stored
+//! ([`download_lock`]).
 
+mod download_lock;
 pub(crate) mod files;
 #[cfg(test)]
 pub(crate) mod fixture;
@@ -44,6 +52,7 @@ use crate::fetch::{is_oci_url, Downloaded, FetchError, Fetcher, ImageFetched, Im
 use crate::metrics::{FetchResult, Metrics};
 use crate::module::{Module, ModuleError, ModuleList, ModuleRequest, ModuleSource};
 use crate::options::Options;
+use download_lock::{DownloadLock, LockError, Recorded, LOCKS_DIR};
 use files::{
     create_private_dir, delete_module_file, is_sha256_hex, open_verified, persist_module, remove_stale_temp_files,
     Verify,
@@ -192,6 +201,8 @@ impl Drop for Pins<'_> {
 pub(crate) struct Store {
     dir: PathBuf,
     modules_dir: PathBuf,
+    /// Cross-process download locks ([`download_lock`]); created with the first download.
+    locks_dir: PathBuf,
     module_expiry: Duration,
     purge_interval: Duration,
     /// When [`Store::purge_if_due`] purges next (`None`: never, the interval is too long to add).
@@ -233,6 +244,7 @@ impl Store {
         let state = load_state(&dir, &modules_dir);
         metrics.set_cache_entries(state.entry_count());
         Ok(Store {
+            locks_dir: dir.join(LOCKS_DIR),
             dir,
             modules_dir,
             module_expiry: options.module_expiry,
@@ -311,18 +323,21 @@ impl Store {
             (None, Some(e)) => FlightKey::Sha(e.to_string()),
             (None, None) => FlightKey::Url(req.url.clone()),
         };
-        let (flight, leader) = flight::join(self, &mut st.flights, fkey);
-        Lookup::Miss(Pending { flight, leader, expected, manifest, candidate })
+        let (flight, leader) = flight::join(self, &mut st.flights, fkey.clone());
+        drop(guard);
+        let missed_at = SystemTime::now();
+        Lookup::Miss(Pending { flight, leader, key: fkey, missed_at, expected, manifest, candidate })
     }
 
     /// The rest of answering a request that missed: lead the flight (reuse from disk or download) or follow
     /// it. The request's deadline (`timeout`) starts now, when this work starts, not when it was looked up.
     fn finish(&self, req: &ModuleRequest, pending: Pending<'_>, pins: &Pins<'_>) -> Result<Module, ModuleError> {
         let deadline = Instant::now().checked_add(req.timeout).unwrap_or_else(far_future);
-        let Pending { flight, leader, expected, manifest, candidate } = pending;
+        let Pending { flight, leader, key, missed_at, expected, manifest, candidate } = pending;
         match leader {
             Some(mut guard) => {
-                let outcome = self.resolve(req, expected.as_deref(), manifest.as_deref(), candidate, deadline, pins);
+                let known = Known { expected: expected.as_deref(), manifest: manifest.as_deref(), candidate };
+                let outcome = self.resolve(req, &key, known, missed_at, deadline, pins);
                 guard.publish(outcome.clone());
                 outcome.result
             }
@@ -359,16 +374,18 @@ impl Store {
         Ok(module)
     }
 
-    /// The leader's work: reuse a known module (verifying it first if needed), else download.
+    /// The leader's work: reuse a known module (verifying it first if needed), else download, once across
+    /// the processes sharing the directory ([`download_lock`]).
     fn resolve(
         &self,
         req: &ModuleRequest,
-        expected: Option<&str>,
-        manifest: Option<&str>,
-        candidate: Option<Arc<str>>,
+        key: &FlightKey,
+        known: Known<'_>,
+        missed_at: SystemTime,
         deadline: Instant,
         pins: &Pins<'_>,
     ) -> Outcome {
+        let Known { expected, manifest, candidate } = known;
         let known = match (manifest, expected) {
             (Some(m), _) => self.state().manifests.get(m).cloned(),
             (None, Some(e)) => is_sha256_hex(e).then(|| Arc::from(e)),
@@ -382,12 +399,78 @@ impl Store {
             }
         }
         self.metrics.record_lookup(false);
-        let result = if is_oci_url(&req.url) {
-            self.fetch_image_and_install(req, manifest, deadline, pins)
-        } else {
-            self.fetch_and_install(req, expected, deadline, pins)
+        let lock = match DownloadLock::acquire(&self.locks_dir, key, deadline) {
+            Ok(lock) => Some(lock),
+            Err(LockError::TimedOut) => {
+                let message =
+                    format!("timed out after {:?} waiting for another process's download of the module", req.timeout);
+                return Outcome { result: Err(ModuleError { counted_as: None, message }), fetched: true };
+            }
+            Err(LockError::Unusable(why)) => {
+                log::warn!("{why}; downloading without coordinating with other processes");
+                None
+            }
         };
-        Outcome { result, fetched: true }
+        if let Some(lock) = &lock {
+            if let Some(module) = self.stored_by_neighbour(req, key, lock, missed_at, pins) {
+                return Outcome { result: Ok(module), fetched: true };
+            }
+            if let Err(e) = lock.clear() {
+                log::warn!("cannot empty a download lock file in {}: {e}", self.locks_dir.display());
+            }
+        }
+        let result = if is_oci_url(&req.url) {
+            self.fetch_image_and_install(req, manifest, deadline, pins).map(|(module, digest)| (module, Some(digest)))
+        } else {
+            self.fetch_and_install(req, expected, deadline, pins).map(|module| (module, None))
+        };
+        if let (Some(lock), Ok((module, manifest))) = (&lock, &result) {
+            let recorded = Recorded { sha256: module.sha256.to_string(), manifest: manifest.clone() };
+            if let Err(e) = lock.record(&recorded) {
+                log::warn!("cannot write a download lock file in {}: {e}", self.locks_dir.display());
+            }
+        }
+        Outcome { result: result.map(|(module, _)| module), fetched: true }
+    }
+
+    /// The module a neighbouring process stored for `key` while this one waited for the download lock (or,
+    /// as good as waiting, since this request missed): read from the lock file, verified from disk, and then
+    /// known here as if downloaded here. Counted as the miss it was, and not as a remote fetch (nothing was
+    /// downloaded here). A record about a module sha256 or a manifest digest cannot go stale, so it is used
+    /// whenever it verifies; one about a URL only when it is that recent, as a URL's module may change.
+    fn stored_by_neighbour(
+        &self,
+        req: &ModuleRequest,
+        key: &FlightKey,
+        lock: &DownloadLock,
+        missed_at: SystemTime,
+        pins: &Pins<'_>,
+    ) -> Option<Module> {
+        if matches!(key, FlightKey::Url(_)) && !lock.waited && !lock.written_since(missed_at) {
+            return None;
+        }
+        let recorded = lock.recorded()?;
+        let fits = match key {
+            FlightKey::Sha(want) => recorded.sha256 == *want,
+            FlightKey::Manifest(want) => recorded.manifest.as_deref() == Some(want.as_str()),
+            FlightKey::Url(_) => recorded.manifest.is_some() == is_oci_url(&req.url),
+        };
+        if !fits {
+            return None;
+        }
+        let module = self.load_existing(&recorded.sha256, pins)?;
+        log::info!("module {} from {} was stored by another process", module.sha256, req.url);
+        {
+            let mut st = self.state();
+            if let Some(digest) = recorded.manifest {
+                st.manifests.insert(digest, module.sha256.clone());
+            }
+            st.urls.refresh_url(req, &module.sha256);
+        }
+        if let Err(e) = self.write_index() {
+            log::warn!("cannot write the module index in {}: {e}", self.dir.display());
+        }
+        Some(module)
     }
 
     /// A module already in memory, or on disk and verified now. A file that fails verification is deleted.
@@ -428,7 +511,7 @@ impl Store {
     }
 
     /// Counts a failed fetch (if it counts) and returns it as the request's error.
-    fn failed(&self, counted_as: Option<FetchResult>, message: String) -> Result<Module, ModuleError> {
+    fn failed<T>(&self, counted_as: Option<FetchResult>, message: String) -> Result<T, ModuleError> {
         if let Some(result) = counted_as {
             self.metrics.record_fetch(result);
         }
@@ -487,7 +570,7 @@ impl Store {
         manifest: Option<&str>,
         deadline: Instant,
         pins: &Pins<'_>,
-    ) -> Result<Module, ModuleError> {
+    ) -> Result<(Module, String), ModuleError> {
         let image =
             ImageRequest { url: &req.url, pull_secret: req.pull_secret.as_deref(), expected_manifest: manifest };
         // The module a known digest names, loaded (and pinned) when the fetcher asks, so that it is the one
@@ -508,7 +591,7 @@ impl Store {
                 };
                 self.state().urls.refresh_url(req, &module.sha256);
                 self.metrics.record_lookup(true);
-                return Ok(module);
+                return Ok((module, manifest_digest));
             }
             Ok(ImageFetched::Downloaded { manifest_digest, module }) => (manifest_digest, module),
         };
@@ -531,7 +614,7 @@ impl Store {
                 format!("fetcher reported an invalid sha256 {actual:?} or manifest digest {digest:?}"),
             );
         }
-        self.store_download(req, downloaded, &actual, Some(&digest), pins)
+        self.store_download(req, downloaded, &actual, Some(&digest), pins).map(|module| (module, digest))
     }
 
     /// Stores a verified download whose module sha256 is `actual` (the image's manifest digest `manifest`
@@ -813,6 +896,13 @@ impl Store {
     }
 }
 
+/// What a leader knows of the module it is to resolve (see [`Pending`]).
+struct Known<'a> {
+    expected: Option<&'a str>,
+    manifest: Option<&'a str>,
+    candidate: Option<Arc<str>>,
+}
+
 /// What [`Store::lookup`] found.
 enum Lookup<'a> {
     Hit(Module),
@@ -824,6 +914,9 @@ enum Lookup<'a> {
 struct Pending<'a> {
     flight: Arc<Flight>,
     leader: Option<FlightGuard<'a>>,
+    key: FlightKey,
+    /// When it missed: a neighbour's download recorded since then is as good as one waited for.
+    missed_at: SystemTime,
     /// The content sha256 a non-OCI request names.
     expected: Option<Cow<'a, str>>,
     /// The manifest digest an OCI request names.
