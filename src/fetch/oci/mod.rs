@@ -68,10 +68,12 @@ impl OciFetcher {
         temp_dir: &Path,
         known: &mut dyn FnMut(&str) -> bool,
     ) -> Result<ImageFetched, FetchError> {
-        let manifest_error = |why: String| {
-            FetchError::new(FetchErrorKind::Manifest, format!("could not fetch Wasm OCI image: {}: {why}", req.url))
-        };
-        let reference = Reference::parse(req.url).map_err(manifest_error)?;
+        // Worded as Istio's `PrepareFetch` (`pkg/wasm/imagefetcher.go`) and `getOrFetch` (`cache.go`); the URL is
+        // not repeated: the conversion's reason names it.
+        let manifest_error =
+            |why: String| FetchError::new(FetchErrorKind::Manifest, format!("could not fetch Wasm OCI image: {why}"));
+        let reference = Reference::parse(req.url)
+            .map_err(|why| manifest_error(format!("could not parse url in image reference: {why}")))?;
         let route = Route {
             registry: &reference.registry,
             repository: &reference.repository,
@@ -83,7 +85,7 @@ impl OciFetcher {
             .map_err(|why| manifest_error(format!("the pull secret is unusable: {why}")))?;
         let (manifest_digest, media_type, layers) = match resolve(&mut session, &reference) {
             Ok(resolved) => resolved,
-            Err(Failure::Unavailable(why)) => return Err(manifest_error(why)),
+            Err(Failure::Unavailable(why)) => return Err(manifest_error(format!("could not fetch manifest: {why}"))),
             Err(Failure::Fatal(e)) => return Err(e),
         };
         log::debug!("OCI: {} resolved to manifest sha256:{manifest_digest}", req.url);
