@@ -29,7 +29,7 @@ pub(crate) const MAX_DESCRIPTORS: usize = 1024;
 
 /// A content descriptor (OCI `descriptor.md`): what a manifest says of a layer or an index of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Descriptor {
+pub struct Descriptor {
     pub media_type: String,
     /// Lower-case hex of a `sha256:` digest.
     pub digest: String,
@@ -40,7 +40,7 @@ pub(crate) struct Descriptor {
 
 /// A manifest or index, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Document {
+pub enum Document {
     Manifest { media_type: String, layers: Vec<Descriptor> },
     Index { manifests: Vec<Descriptor> },
 }
@@ -132,7 +132,7 @@ pub(crate) fn pick_platform(manifests: &[Descriptor]) -> Result<&Descriptor, Str
 
 /// How the module sits in its layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Packing {
+pub enum Packing {
     /// A gzipped tar holding a file whose base name is `plugin.wasm` (the compat formats).
     PluginInTarGz,
     /// The layer is the module.

@@ -45,7 +45,7 @@ const MAX_HOST_LEN: usize = 270;
 
 /// What the manifest is asked for by.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Target {
+pub enum Target {
     /// A tag; `latest` when the reference has neither tag nor digest.
     Tag(String),
     /// A `sha256:` digest, as lower-case hex without the algorithm. Immutable: never re-resolved.
@@ -54,7 +54,7 @@ pub(crate) enum Target {
 
 /// An image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Reference {
+pub struct Reference {
     /// The registry as written in the URL (`ghcr.io`, `127.0.0.1:5000`), `index.docker.io` for Docker Hub
     /// (none written, or `docker.io`). The key for `plain_http_hosts`, `insecure_hosts`, `registry_mirrors`
     /// and pull-secret entries.
