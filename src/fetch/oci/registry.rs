@@ -14,7 +14,7 @@ use ureq::http::{Response, Uri};
 use ureq::{Agent, Body};
 
 use super::auth::{self, Challenge, Credentials};
-use super::manifest::truncate;
+use super::manifest::{truncate, MAX_QUOTED_CHARS};
 use crate::fetch::client::{describe, retryable, AttemptError, Client, GaveUp};
 use crate::fetch::FetchError;
 
@@ -24,8 +24,6 @@ pub(crate) const MAX_TOKEN_RESPONSE_BYTES: u64 = 1 << 20;
 /// The most of an error answer's body read, for the `code: message` the distribution spec puts there. Enough
 /// for any real error document; the rest is not read.
 pub(crate) const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
-/// The most characters of outside text (an error message from a registry, a realm) quoted in a reason.
-const MAX_QUOTED_CHARS: usize = 200;
 
 /// A place requests can go: a mirror, or the registry itself.
 struct Endpoint {
