@@ -269,6 +269,18 @@ impl<'a> Session<'a> {
         let quoted = truncate(realm, MAX_QUOTED_CHARS);
         let realm_uri = auth::check_realm(realm, self.client.policy())
             .map_err(|why| format!("refusing the bearer realm {quoted:?}: {why}"))?;
+        // Credentials that reach the registry over https are not sent on in clear text (go-containerregistry's
+        // `validateRealmURL` refuses the realm then); a registry spoken to over plain HTTP may name one.
+        if endpoint.credentials.is_some()
+            && realm_uri.scheme_str() == Some("http")
+            && endpoint.base.starts_with("https:")
+        {
+            return Err(format!(
+                "refusing to send the credentials for {} to the plain HTTP bearer realm {quoted:?} of a registry \
+                 spoken to over https",
+                endpoint.host
+            ));
+        }
         let url = auth::token_url(&realm_uri, service, scope, &self.repository);
         let uri: Uri = url.parse().map_err(|e| format!("invalid token URL from the bearer realm {quoted:?}: {e}"))?;
         let authorization = endpoint.credentials.as_ref().map(auth::basic_header);

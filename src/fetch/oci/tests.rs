@@ -1152,3 +1152,34 @@ fn credentials_are_not_sent_over_an_unlisted_plain_http_fallback() {
         assert_eq!(fetch_with(&listed, &url(&server, ":v1"), Some(&secret), None, &mut |_| false).module().0, digest);
     }
 }
+
+#[test]
+fn credentials_are_not_sent_to_a_plain_http_realm_of_an_https_registry() {
+    // An https registry whose challenge names an http token endpoint: the credentials would cross the network
+    // in clear text (go-containerregistry refuses such a realm for a registry that is not insecure).
+    let token_server =
+        Server::start(Arc::new(|_: &Seen| Reply::ok("application/json", format!(r#"{{"token":"{TOKEN}"}}"#).into())));
+    let server = TestServer::https();
+    let challenge = format!(r#"Bearer realm="http://{}/token",service="s""#, token_server.host());
+    server.route("/v2/wasm/filter/manifests/v1", Route::status(401).header("WWW-Authenticate", &challenge));
+    let dir = tempfile::tempdir().unwrap();
+    let s = Options { ca_file: Some(server.write_ca_file(dir.path())), plain_http_hosts: vec![], ..options() };
+    let host = format!("127.0.0.1:{}", server.port());
+    let url = format!("oci://{host}/wasm/filter:v1");
+    let secret = secret(&host, "alice", "realm-downgrade-pw");
+    let outcome = fetch_with(&s, &url, Some(&secret), None, &mut |_| false);
+    let message = &outcome.error().message;
+    assert!(
+        message.ends_with(&format!(
+            "refusing to send the credentials for {host} to the plain HTTP bearer realm \"http://{}/token\" of a \
+             registry spoken to over https",
+            token_server.host()
+        )),
+        "{message}"
+    );
+    assert_eq!(token_server.seen().len(), 0);
+    // Anonymous: an anonymous token is asked for there (no secret to lose).
+    let _ = fetch(&s, &url);
+    assert_eq!(token_server.seen().len(), 1);
+    assert_eq!(token_server.seen()[0].authorization, None);
+}
