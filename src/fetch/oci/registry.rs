@@ -175,7 +175,10 @@ impl<'a> Session<'a> {
                     Err(e) if may_fall_back && answered_in_plain_http(&e) => {
                         return Err(AttemptError::Fatal(Signal::PlainHttp))
                     }
-                    Err(e) => return Err(AttemptError::Retry(describe(&e, timeout))),
+                    Err(e) => {
+                        let secrets = secrets(authorization.as_deref(), credentials);
+                        return Err(AttemptError::Retry(quoted_error(&e, timeout, &secrets)));
+                    }
                 };
                 match response.status().as_u16() {
                     200 => read(&mut response, timeout).map_err(|e| match e {
@@ -290,8 +293,10 @@ impl<'a> Session<'a> {
             if authorization.is_some() { "with credentials" } else { "anonymous" }
         );
         let result = self.client.retrying(self.deadline, &format!("OCI token GET {url}"), |timeout| {
-            let mut response = send(agent, &uri, None, authorization.as_deref(), timeout)
-                .map_err(|e| AttemptError::Retry(describe(&e, timeout)))?;
+            let mut response = send(agent, &uri, None, authorization.as_deref(), timeout).map_err(|e| {
+                let secrets = secrets(authorization.as_deref(), endpoint.credentials.as_ref());
+                AttemptError::Retry(quoted_error(&e, timeout, &secrets))
+            })?;
             match response.status().as_u16() {
                 200 => {
                     let body = read_at_most(&mut response, MAX_TOKEN_RESPONSE_BYTES).map_err(|e| match e {
@@ -382,6 +387,17 @@ fn secrets<'s>(authorization: Option<&'s str>, credentials: Option<&'s Credentia
     secrets
 }
 
+/// `text` with each of `secrets` replaced by `<redacted>`.
+fn redacted(text: &str, secrets: &[&str]) -> String {
+    secrets.iter().fold(text.to_string(), |text, secret| text.replace(secret, "<redacted>"))
+}
+
+/// A request's error as a reason quotes it: ureq's message may quote the server (a malformed `Location`, up
+/// to the 64 KiB of a response head), so `secrets` are replaced, then it is cut at [`MAX_QUOTED_CHARS`].
+fn quoted_error(e: &ureq::Error, timeout: Duration, secrets: &[&str]) -> String {
+    truncate(&redacted(&describe(e, timeout), secrets), MAX_QUOTED_CHARS).to_string()
+}
+
 /// `status <n>`, with the distribution spec's error `code: message` pairs when the body (read up to
 /// [`MAX_ERROR_BODY_BYTES`]) holds them, each of `secrets` in them replaced.
 fn status_reason(status: u16, response: &mut Response<Body>, secrets: &[&str]) -> String {
@@ -409,11 +425,8 @@ fn error_detail(body: &[u8], secrets: &[&str]) -> Option<String> {
     }
     let errors: Errors = serde_json::from_slice(body).ok()?;
     let text = errors.errors.iter().map(|e| format!("{}: {}", e.code, e.message)).collect::<Vec<_>>().join("; ");
-    let mut text: String = text.chars().filter(|c| !c.is_control()).collect();
-    for secret in secrets {
-        text = text.replace(secret, "<redacted>");
-    }
-    let text = truncate(&text, MAX_QUOTED_CHARS).to_string();
+    let text: String = text.chars().filter(|c| !c.is_control()).collect();
+    let text = truncate(&redacted(&text, secrets), MAX_QUOTED_CHARS).to_string();
     (!text.is_empty()).then_some(text)
 }
 

@@ -1080,6 +1080,8 @@ enum Echo {
     BearerRegistry,
     /// A Bearer registry's token endpoint, echoing the Basic header (status 400).
     TokenEndpoint,
+    /// A Basic registry redirecting to a malformed `Location` holding the header (ureq quotes it).
+    MalformedLocation,
 }
 
 fn echo_server(who: Echo, pad: usize) -> Server {
@@ -1098,6 +1100,10 @@ fn echo_server(who: Echo, pad: usize) -> Server {
             }
             (Echo::BearerRegistry, _, Some(a)) if a.starts_with("Bearer ") => echo(a, pad),
             (Echo::TokenEndpoint, "/token", Some(a)) => Reply { status: 400, ..echo(a, pad) },
+            (Echo::MalformedLocation, _, None) => Reply::status(401).header("WWW-Authenticate", r#"Basic realm="r""#),
+            (Echo::MalformedLocation, _, Some(a)) => {
+                Reply::status(307).header("Location", &format!("http://[bad {}{a}", "x".repeat(pad)))
+            }
             _ => bearer(),
         }
     }));
@@ -1112,14 +1118,18 @@ fn an_error_quoting_the_authorization_is_shown_without_it() {
     let credential = header.strip_prefix("Basic ").unwrap().to_string();
     // 174: the 200-character cut of a quote falls inside the credential.
     for pad in [0, 174] {
-        for who in [Echo::BasicRegistry, Echo::BearerRegistry, Echo::TokenEndpoint] {
+        for who in [Echo::BasicRegistry, Echo::BearerRegistry, Echo::TokenEndpoint, Echo::MalformedLocation] {
             let server = echo_server(who, pad);
             let secret = secret(&server.host(), "alice", PASSWORD);
             let s = Options { max_attempts: 1, ..options() };
             let outcome = fetch_with(&s, &url(&server, ":v1"), Some(&secret), None, &mut |_| false);
             let message = &outcome.error().message;
-            let status = if matches!(who, Echo::TokenEndpoint) { 400 } else { 403 };
-            assert!(message.contains(&format!("status {status} (DENIED: ")), "{who:?}: {message}");
+            let shown = match who {
+                Echo::TokenEndpoint => "status 400 (DENIED: ",
+                Echo::MalformedLocation => "location header is malformed: http://[bad ",
+                _ => "status 403 (DENIED: ",
+            };
+            assert!(message.contains(shown), "{who:?}: {message}");
             for shown in [credential.as_str(), PASSWORD, TOKEN] {
                 assert!(!shows_part_of(message, shown), "{who:?} shows {shown:?}: {message}");
             }
