@@ -186,6 +186,10 @@ fn parse_name(name: &str) -> Result<Reference, String> {
     } else {
         repository.to_string()
     };
+    // Checked again with `library/`: the name the registry gets (and this reference prints) stays in bounds.
+    if repository.len() > MAX_REPOSITORY_LEN {
+        return Err(format!("the repository name {repository:.20}… is longer than {MAX_REPOSITORY_LEN} characters"));
+    }
     Ok(Reference { registry: registry.to_string(), repository, target })
 }
 
@@ -363,6 +367,9 @@ mod tests {
             ("oci://ghcr.io/org/p q".into(), "invalid repository"),
             ("oci://ghcr.io/org/é".into(), "invalid repository"),
             (format!("oci://reg.io/{}", "a".repeat(256)), "longer than 255"),
+            // found by fuzzing: Docker Hub's library/ made a 255-character name 263 characters long
+            (format!("oci://{}", "a".repeat(255)), "the repository name library/aaaaaaaaaaaa… is longer than 255"),
+            (format!("oci://docker.io/{}", "a".repeat(248)), "longer than 255"),
             ("oci://ghcr.io/p:".into(), "tag after ':' is empty"),
             ("oci://ghcr.io/p:.x".into(), "invalid tag"),
             ("oci://ghcr.io/p:-x".into(), "invalid tag"),
