@@ -192,7 +192,8 @@ pub fn oci_pull_secret(data: &[u8]) {
     match oci::credentials_for(Some(&secret), registry) {
         Err(why) => {
             check_reason("pull secret", &why);
-            let json = serde_json::from_slice::<Value>(&secret).ok();
+            // Parsed as the library does: ASCII whitespace (a form feed too) trimmed first.
+            let json = serde_json::from_slice::<Value>(secret.trim_ascii()).ok();
             for shown in [PASSWORD, auth.as_str()] {
                 if !json.as_ref().is_some_and(|j| key_contains(j, shown)) {
                     assert!(!why.contains(shown), "the error shows the secret: {why}");
