@@ -30,6 +30,13 @@ pub use metrics::{ConversionResult, FetchResult, Metrics};
 pub use nack::{nack, nack_delta};
 pub use options::{OnFetchFailure, Options, OptionsError};
 
+/// Entry points of the fuzz targets (`tests/fuzz`, `docs/fuzzing.md`) into crate-private parsers. Not part of
+/// the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::fetch::oci_fuzzing as oci;
+}
+
 /// The library version, also returned by `wasm_ecds_version()`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -5,6 +5,8 @@ mod http;
 mod oci;
 mod unbox;
 
+pub use oci::fuzzing as oci_fuzzing;
+
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;

@@ -11,7 +11,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 manifest="$here/Cargo.toml"
-targets_all=(convert convert_delta nack nack_delta typed_struct options unbox)
+targets_all=(convert convert_delta nack nack_delta typed_struct options unbox oci_manifest oci_reference oci_pull_secret
+  oci_challenge oci_token)
 
 # The replay and the seed generator build in the library's target directory (artifacts shared with
 # `cargo test --release`); the instrumented binaries in their own, as `cargo fuzz` does.

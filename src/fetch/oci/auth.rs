@@ -65,7 +65,7 @@ const MAX_KEY_SHOWN: usize = 100;
 
 /// A user name and password for one registry. Never printed: `Debug` redacts the password.
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Credentials {
+pub struct Credentials {
     pub username: String,
     pub password: String,
 }
@@ -205,7 +205,7 @@ fn json_error(what: &str, e: &serde_json::Error) -> String {
 
 /// What a registry's `401` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Challenge {
+pub enum Challenge {
     Basic,
     Bearer { realm: String, service: Option<String>, scope: Option<String> },
 }

@@ -26,10 +26,13 @@ pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+
 /// multi-platform indexes a few dozen. Bounds the work (and the reasons' length) for a hostile document; the
 /// 4 MiB body bound alone would allow tens of thousands.
 pub(crate) const MAX_DESCRIPTORS: usize = 1024;
+/// The most characters of outside text (a media type, a JSON error quoting the document, an error message from
+/// a registry, a realm) quoted in a reason: a hostile 4 MiB manifest must not make a 4 MiB NACK.
+pub(crate) const MAX_QUOTED_CHARS: usize = 200;
 
 /// A content descriptor (OCI `descriptor.md`): what a manifest says of a layer or an index of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Descriptor {
+pub struct Descriptor {
     pub media_type: String,
     /// Lower-case hex of a `sha256:` digest.
     pub digest: String,
@@ -40,7 +43,7 @@ pub(crate) struct Descriptor {
 
 /// A manifest or index, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Document {
+pub enum Document {
     Manifest { media_type: String, layers: Vec<Descriptor> },
     Index { manifests: Vec<Descriptor> },
 }
@@ -74,8 +77,8 @@ struct RawPlatform {
 /// document type (go-containerregistry does the same), else the document's own `mediaType`, else its shape
 /// (`manifests` for an index, `layers` for a manifest; OCI makes `mediaType` optional).
 pub(crate) fn parse(body: &[u8], content_type: Option<&str>) -> Result<Document, String> {
-    let raw: RawDocument =
-        serde_json::from_slice(body).map_err(|e| format!("the manifest is not a valid JSON document: {e}"))?;
+    let raw: RawDocument = serde_json::from_slice(body)
+        .map_err(|e| format!("the manifest is not a valid JSON document: {}", json_error(&e)))?;
     let header = content_type.map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
     let known = |t: &str| [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST].contains(&t);
     let media_type = match (header.filter(|t| known(t)), raw.media_type.filter(|t| !t.is_empty())) {
@@ -95,7 +98,16 @@ pub(crate) fn parse(body: &[u8], content_type: Option<&str>) -> Result<Document,
         OCI_MANIFEST | DOCKER_MANIFEST => {
             Ok(Document::Manifest { layers: descriptors(raw.layers, "manifest")?, media_type })
         }
-        other => Err(format!("unsupported manifest media type {other}")),
+        other => Err(format!("unsupported manifest media type {}", shown(other))),
+    }
+}
+
+/// serde_json's message (which may quote the document: `invalid type: string "…"`), cut short when long.
+fn json_error(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    match truncate(&message, MAX_QUOTED_CHARS) {
+        whole if whole.len() == message.len() => message,
+        cut => format!("{cut}… at line {} column {}", e.line(), e.column()),
     }
 }
 
@@ -132,7 +144,7 @@ pub(crate) fn pick_platform(manifests: &[Descriptor]) -> Result<&Descriptor, Str
 
 /// How the module sits in its layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Packing {
+pub enum Packing {
     /// A gzipped tar holding a file whose base name is `plugin.wasm` (the compat formats).
     PluginInTarGz,
     /// The layer is the module.
@@ -145,7 +157,7 @@ pub(crate) fn choose_layer(media_type: &str, layers: &[Descriptor]) -> Result<(D
     let last_layer = |expect: &str| -> Result<Descriptor, String> {
         let layer = layers.last().ok_or_else(|| "number of layers must be greater than zero".to_string())?;
         if layer.media_type != expect {
-            return Err(format!("invalid media type {} (expect {expect})", layer.media_type));
+            return Err(format!("invalid media type {} (expect {expect})", shown(&layer.media_type)));
         }
         Ok(layer.clone())
     };
@@ -173,7 +185,9 @@ pub(crate) fn choose_layer(media_type: &str, layers: &[Descriptor]) -> Result<(D
         [layer] if layer.media_type == WASM_LAYER || layer.media_type == APPLICATION_WASM => {
             return Ok((layer.clone(), Packing::Raw));
         }
-        [layer] => format!("invalid media type {} (expect {WASM_LAYER} or {APPLICATION_WASM})", layer.media_type),
+        [layer] => {
+            format!("invalid media type {} (expect {WASM_LAYER} or {APPLICATION_WASM})", shown(&layer.media_type))
+        }
         _ => format!("number of layers must be 1 but got {}", layers.len()),
     };
     Err(format!(
@@ -181,6 +195,11 @@ pub(crate) fn choose_layer(media_type: &str, layers: &[Descriptor]) -> Result<(D
          could not parse as compat variant: {compat}; could not parse as oci variant: {artifact}; \
          could not parse as single-layer Wasm artifact: {single}"
     ))
+}
+
+/// Outside text as a reason quotes it: at most [`MAX_QUOTED_CHARS`] characters, no control characters.
+fn shown(s: &str) -> String {
+    truncate(s, MAX_QUOTED_CHARS).chars().filter(|c| !c.is_control()).collect()
 }
 
 /// At most `max` characters of `s` (on a character boundary), for quoting outside text in reasons.
@@ -254,6 +273,18 @@ mod tests {
             parse(body.as_bytes(), None).unwrap_err(),
             "the manifest lists 1025 entries, more than the limit of 1024"
         );
+    }
+
+    #[test]
+    fn outside_text_in_reasons_is_bounded() {
+        let long = "x".repeat(10_000);
+        let err = parse(format!(r#"{{"layers":"{long}"}}"#).as_bytes(), None).unwrap_err();
+        assert!(err.starts_with("the manifest is not a valid JSON document: invalid type: string"), "{err}");
+        assert!(err.ends_with("… at line 1 column 10012"), "{err}");
+        let err = parse(format!(r#"{{"mediaType":"{long}"}}"#).as_bytes(), None).unwrap_err();
+        assert_eq!(err, format!("unsupported manifest media type {}", &long[..MAX_QUOTED_CHARS]));
+        let err = choose_layer(OCI_MANIFEST, &[layer(&format!("a\n{long}"), D1)]).unwrap_err();
+        assert!(err.len() < 1000 && !err.contains('\n'), "{err}");
     }
 
     #[test]

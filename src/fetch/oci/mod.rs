@@ -16,6 +16,8 @@
 
 #[cfg_attr(not(test), allow(dead_code))]
 mod auth;
+#[doc(hidden)]
+pub mod fuzzing;
 mod manifest;
 #[cfg_attr(not(test), allow(dead_code))]
 mod reference;

@@ -45,7 +45,7 @@ const MAX_HOST_LEN: usize = 270;
 
 /// What the manifest is asked for by.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Target {
+pub enum Target {
     /// A tag; `latest` when the reference has neither tag nor digest.
     Tag(String),
     /// A `sha256:` digest, as lower-case hex without the algorithm. Immutable: never re-resolved.
@@ -54,7 +54,7 @@ pub(crate) enum Target {
 
 /// An image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Reference {
+pub struct Reference {
     /// The registry as written in the URL (`ghcr.io`, `127.0.0.1:5000`), `index.docker.io` for Docker Hub
     /// (none written, or `docker.io`). The key for `plain_http_hosts`, `insecure_hosts`, `registry_mirrors`
     /// and pull-secret entries.
@@ -186,6 +186,10 @@ fn parse_name(name: &str) -> Result<Reference, String> {
     } else {
         repository.to_string()
     };
+    // Checked again with `library/`: the name the registry gets (and this reference prints) stays in bounds.
+    if repository.len() > MAX_REPOSITORY_LEN {
+        return Err(format!("the repository name {repository:.20}… is longer than {MAX_REPOSITORY_LEN} characters"));
+    }
     Ok(Reference { registry: registry.to_string(), repository, target })
 }
 
@@ -363,6 +367,9 @@ mod tests {
             ("oci://ghcr.io/org/p q".into(), "invalid repository"),
             ("oci://ghcr.io/org/é".into(), "invalid repository"),
             (format!("oci://reg.io/{}", "a".repeat(256)), "longer than 255"),
+            // found by fuzzing: Docker Hub's library/ made a 255-character name 263 characters long
+            (format!("oci://{}", "a".repeat(255)), "the repository name library/aaaaaaaaaaaa… is longer than 255"),
+            (format!("oci://docker.io/{}", "a".repeat(248)), "longer than 255"),
             ("oci://ghcr.io/p:".into(), "tag after ':' is empty"),
             ("oci://ghcr.io/p:.x".into(), "invalid tag"),
             ("oci://ghcr.io/p:-x".into(), "invalid tag"),

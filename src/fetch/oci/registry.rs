@@ -14,7 +14,7 @@ use ureq::http::{Response, Uri};
 use ureq::{Agent, Body};
 
 use super::auth::{self, Challenge, Credentials};
-use super::manifest::truncate;
+use super::manifest::{truncate, MAX_QUOTED_CHARS};
 use crate::fetch::client::{describe, retryable, AttemptError, Client, GaveUp};
 use crate::fetch::FetchError;
 
@@ -24,8 +24,6 @@ pub(crate) const MAX_TOKEN_RESPONSE_BYTES: u64 = 1 << 20;
 /// The most of an error answer's body read, for the `code: message` the distribution spec puts there. Enough
 /// for any real error document; the rest is not read.
 pub(crate) const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
-/// The most characters of outside text (an error message from a registry, a realm) quoted in a reason.
-const MAX_QUOTED_CHARS: usize = 200;
 
 /// A place requests can go: a mirror, or the registry itself.
 struct Endpoint {
@@ -41,6 +39,9 @@ struct Endpoint {
     authorization: Option<String>,
     /// The registry itself over `https` not by configuration choice: may switch to `http` once (Istio).
     may_fall_back: bool,
+    /// Switched to `http` by that fallback: a host the operator did not list in `plain_http_hosts`, whose https
+    /// port answered in plain HTTP (or someone on the path made it look so). Credentials are not sent there.
+    fell_back: bool,
 }
 
 /// What the endpoint list for one fetch is made of.
@@ -108,6 +109,7 @@ impl<'a> Session<'a> {
                 host,
                 authorization: None,
                 may_fall_back: false,
+                fell_back: false,
             });
         }
         let scheme = if route.plain_http { "http" } else { "https" };
@@ -118,6 +120,7 @@ impl<'a> Session<'a> {
             credentials: auth::credentials_for(route.pull_secret, route.registry)?,
             authorization: None,
             may_fall_back: !route.plain_http,
+            fell_back: false,
         });
         Ok(Session { client, deadline, repository: route.repository.to_string(), endpoints })
     }
@@ -162,6 +165,7 @@ impl<'a> Session<'a> {
             let url = format!("{}{path}", endpoint.base);
             let uri: Uri = url.parse().map_err(|e| Failure::Unavailable(format!("invalid URL {url}: {e}")))?;
             let authorization = endpoint.authorization.clone();
+            let credentials = endpoint.credentials.as_ref();
             let may_fall_back = endpoint.may_fall_back;
             let agent = self.client.agent_for(&uri);
             log::debug!("OCI: GET {url}{}", if authorization.is_some() { " (authorized)" } else { "" });
@@ -171,7 +175,10 @@ impl<'a> Session<'a> {
                     Err(e) if may_fall_back && answered_in_plain_http(&e) => {
                         return Err(AttemptError::Fatal(Signal::PlainHttp))
                     }
-                    Err(e) => return Err(AttemptError::Retry(describe(&e, timeout))),
+                    Err(e) => {
+                        let secrets = secrets(authorization.as_deref(), credentials);
+                        return Err(AttemptError::Retry(quoted_error(&e, timeout, &secrets)));
+                    }
                 };
                 match response.status().as_u16() {
                     200 => read(&mut response, timeout).map_err(|e| match e {
@@ -181,7 +188,7 @@ impl<'a> Session<'a> {
                     }),
                     401 => Err(AttemptError::Fatal(Signal::Challenge(challenges(&response)))),
                     status => {
-                        let why = status_reason(status, &mut response);
+                        let why = status_reason(status, &mut response, &secrets(authorization.as_deref(), credentials));
                         Err(if retryable(status) { AttemptError::Retry(why) } else { AttemptError::Stop(why) })
                     }
                 }
@@ -204,6 +211,11 @@ impl<'a> Session<'a> {
                     );
                     endpoint.base = format!("http://{}", endpoint.host);
                     endpoint.may_fall_back = false;
+                    endpoint.fell_back = true;
+                    if endpoint.credentials.is_some() {
+                        // What worked over https is not sent in clear text (see `authenticate`).
+                        endpoint.authorization = None;
+                    }
                 }
                 Err(GaveUp::Fatal(Signal::Challenge(values))) => {
                     if answered_challenge {
@@ -226,6 +238,15 @@ impl<'a> Session<'a> {
     /// Answers a `401`'s challenge for endpoint `i`: sets the `Authorization` to send next, or says why not.
     fn authenticate(&mut self, i: usize, values: &[String]) -> Result<(), String> {
         let endpoint = &self.endpoints[i];
+        if endpoint.fell_back && endpoint.credentials.is_some() {
+            // Istio sends them anyway; here only a host listed in `plain_http_hosts` gets them over plain HTTP
+            // (a Basic header, or a token they obtained), not one an answer in plain HTTP downgraded.
+            return Err(format!(
+                "refusing to send the credentials for {} over plain HTTP: the https request was answered in plain \
+                 HTTP, and the registry is not in plain_http_hosts",
+                endpoint.host
+            ));
+        }
         match auth::parse_challenges(values.iter().map(String::as_str)) {
             None => Err("unauthorized (status 401 without a Basic or Bearer challenge)".to_string()),
             Some(Challenge::Basic) => {
@@ -251,6 +272,18 @@ impl<'a> Session<'a> {
         let quoted = truncate(realm, MAX_QUOTED_CHARS);
         let realm_uri = auth::check_realm(realm, self.client.policy())
             .map_err(|why| format!("refusing the bearer realm {quoted:?}: {why}"))?;
+        // Credentials that reach the registry over https are not sent on in clear text (go-containerregistry's
+        // `validateRealmURL` refuses the realm then); a registry spoken to over plain HTTP may name one.
+        if endpoint.credentials.is_some()
+            && realm_uri.scheme_str() == Some("http")
+            && endpoint.base.starts_with("https:")
+        {
+            return Err(format!(
+                "refusing to send the credentials for {} to the plain HTTP bearer realm {quoted:?} of a registry \
+                 spoken to over https",
+                endpoint.host
+            ));
+        }
         let url = auth::token_url(&realm_uri, service, scope, &self.repository);
         let uri: Uri = url.parse().map_err(|e| format!("invalid token URL from the bearer realm {quoted:?}: {e}"))?;
         let authorization = endpoint.credentials.as_ref().map(auth::basic_header);
@@ -260,8 +293,10 @@ impl<'a> Session<'a> {
             if authorization.is_some() { "with credentials" } else { "anonymous" }
         );
         let result = self.client.retrying(self.deadline, &format!("OCI token GET {url}"), |timeout| {
-            let mut response = send(agent, &uri, None, authorization.as_deref(), timeout)
-                .map_err(|e| AttemptError::Retry(describe(&e, timeout)))?;
+            let mut response = send(agent, &uri, None, authorization.as_deref(), timeout).map_err(|e| {
+                let secrets = secrets(authorization.as_deref(), endpoint.credentials.as_ref());
+                AttemptError::Retry(quoted_error(&e, timeout, &secrets))
+            })?;
             match response.status().as_u16() {
                 200 => {
                     let body = read_at_most(&mut response, MAX_TOKEN_RESPONSE_BYTES).map_err(|e| match e {
@@ -283,7 +318,8 @@ impl<'a> Session<'a> {
                     }
                 ))),
                 status => {
-                    let why = status_reason(status, &mut response);
+                    let secrets = secrets(authorization.as_deref(), endpoint.credentials.as_ref());
+                    let why = status_reason(status, &mut response, &secrets);
                     Err(if retryable(status) { AttemptError::Retry(why) } else { AttemptError::Stop(why) })
                 }
             }
@@ -338,10 +374,34 @@ fn challenges(response: &Response<Body>) -> Vec<String> {
         .collect()
 }
 
+/// What an error answer must not be quoted with: the `Authorization` value sent, its credentials or token
+/// part, and the password it was made from. Servers and proxies do echo what they got.
+fn secrets<'s>(authorization: Option<&'s str>, credentials: Option<&'s Credentials>) -> Vec<&'s str> {
+    let mut secrets = Vec::new();
+    if let Some(value) = authorization {
+        secrets.push(value);
+        secrets.extend(value.split_once(' ').map(|(_, credential)| credential.trim()));
+    }
+    secrets.extend(credentials.map(|c| c.password.as_str()));
+    secrets.retain(|s| !s.is_empty());
+    secrets
+}
+
+/// `text` with each of `secrets` replaced by `<redacted>`.
+fn redacted(text: &str, secrets: &[&str]) -> String {
+    secrets.iter().fold(text.to_string(), |text, secret| text.replace(secret, "<redacted>"))
+}
+
+/// A request's error as a reason quotes it: ureq's message may quote the server (a malformed `Location`, up
+/// to the 64 KiB of a response head), so `secrets` are replaced, then it is cut at [`MAX_QUOTED_CHARS`].
+fn quoted_error(e: &ureq::Error, timeout: Duration, secrets: &[&str]) -> String {
+    truncate(&redacted(&describe(e, timeout), secrets), MAX_QUOTED_CHARS).to_string()
+}
+
 /// `status <n>`, with the distribution spec's error `code: message` pairs when the body (read up to
-/// [`MAX_ERROR_BODY_BYTES`]) holds them.
-fn status_reason(status: u16, response: &mut Response<Body>) -> String {
-    let detail = read_at_most(response, MAX_ERROR_BODY_BYTES).ok().and_then(|body| error_detail(&body));
+/// [`MAX_ERROR_BODY_BYTES`]) holds them, each of `secrets` in them replaced.
+fn status_reason(status: u16, response: &mut Response<Body>, secrets: &[&str]) -> String {
+    let detail = read_at_most(response, MAX_ERROR_BODY_BYTES).ok().and_then(|body| error_detail(&body, secrets));
     match detail {
         Some(detail) => format!("status {status} ({detail})"),
         None => format!("status {status}"),
@@ -349,8 +409,9 @@ fn status_reason(status: u16, response: &mut Response<Body>) -> String {
 }
 
 /// `CODE: message; …` of a distribution-spec error document (`{"errors":[{"code","message"}]}`), quoted at
-/// most [`MAX_QUOTED_CHARS`] characters.
-fn error_detail(body: &[u8]) -> Option<String> {
+/// most [`MAX_QUOTED_CHARS`] characters, each of `secrets` replaced by `<redacted>` (before the cut, which
+/// could otherwise leave a secret's first characters).
+fn error_detail(body: &[u8], secrets: &[&str]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<Error>,
@@ -364,7 +425,8 @@ fn error_detail(body: &[u8]) -> Option<String> {
     }
     let errors: Errors = serde_json::from_slice(body).ok()?;
     let text = errors.errors.iter().map(|e| format!("{}: {}", e.code, e.message)).collect::<Vec<_>>().join("; ");
-    let text: String = truncate(&text, MAX_QUOTED_CHARS).chars().filter(|c| !c.is_control()).collect();
+    let text: String = text.chars().filter(|c| !c.is_control()).collect();
+    let text = truncate(&redacted(&text, secrets), MAX_QUOTED_CHARS).to_string();
     (!text.is_empty()).then_some(text)
 }
 
@@ -391,9 +453,12 @@ mod tests {
     #[test]
     fn error_details_are_bounded_and_plain() {
         let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"x"}},{"code":"X","message":"a\nb"}]}"#;
-        assert_eq!(error_detail(body).unwrap(), "MANIFEST_UNKNOWN: manifest unknown; X: ab");
+        assert_eq!(error_detail(body, &[]).unwrap(), "MANIFEST_UNKNOWN: manifest unknown; X: ab");
         let long = format!(r#"{{"errors":[{{"code":"C","message":"{}"}}]}}"#, "m".repeat(1000));
-        assert_eq!(error_detail(long.as_bytes()).unwrap().len(), MAX_QUOTED_CHARS);
-        assert_eq!(error_detail(b"<html>"), None);
+        assert_eq!(error_detail(long.as_bytes(), &[]).unwrap().len(), MAX_QUOTED_CHARS);
+        assert_eq!(error_detail(b"<html>", &[]), None);
+        // A secret split by a control character is joined first, then replaced.
+        let echo = br#"{"errors":[{"code":"DENIED","message":"Bearer s3cr\u0000et-token refused"}]}"#;
+        assert_eq!(error_detail(echo, &["s3cret-token"]).unwrap(), "DENIED: Bearer <redacted> refused");
     }
 }

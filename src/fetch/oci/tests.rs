@@ -41,11 +41,22 @@ struct Reply {
     body: Vec<u8>,
     /// Announce the whole body but send only this many bytes, then close.
     truncate_to: Option<usize>,
+    /// Send the body a byte every [`TRICKLE_PAUSE`] (a server that never quite ends its answer).
+    trickle: bool,
 }
+
+/// The pause between the bytes of a trickled body.
+const TRICKLE_PAUSE: Duration = Duration::from_millis(100);
 
 impl Reply {
     fn ok(content_type: &str, body: Vec<u8>) -> Reply {
-        Reply { status: 200, headers: vec![("Content-Type".into(), content_type.into())], body, truncate_to: None }
+        Reply {
+            status: 200,
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body,
+            truncate_to: None,
+            trickle: false,
+        }
     }
 
     fn status(status: u16) -> Reply {
@@ -55,6 +66,7 @@ impl Reply {
             headers: vec![("Content-Type".into(), "application/json".into())],
             body: body.into(),
             truncate_to: None,
+            trickle: false,
         }
     }
 
@@ -170,7 +182,7 @@ fn serve(mut stream: TcpStream, handler: &Handler, seen: &Mutex<Vec<Seen>>) {
                 authorization: None,
                 accept: None,
             });
-            Reply { status: 400, headers: vec![], body: b"400 Bad Request".to_vec(), truncate_to: None }
+            Reply { status: 400, headers: vec![], body: b"400 Bad Request".to_vec(), truncate_to: None, trickle: false }
         }
     };
     let mut out =
@@ -180,7 +192,18 @@ fn serve(mut stream: TcpStream, handler: &Handler, seen: &Mutex<Vec<Seen>>) {
     }
     out.push_str("\r\n");
     let body = &reply.body[..reply.truncate_to.unwrap_or(reply.body.len()).min(reply.body.len())];
-    let _ = stream.write_all(out.as_bytes()).and_then(|_| stream.write_all(body));
+    let _ = stream.write_all(out.as_bytes());
+    if reply.trickle {
+        // Until the client hangs up (a write fails) or the body is out.
+        for byte in body {
+            std::thread::sleep(TRICKLE_PAUSE);
+            if stream.write_all(std::slice::from_ref(byte)).and_then(|_| stream.flush()).is_err() {
+                return;
+            }
+        }
+        return;
+    }
+    let _ = stream.write_all(body);
     let _ = stream.flush();
 }
 
@@ -248,6 +271,8 @@ fn basic(user: &str, password: &str) -> String {
 enum Fault {
     Status(&'static str, u16),
     Truncate(&'static str, usize),
+    /// Trickle the answer (see [`Reply::trickle`]).
+    Trickle(&'static str),
 }
 
 /// A registry serving `repo` under the name `wasm/filter`, with `auth`.
@@ -290,22 +315,23 @@ fn registry_with(repo: Repo, auth: Auth, faults: Vec<Fault>) -> Server {
         if let Some(challenge) = challenge {
             return Reply::status(401).header("WWW-Authenticate", &challenge);
         }
-        let mut truncate_to = None;
+        let (mut truncate_to, mut trickle) = (None, false);
         {
             let mut faults = faults.lock().unwrap();
             let hit = faults.iter().position(|f| match f {
-                Fault::Status(part, _) | Fault::Truncate(part, _) => req.path.contains(part),
+                Fault::Status(part, _) | Fault::Truncate(part, _) | Fault::Trickle(part) => req.path.contains(part),
             });
             match hit.map(|i| faults.remove(i)) {
                 Some(Fault::Status(_, status)) => return Reply::status(status),
                 Some(Fault::Truncate(_, n)) => truncate_to = Some(n),
+                Some(Fault::Trickle(_)) => trickle = true,
                 None => {}
             }
         }
         let Some(rest) = req.path.strip_prefix("/v2/wasm/filter/") else { return Reply::status(404) };
         if let Some(reference) = rest.strip_prefix("manifests/") {
             return match repo.manifests.get(reference) {
-                Some((media_type, body)) => Reply::ok(media_type, body.clone()),
+                Some((media_type, body)) => Reply { trickle, ..Reply::ok(media_type, body.clone()) },
                 None => Reply::status(404),
             };
         }
@@ -314,7 +340,7 @@ fn registry_with(repo: Repo, auth: Auth, faults: Vec<Fault>) -> Server {
                 return Reply::status(307).header("Location", &format!("{base}/{hex}"));
             }
             return match repo.blobs.get(hex) {
-                Some(body) => Reply { truncate_to, ..Reply::ok("application/octet-stream", body.clone()) },
+                Some(body) => Reply { truncate_to, trickle, ..Reply::ok("application/octet-stream", body.clone()) },
                 None => Reply::status(404),
             };
         }
@@ -989,4 +1015,189 @@ fn the_deadline_bounds_every_endpoint() {
     assert_eq!(err.kind, FetchErrorKind::Manifest);
     assert!(err.message.contains("request timed out after"), "{}", err.message);
     drop(listener);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Hostile registries.
+
+#[test]
+fn a_trickled_answer_ends_at_the_request_timeout() {
+    // Manifest, blob and token answers sent a byte every 100 ms: each attempt ends at the request timeout, long
+    // before the body would (the fetch's deadline is 20 s; the bodies would take 30 s or more).
+    let module = wasm_module(2000);
+    let s = Options { http_request_timeout: Duration::from_millis(500), max_attempts: 1, ..options() };
+    for part in ["/manifests/", "/blobs/"] {
+        let (repo, _) = single_layer(&module);
+        let server = registry_with(repo, Auth::Anonymous, vec![Fault::Trickle(part)]);
+        let err = fetch(&s, &url(&server, ":v1")).error().clone();
+        assert!(err.message.contains("request timed out after 500ms"), "{part}: {}", err.message);
+    }
+    let answer = format!(r#"{{"padding":"{}","token":"{TOKEN}"}}"#, "x".repeat(300));
+    let token_server = Server::start(Arc::new(move |_: &Seen| Reply {
+        trickle: true,
+        ..Reply::ok("application/json", answer.clone().into_bytes())
+    }));
+    let realm = Some(format!("http://{}/token", token_server.host()));
+    let server = registry(single_layer(&module).0, Auth::Bearer { realm, credentials: None });
+    let err = fetch(&s, &url(&server, ":v1")).error().clone();
+    assert!(err.message.contains("token request GET http://"), "{}", err.message);
+    assert!(err.message.contains("request timed out after 500ms"), "{}", err.message);
+}
+
+#[test]
+fn a_token_endpoint_redirect_is_guarded() {
+    let (repo, _) = single_layer(&wasm_module(10));
+    let s = Options { blocked_cidrs: vec!["10.0.0.0/8".parse().unwrap()], max_attempts: 1, ..options() };
+    for (target, why) in [
+        ("http://169.254.169.254/latest/api/token", "resolved IP 169.254.169.254 is link-local"),
+        ("http://10.1.2.3/token", "resolved IP 10.1.2.3 is in blocked CIDR range 10.0.0.0/8"),
+    ] {
+        let token_server = Server::start(Arc::new(move |_: &Seen| Reply::status(307).header("Location", target)));
+        let realm = Some(format!("http://{}/token", token_server.host()));
+        let server = registry(repo.clone(), Auth::Bearer { realm, credentials: None });
+        let err = fetch(&s, &url(&server, ":v1")).error().clone();
+        assert_eq!(err.kind, FetchErrorKind::Manifest);
+        assert!(err.message.contains("token request GET") && err.message.contains(why), "{}", err.message);
+        assert_eq!(token_server.seen().len(), 1);
+    }
+}
+
+/// Whether `text` shows any 6 characters in a row of `secret`.
+fn shows_part_of(text: &str, secret: &str) -> bool {
+    secret.as_bytes().windows(6).any(|w| text.contains(std::str::from_utf8(w).unwrap()))
+}
+
+/// An error document quoting `authorization` and, for Basic, the `user:password` in it, after `pad` characters.
+fn echo(authorization: &str, pad: usize) -> Reply {
+    let decoded = authorization
+        .strip_prefix("Basic ")
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .map(|b| String::from_utf8(b).unwrap())
+        .unwrap_or_default();
+    let message = format!("{}{authorization} refused; {decoded}", "x".repeat(pad));
+    let body = format!(r#"{{"errors":[{{"code":"DENIED","message":"{message}"}}]}}"#);
+    Reply { status: 403, ..Reply::ok("application/json", body.into_bytes()) }
+}
+
+/// Who echoes the `Authorization` it gets in an error document.
+#[derive(Clone, Copy, Debug)]
+enum Echo {
+    /// A Basic registry.
+    BasicRegistry,
+    /// A Bearer registry, echoing the token (its token endpoint hands one out for the credentials).
+    BearerRegistry,
+    /// A Bearer registry's token endpoint, echoing the Basic header (status 400).
+    TokenEndpoint,
+    /// A Basic registry redirecting to a malformed `Location` holding the header (ureq quotes it).
+    MalformedLocation,
+}
+
+fn echo_server(who: Echo, pad: usize) -> Server {
+    let port = Arc::new(Mutex::new(0u16));
+    let handler_port = port.clone();
+    let server = Server::start(Arc::new(move |seen: &Seen| {
+        let bearer = || {
+            let realm = format!("http://127.0.0.1:{}/token", handler_port.lock().unwrap());
+            Reply::status(401).header("WWW-Authenticate", &format!(r#"Bearer realm="{realm}""#))
+        };
+        match (who, seen.path.as_str(), &seen.authorization) {
+            (Echo::BasicRegistry, _, None) => Reply::status(401).header("WWW-Authenticate", r#"Basic realm="r""#),
+            (Echo::BasicRegistry, _, Some(a)) => echo(a, pad),
+            (Echo::BearerRegistry, "/token", _) => {
+                Reply::ok("application/json", format!(r#"{{"token":"{TOKEN}"}}"#).into_bytes())
+            }
+            (Echo::BearerRegistry, _, Some(a)) if a.starts_with("Bearer ") => echo(a, pad),
+            (Echo::TokenEndpoint, "/token", Some(a)) => Reply { status: 400, ..echo(a, pad) },
+            (Echo::MalformedLocation, _, None) => Reply::status(401).header("WWW-Authenticate", r#"Basic realm="r""#),
+            (Echo::MalformedLocation, _, Some(a)) => {
+                Reply::status(307).header("Location", &format!("http://[bad {}{a}", "x".repeat(pad)))
+            }
+            _ => bearer(),
+        }
+    }));
+    *port.lock().unwrap() = server.port;
+    server
+}
+
+#[test]
+fn an_error_quoting_the_authorization_is_shown_without_it() {
+    const PASSWORD: &str = "echo-Pa55word";
+    let header = basic("alice", PASSWORD);
+    let credential = header.strip_prefix("Basic ").unwrap().to_string();
+    // 174: the 200-character cut of a quote falls inside the credential.
+    for pad in [0, 174] {
+        for who in [Echo::BasicRegistry, Echo::BearerRegistry, Echo::TokenEndpoint, Echo::MalformedLocation] {
+            let server = echo_server(who, pad);
+            let secret = secret(&server.host(), "alice", PASSWORD);
+            let s = Options { max_attempts: 1, ..options() };
+            let outcome = fetch_with(&s, &url(&server, ":v1"), Some(&secret), None, &mut |_| false);
+            let message = &outcome.error().message;
+            let shown = match who {
+                Echo::TokenEndpoint => "status 400 (DENIED: ",
+                Echo::MalformedLocation => "location header is malformed: http://[bad ",
+                _ => "status 403 (DENIED: ",
+            };
+            assert!(message.contains(shown), "{who:?}: {message}");
+            for shown in [credential.as_str(), PASSWORD, TOKEN] {
+                assert!(!shows_part_of(message, shown), "{who:?} shows {shown:?}: {message}");
+            }
+        }
+    }
+}
+
+#[test]
+fn credentials_are_not_sent_over_an_unlisted_plain_http_fallback() {
+    let (repo, digest) = single_layer(&wasm_module(10));
+    let unlisted = Options { plain_http_hosts: vec![], ..options() };
+    for auth in
+        [Auth::Basic("alice", "fallback-pw"), Auth::Bearer { realm: None, credentials: Some(("alice", "fallback-pw")) }]
+    {
+        let server = registry(repo.clone(), auth);
+        let secret = secret(&server.host(), "alice", "fallback-pw");
+        let outcome = fetch_with(&unlisted, &url(&server, ":v1"), Some(&secret), None, &mut |_| false);
+        let message = &outcome.error().message;
+        assert!(
+            message.ends_with(&format!(
+                "refusing to send the credentials for {} over plain HTTP: the https request was answered in plain \
+                 HTTP, and the registry is not in plain_http_hosts",
+                server.host()
+            )),
+            "{message}"
+        );
+        assert!(server.seen().iter().all(|s| s.authorization.is_none()), "{:?}", server.seen());
+        // Listed in plain_http_hosts: the operator's choice, the credentials are sent.
+        let listed = Options { plain_http_hosts: vec![server.host()], ..options() };
+        assert_eq!(fetch_with(&listed, &url(&server, ":v1"), Some(&secret), None, &mut |_| false).module().0, digest);
+    }
+}
+
+#[test]
+fn credentials_are_not_sent_to_a_plain_http_realm_of_an_https_registry() {
+    // An https registry whose challenge names an http token endpoint: the credentials would cross the network
+    // in clear text (go-containerregistry refuses such a realm for a registry that is not insecure).
+    let token_server =
+        Server::start(Arc::new(|_: &Seen| Reply::ok("application/json", format!(r#"{{"token":"{TOKEN}"}}"#).into())));
+    let server = TestServer::https();
+    let challenge = format!(r#"Bearer realm="http://{}/token",service="s""#, token_server.host());
+    server.route("/v2/wasm/filter/manifests/v1", Route::status(401).header("WWW-Authenticate", &challenge));
+    let dir = tempfile::tempdir().unwrap();
+    let s = Options { ca_file: Some(server.write_ca_file(dir.path())), plain_http_hosts: vec![], ..options() };
+    let host = format!("127.0.0.1:{}", server.port());
+    let url = format!("oci://{host}/wasm/filter:v1");
+    let secret = secret(&host, "alice", "realm-downgrade-pw");
+    let outcome = fetch_with(&s, &url, Some(&secret), None, &mut |_| false);
+    let message = &outcome.error().message;
+    assert!(
+        message.ends_with(&format!(
+            "refusing to send the credentials for {host} to the plain HTTP bearer realm \"http://{}/token\" of a \
+             registry spoken to over https",
+            token_server.host()
+        )),
+        "{message}"
+    );
+    assert_eq!(token_server.seen().len(), 0);
+    // Anonymous: an anonymous token is asked for there (no secret to lose).
+    let _ = fetch(&s, &url);
+    assert_eq!(token_server.seen().len(), 1);
+    assert_eq!(token_server.seen()[0].authorization, None);
 }

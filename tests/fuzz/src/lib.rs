@@ -9,6 +9,10 @@
 //! loopback, so that even a fuzzed host name cannot send a DNS query out. Modules come from caches pre-seeded
 //! at start-up ([`SEED_MODULES`] by sha256) or, for `unbox`, from a server on 127.0.0.1 serving the input.
 
+pub mod oci;
+
+pub use oci::{oci_challenge, oci_manifest, oci_pull_secret, oci_reference, oci_token};
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -29,6 +33,11 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("typed_struct", typed_struct),
     ("options", options),
     ("unbox", unbox),
+    ("oci_manifest", oci_manifest),
+    ("oci_reference", oci_reference),
+    ("oci_pull_secret", oci_pull_secret),
+    ("oci_challenge", oci_challenge),
+    ("oci_token", oci_token),
 ];
 
 /// The modules every convert cache holds before the first input: `kit::server::wasm_module(n)` for these

@@ -70,6 +70,31 @@ fn unbox() {
     replay("unbox");
 }
 
+#[test]
+fn oci_manifest() {
+    replay("oci_manifest");
+}
+
+#[test]
+fn oci_reference() {
+    replay("oci_reference");
+}
+
+#[test]
+fn oci_pull_secret() {
+    replay("oci_pull_secret");
+}
+
+#[test]
+fn oci_challenge() {
+    replay("oci_challenge");
+}
+
+#[test]
+fn oci_token() {
+    replay("oci_token");
+}
+
 /// Every target has a test above and a corpus directory.
 #[test]
 fn every_target_is_replayed() {
@@ -117,5 +142,59 @@ fn seeds_take_their_paths() {
     }
     for name in ["html", "tar-not-wasm", "gzip-truncated", "empty"] {
         rejected(unbox_outcome(&seed("unbox", name)), name);
+    }
+}
+
+/// The OCI seeds reach what they are named for: every usable format yields a layer, every unusable one a
+/// reason, an index its Wasm entry, the secrets and answers their credentials and tokens.
+#[test]
+fn oci_seeds_take_their_paths() {
+    use wasm_ecds::fuzzing::oci::{self, Challenge, Document, Target};
+    use wasm_ecds_fuzz::oci::{pull_secret, substitute, CONTENT_TYPES, PASSWORD, REGISTRIES, TOKEN};
+    let seed = |target: &str, name: &str| {
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target).join(name))
+            .unwrap_or_else(|e| panic!("{target}/{name}: {e}"))
+    };
+    let document = |name: &str| {
+        let data = seed("oci_manifest", name);
+        oci::parse_manifest(&data[1..], CONTENT_TYPES[data[0] as usize]).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let formats = ["docker-compat", "oci-compat", "oci-artifact", "oci-artifact-wasm-last", "oras-python", "oras-cli"];
+    let unusable = ["no-wasm-layer", "three-layers", "single-other-layer"];
+    for suffix in ["no-type", "typed"] {
+        for (name, usable) in formats
+            .iter()
+            .map(|f| (f.to_string(), true))
+            .chain(unusable.iter().map(|u| (format!("unusable-{u}"), false)))
+        {
+            let Document::Manifest { media_type, layers } = document(&format!("{name}-{suffix}")) else {
+                panic!("{name}: not a manifest")
+            };
+            assert_eq!(oci::choose_layer(&media_type, &layers).is_ok(), usable, "{name}-{suffix}");
+        }
+        let Document::Index { manifests } = document(&format!("index-wasip1-{suffix}")) else { panic!("an index") };
+        let picked = oci::pick_platform(&manifests).unwrap();
+        assert_eq!(picked.platform, Some(("wasip1".to_string(), "wasm".to_string())));
+    }
+
+    let reference = |name: &str| oci::parse_reference(std::str::from_utf8(&seed("oci_reference", name)).unwrap());
+    assert!(matches!(reference("digest").unwrap().target, Target::Digest(_)));
+    assert!(reference("bad-digest-traversal").is_err());
+
+    for name in ["auth", "username-password", "docker-hub-key", "docker-io-host", "url-key", "case"] {
+        let data = seed("oci_pull_secret", name);
+        let registry = REGISTRIES[data[0] as usize];
+        let found = oci::credentials_for(Some(&pull_secret(&data[1..])), registry).unwrap().expect(name);
+        assert_eq!(found.password, PASSWORD, "{name}");
+    }
+    let data = seed("oci_pull_secret", "identitytoken");
+    assert!(oci::credentials_for(Some(&pull_secret(&data[1..])), REGISTRIES[data[0] as usize]).is_err());
+
+    let challenge = String::from_utf8(seed("oci_challenge", "docker-hub")).unwrap();
+    assert!(matches!(oci::parse_challenges([challenge.as_str()]), Some(Challenge::Bearer { .. })));
+
+    for name in ["token", "access-token", "both"] {
+        let body = substitute(&seed("oci_token", name), b"@T", TOKEN.as_bytes());
+        assert_eq!(oci::parse_token_response(&body).as_deref(), Ok(TOKEN), "{name}");
     }
 }

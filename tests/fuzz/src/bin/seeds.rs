@@ -8,6 +8,7 @@ use std::path::Path;
 use prost::Message;
 use wasm_ecds_fuzz::{seed_module, seed_sha, Mode, CLOSED, SEED_MODULES};
 use wasm_ecds_testkit::ecds::*;
+use wasm_ecds_testkit::images::{self, platform, Image, Index};
 use wasm_ecds_testkit::server::{gzip, tar, wasm_module};
 
 // The benchmarks' inputs (`crate::proto` is what they build with).
@@ -52,6 +53,12 @@ fn main() {
 
     write(&root, "options", options_texts());
     write(&root, "unbox", unbox_bodies());
+
+    write(&root, "oci_manifest", oci_manifests());
+    write(&root, "oci_reference", oci_references());
+    write(&root, "oci_pull_secret", oci_pull_secrets());
+    write(&root, "oci_challenge", oci_challenges());
+    write(&root, "oci_token", oci_tokens());
 }
 
 fn with_byte(byte: u8, bytes: &[u8]) -> Vec<u8> {
@@ -377,4 +384,136 @@ fn unbox_bodies() -> Vec<(String, Vec<u8>)> {
         ("empty", 0, Vec::new()),
     ];
     bodies.into_iter().map(|(name, flags, body)| (name.to_string(), with_byte(flags, &body))).collect()
+}
+
+// ---- OCI ----------------------------------------------------------------------------------------------
+
+/// `oci_manifest` input: the byte picking `content_type` from `CONTENT_TYPES`, then the document.
+fn manifest_input(content_type: Option<&str>, document: &[u8]) -> Vec<u8> {
+    let i = wasm_ecds_fuzz::oci::CONTENT_TYPES.iter().position(|t| *t == content_type).expect("a listed type");
+    with_byte(i as u8, document)
+}
+
+/// Manifests of every image format the test kit builds (usable and not), and indexes of them; each without a
+/// `Content-Type` and with its own.
+fn oci_manifests() -> Vec<(String, Vec<u8>)> {
+    let module = wasm_module(16);
+    let images: Vec<(&str, Image)> = vec![
+        ("docker-compat", images::docker_compat(&module)),
+        ("oci-compat", images::oci_compat(&module)),
+        ("oci-artifact", images::oci_artifact(&module)),
+        ("oci-artifact-wasm-last", images::oci_artifact_ordered(&module, true)),
+        ("oras-python", images::oras_python(&module)),
+        ("oras-cli", images::oras_cli(&module, images::WASM_LAYER)),
+        ("oras-cli-application-wasm", images::oras_cli(&module, images::APPLICATION_WASM)),
+        ("unusable-no-wasm-layer", images::unusable::no_wasm_layer(&module)),
+        ("unusable-three-layers", images::unusable::three_layers(&module)),
+        ("unusable-compat-without-plugin", images::unusable::compat_without_plugin(&module)),
+        ("unusable-single-other-layer", images::unusable::single_other_layer(&module)),
+    ];
+    let mut seeds = Vec::new();
+    for (name, image) in &images {
+        seeds.push((format!("{name}-no-type"), manifest_input(None, &image.manifest())));
+        seeds.push((format!("{name}-typed"), manifest_input(Some(&image.media_type), &image.manifest())));
+    }
+    let artifact = images[2].1.clone();
+    let indexes = [
+        (
+            "index-wasip1",
+            Index::oci(vec![
+                (images::docker_compat(&module), platform("linux", "amd64")),
+                (artifact.clone(), platform("wasip1", "wasm")),
+            ]),
+        ),
+        ("index-wasi", Index::oci(vec![(artifact.clone(), platform("wasi", "wasm32"))])),
+        ("index-no-platform", Index::oci(vec![(artifact.clone(), None), (images::oci_compat(&module), None)])),
+        ("index-empty", Index::oci(vec![])),
+        ("manifest-list", Index::docker(vec![(images::docker_compat(&module), platform("linux", "arm64"))])),
+    ];
+    for (name, index) in &indexes {
+        seeds.push((format!("{name}-no-type"), manifest_input(None, &index.manifest())));
+        seeds.push((format!("{name}-typed"), manifest_input(Some(&index.media_type), &index.manifest())));
+    }
+    seeds
+}
+
+fn oci_references() -> Vec<(String, Vec<u8>)> {
+    let hex = "4b3c3fc2e1dd6e4ee4f5f3b4f5e0a9a2b3b1c1d2e3f4a5b6c7d8e9f0a1b2c3d4";
+    let urls = [
+        ("tag", "oci://ghcr.io/org/plugin:1.0".to_string()),
+        ("no-tag", "OCI://ghcr.io/org/plugin".to_string()),
+        ("port", "oci://127.0.0.1:5000/plugin:v1".to_string()),
+        ("localhost", "oci://localhost/plugin".to_string()),
+        ("ipv6", "oci://[::1]:5000/a/b:v1".to_string()),
+        ("separators", "oci://my_reg.corp/a__b/c-d/e--f/g.h/i_j:t_1.-x".to_string()),
+        ("docker-hub", "oci://nginx".to_string()),
+        ("docker-io", "oci://docker.io/istio/plugin:1".to_string()),
+        ("hub-namespace", "oci://myregistry/app:v2".to_string()),
+        ("digest", format!("oci://ghcr.io/org/plugin@sha256:{hex}")),
+        ("tag-and-digest", format!("oci://localhost:5000/p:v@sha256:{hex}")),
+        ("query-fragment", format!("oci://ghcr.io/p@sha256:{hex}?a=b#c")),
+        ("bad-digest-traversal", "oci://ghcr.io/p@sha256:../../x".to_string()),
+        ("bad-digest-algorithm", format!("oci://ghcr.io/p@sha512:{hex}{hex}")),
+        ("bad-digest-upper", format!("oci://ghcr.io/p@sha256:{}", hex.to_uppercase())),
+        ("bad-traversal", "oci://ghcr.io/org/../x:1".to_string()),
+        ("bad-user-info", "oci://user:pass@ghcr.io/p".to_string()),
+        ("bad-port", "oci://ghcr.io:65536/p".to_string()),
+        ("bad-percent", "oci://ghcr.io/p%3Atag".to_string()),
+    ];
+    urls.into_iter().map(|(name, url)| (name.to_string(), url.into_bytes())).collect()
+}
+
+/// Pull secrets (after the byte picking the registry from `REGISTRIES`); `@P` is the password, `@A` an
+/// `auth` holding it.
+fn oci_pull_secrets() -> Vec<(String, Vec<u8>)> {
+    let registry = |r: &str| wasm_ecds_fuzz::oci::REGISTRIES.iter().position(|x| *x == r).expect("listed") as u8;
+    let secrets: Vec<(&str, &str, &str)> = vec![
+        ("auth", "ghcr.io", r#"{"auths":{"ghcr.io":{"auth":"@A"}}}"#),
+        ("username-password", "127.0.0.1:5000", r#"{"auths":{"127.0.0.1:5000":{"username":"u","password":"@P"}}}"#),
+        ("docker-hub-key", "index.docker.io", r#"{"auths":{"https://index.docker.io/v1/":{"auth":"@A"}}}"#),
+        ("docker-io-host", "docker.io", r#"{"auths":{"https://docker.io":{"auth":"@A"}}}"#),
+        ("url-key", "[::1]:5000", r#"{"auths":{"https://[::1]:5000/v2/":{"auth":"@A"}}}"#),
+        ("case", "Registry.Example:443", r#"{"AUTHS":{"registry.example:443":{"Username":"u","PASSWORD":"@P"}}}"#),
+        ("other-registry", "ghcr.io", r#"{"auths":{"quay.io":{"auth":"@A"}}}"#),
+        ("broken-other-entry", "ghcr.io", r#"{"auths":{"ghcr.io":{"auth":"@A"},"quay.io":{"auth":"@P!"}}}"#),
+        ("identitytoken", "ghcr.io", r#"{"auths":{"ghcr.io":{"identitytoken":"@P"}}}"#),
+        ("not-string", "ghcr.io", r#"{"auths":{"ghcr.io":{"password":["@P"]}}}"#),
+        ("truncated", "ghcr.io", r#"{"auths":{"ghcr.io":{"password":"@P"#),
+        ("null", "ghcr.io", "null"),
+        ("empty", "ghcr.io", " \n"),
+        ("creds-store", "ghcr.io", r#"{"auths":{},"credsStore":"desktop","credHelpers":{"ghcr.io":"gcr"}}"#),
+    ];
+    secrets.into_iter().map(|(name, r, secret)| (name.to_string(), with_byte(registry(r), secret.as_bytes()))).collect()
+}
+
+/// `WWW-Authenticate` values, one a line.
+fn oci_challenges() -> Vec<(String, Vec<u8>)> {
+    let values = [
+        ("basic", r#"Basic realm="Registry Realm""#),
+        (
+            "docker-hub",
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull""#,
+        ),
+        ("spaces-case", r#"BEARER  Realm = "http://127.0.0.1:1/t" , SERVICE=reg"#),
+        ("escapes", r#"Bearer realm="http://h/t?a=\"b\"\\c",scope="s, t""#),
+        ("basic-then-bearer", "Basic realm=\"r\"\nBearer realm=\"http://h/t?x=1#f\",service=\"a b&c\""),
+        ("token68-and-others", r#"Negotiate abc==, Digest realm="x", nonce="y", Basic"#),
+        ("unterminated", r#"Basic realm="r", Bearer realm="http://h/t"#),
+        ("junk", "=,\"x\", Basic\n\"\n,,,"),
+    ];
+    values.into_iter().map(|(name, v)| (name.to_string(), v.as_bytes().to_vec())).collect()
+}
+
+/// Token endpoint answers; `@T` is the token.
+fn oci_tokens() -> Vec<(String, Vec<u8>)> {
+    let bodies = [
+        ("token", r#"{"token":"@T","expires_in":300,"issued_at":"2024-01-01T00:00:00Z"}"#),
+        ("access-token", r#"{"access_token":"@T"}"#),
+        ("both", r#"{"token":"","access_token":"@T"}"#),
+        ("not-string", r#"{"token":["@T"]}"#),
+        ("header-injection", r#"{"token":"@T\r\nX-Evil: 1"}"#),
+        ("html", "<html>@T</html>"),
+        ("truncated", r#"{"token":"@T"#),
+    ];
+    bodies.into_iter().map(|(name, b)| (name.to_string(), b.as_bytes().to_vec())).collect()
 }
