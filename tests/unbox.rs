@@ -138,6 +138,14 @@ fn assert_oversized_special_record_is_refused_in_bounded_memory(kind: u8) {
         kind as char,
         report.outcome
     );
+    // The rejection says why the archive was kept as it is, not only that it is no Wasm.
+    assert!(
+        report.outcome.contains("(it looks like tar but cannot be unpacked: ")
+            && report.outcome.contains("over the limit of 1048576 bytes for tar headers"),
+        "record {}: {}",
+        kind as char,
+        report.outcome
+    );
 }
 
 #[test]

@@ -23,6 +23,9 @@ pub(crate) struct Downloaded {
     pub len: u64,
     /// At least 8 bytes starting with `\0asm`.
     pub is_wasm: bool,
+    /// Why a download that looked like gzip or tar was kept as it is (then it is rarely Wasm): added to the
+    /// reason of the rejection.
+    pub not_unpacked: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +157,7 @@ impl Fetcher {
         let unboxed = unbox::unbox(downloaded, temp_dir, self.max_module_bytes, &mut buf)?;
         Ok(Downloaded {
             is_wasm: unboxed.len >= 8 && unboxed.head.starts_with(WASM_MAGIC),
+            not_unpacked: unboxed.not_unpacked,
             file: unboxed.file,
             sha256: unboxed.sha256,
             len: unboxed.len,

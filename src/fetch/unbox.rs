@@ -36,6 +36,9 @@ pub(crate) struct Unboxed {
     pub len: u64,
     /// Up to the first 512 bytes.
     pub head: Vec<u8>,
+    /// Why the download, which looked like gzip or tar, was kept as it is: for the reason of the rejection
+    /// that follows when it is not Wasm either.
+    pub not_unpacked: Option<String>,
 }
 
 enum Format {
@@ -61,11 +64,12 @@ fn format_of(head: &[u8], len: u64) -> Format {
 /// cannot be unwrapped into Wasm).
 pub(crate) fn unbox(original: Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<Unboxed, FetchError> {
     let original_head = read_head(&original, temp_dir)?;
-    let keep_original = |original: Staged, head: Vec<u8>| Unboxed {
+    let keep_original = |original: Staged, head: Vec<u8>, not_unpacked: Option<String>| Unboxed {
         file: original.file,
         sha256: original.sha256,
         len: original.len,
         head,
+        not_unpacked,
     };
     // `current` is an intermediate layer (never the original); dropping it deletes its file.
     let mut current: Option<(Staged, Vec<u8>)> = None;
@@ -78,22 +82,22 @@ pub(crate) fn unbox(original: Staged, temp_dir: &Path, max: u64, buf: &mut [u8])
             Format::Wasm => break,
             Format::Gzip => gunzip(layer, temp_dir, max, buf)?,
             Format::Tar => first_tar_entry(layer, temp_dir, max, buf)?,
-            Format::Other => None,
+            Format::Other => return Ok(keep_original(original, original_head, None)),
         };
         match step {
-            Some(next) => {
+            Ok(next) => {
                 let head = read_head(&next, temp_dir)?;
                 current = Some((next, head));
             }
-            None => return Ok(keep_original(original, original_head)),
+            Err(why) => return Ok(keep_original(original, original_head, Some(why))),
         }
     }
     match current {
         Some((staged, head)) if matches!(format_of(&head, staged.len), Format::Wasm) => {
-            Ok(Unboxed { file: staged.file, sha256: staged.sha256, len: staged.len, head })
+            Ok(Unboxed { file: staged.file, sha256: staged.sha256, len: staged.len, head, not_unpacked: None })
         }
         // Already Wasm as downloaded, or too deeply nested.
-        _ => Ok(keep_original(original, original_head)),
+        _ => Ok(keep_original(original, original_head, None)),
     }
 }
 
@@ -115,27 +119,30 @@ fn reopen(staged: &Staged, temp_dir: &Path) -> Result<File, FetchError> {
     Ok(file)
 }
 
-/// Decodes `reader` into a new temp file. `Ok(None)` when decoding fails (keep the original).
+/// What one unboxing step gives: the next layer, or why the download is kept as it is.
+type Step = Result<Staged, String>;
+
+/// Decodes `reader` into a new temp file. `Ok(Err(why))` when decoding fails (keep the original).
 fn decode_into(
     reader: &mut dyn Read,
     temp_dir: &Path,
     max: u64,
     buf: &mut [u8],
     what: &str,
-) -> Result<Option<Staged>, FetchError> {
+) -> Result<Step, FetchError> {
     let mut file = new_temp_file(temp_dir).map_err(|e| FetchError::io("cannot create a temp file", temp_dir, &e))?;
     match copy_hashed(reader, file.as_file_mut(), buf, max) {
-        Ok((sha256, len)) => Ok(Some(Staged { file, sha256, len })),
+        Ok((sha256, len)) => Ok(Ok(Staged { file, sha256, len })),
         Err(CopyError::Read(e)) => {
             log::debug!("wasm module looks like {what} but cannot be unpacked ({e}); keeping it as downloaded");
-            Ok(None)
+            Ok(Err(format!("it looks like {what} but cannot be unpacked: {e}")))
         }
         Err(CopyError::Write(e)) => Err(FetchError::io("cannot write the unpacked module", temp_dir, &e)),
         Err(CopyError::TooLarge) => Err(FetchError::too_large(max)),
     }
 }
 
-fn gunzip(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<Option<Staged>, FetchError> {
+fn gunzip(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<Step, FetchError> {
     let file = reopen(layer, temp_dir)?;
     // Multi-member, like Go's gzip.Reader.
     let mut decoder = flate2::read::MultiGzDecoder::new(BufReader::new(file));
@@ -157,7 +164,7 @@ fn gunzip(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<O
 /// pax `GNU.sparse.*` formats: the crate would hold a map growing with the archive; no Wasm tooling writes
 /// them), and a pax `size` that disagrees with the header's (the crate reads the header's; writers add the
 /// record only when the header cannot hold the size, 8 GiB and more, far past `max_module_bytes`).
-fn first_tar_entry(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<Option<Staged>, FetchError> {
+fn first_tar_entry(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) -> Result<Step, FetchError> {
     let file = reopen(layer, temp_dir)?;
     let mut archive = tar::Archive::new(BufReader::new(file));
     let mut entries = match archive.entries() {
@@ -421,9 +428,9 @@ fn invalid(reason: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason.into())
 }
 
-fn not_unpackable(e: io::Error) -> Result<Option<Staged>, FetchError> {
+fn not_unpackable(e: io::Error) -> Result<Step, FetchError> {
     log::debug!("wasm module looks like tar but cannot be unpacked ({e}); keeping it as downloaded");
-    Ok(None)
+    Ok(Err(format!("it looks like tar but cannot be unpacked: {e}")))
 }
 
 /// Fails with `UnexpectedEof` when the inner reader ends before `remaining` bytes (a truncated tar entry;

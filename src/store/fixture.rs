@@ -123,6 +123,7 @@ impl ModuleFetcher for Shared {
             sha256: sha256_hex(&body),
             len: body.len() as u64,
             is_wasm: body.len() >= 8 && body.starts_with(b"\0asm"),
+            not_unpacked: None,
         })
     }
 
@@ -187,6 +188,7 @@ impl ModuleFetcher for Shared {
             sha256: sha256_hex(&body),
             len: body.len() as u64,
             is_wasm: body.len() >= 8 && body.starts_with(b"\0asm"),
+            not_unpacked: None,
         };
         Ok(ImageFetched::Downloaded { manifest_digest: digest, module })
     }

@@ -628,8 +628,12 @@ impl Store {
         pins: &Pins<'_>,
     ) -> Result<Module, ModuleError> {
         if !downloaded.is_wasm {
-            return self
-                .failed(Some(FetchResult::FetchFailure), format!("fetched Wasm binary from {} is invalid", req.url));
+            // Istio's reason, and why it was not unpacked when it looked like an archive.
+            let mut reason = format!("fetched Wasm binary from {} is invalid", req.url);
+            if let Some(why) = &downloaded.not_unpacked {
+                reason.push_str(&format!(" ({why})"));
+            }
+            return self.failed(Some(FetchResult::FetchFailure), reason);
         }
         let size = downloaded.len;
         // Another image (or URL) may have brought the same module: then the download is not stored again.

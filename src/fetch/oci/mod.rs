@@ -157,6 +157,7 @@ impl OciFetcher {
         };
         Ok(Downloaded {
             is_wasm: unbox::is_wasm(&module, temp_dir)?,
+            not_unpacked: None,
             file: module.file,
             sha256: module.sha256,
             len: module.len,
