@@ -40,7 +40,8 @@ struct Endpoint {
     /// The registry itself over `https` not by configuration choice: may switch to `http` once (Istio).
     may_fall_back: bool,
     /// Switched to `http` by that fallback: a host the operator did not list in `plain_http_hosts`, whose https
-    /// port answered in plain HTTP (or someone on the path made it look so). Credentials are not sent there.
+    /// port answered in plain HTTP (or someone on the path made it look so). Credentials are not sent there,
+    /// unless the registry is a loopback one ([`is_loopback_registry`]).
     fell_back: bool,
 }
 
@@ -211,8 +212,8 @@ impl<'a> Session<'a> {
                     );
                     endpoint.base = format!("http://{}", endpoint.host);
                     endpoint.may_fall_back = false;
-                    endpoint.fell_back = true;
-                    if endpoint.credentials.is_some() {
+                    endpoint.fell_back = !is_loopback_registry(&endpoint.host);
+                    if endpoint.fell_back && endpoint.credentials.is_some() {
                         // What worked over https is not sent in clear text (see `authenticate`).
                         endpoint.authorization = None;
                     }
@@ -461,4 +462,12 @@ mod tests {
         let echo = br#"{"errors":[{"code":"DENIED","message":"Bearer s3cr\u0000et-token refused"}]}"#;
         assert_eq!(error_detail(echo, &["s3cret-token"]).unwrap(), "DENIED: Bearer <redacted> refused");
     }
+}
+
+/// A registry go-containerregistry takes for a loopback one (`pkg/name/registry.go` `Scheme`: the name starts
+/// with `localhost:`, or holds `127.0.0.1` or `::1`), to which it speaks plain HTTP from the start, so that
+/// Istio's tests and local set-ups run such registries without TLS: credentials may follow the fallback to
+/// plain HTTP there, as traffic to it does not leave the host. Judged from the name as written, as upstream.
+fn is_loopback_registry(host: &str) -> bool {
+    host == "localhost" || host.starts_with("localhost:") || host.contains("127.0.0.1") || host.contains("::1")
 }
