@@ -447,6 +447,14 @@ pub(crate) fn read_at_most(response: &mut Response<Body>, max: u64) -> Result<Ve
     Ok(body)
 }
 
+/// A registry go-containerregistry takes for a loopback one (`pkg/name/registry.go` `Scheme`: the name starts
+/// with `localhost:`, or holds `127.0.0.1` or `::1`), to which it speaks plain HTTP from the start, so that
+/// Istio's tests and local set-ups run such registries without TLS: credentials may follow the fallback to
+/// plain HTTP there, as traffic to it does not leave the host. Judged from the name as written, as upstream.
+fn is_loopback_registry(host: &str) -> bool {
+    host == "localhost" || host.starts_with("localhost:") || host.contains("127.0.0.1") || host.contains("::1")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,12 +470,4 @@ mod tests {
         let echo = br#"{"errors":[{"code":"DENIED","message":"Bearer s3cr\u0000et-token refused"}]}"#;
         assert_eq!(error_detail(echo, &["s3cret-token"]).unwrap(), "DENIED: Bearer <redacted> refused");
     }
-}
-
-/// A registry go-containerregistry takes for a loopback one (`pkg/name/registry.go` `Scheme`: the name starts
-/// with `localhost:`, or holds `127.0.0.1` or `::1`), to which it speaks plain HTTP from the start, so that
-/// Istio's tests and local set-ups run such registries without TLS: credentials may follow the fallback to
-/// plain HTTP there, as traffic to it does not leave the host. Judged from the name as written, as upstream.
-fn is_loopback_registry(host: &str) -> bool {
-    host == "localhost" || host.starts_with("localhost:") || host.contains("127.0.0.1") || host.contains("::1")
 }
