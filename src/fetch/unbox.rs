@@ -182,27 +182,17 @@ fn first_tar_entry(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) ->
         };
         let kind = entry.header().entry_type();
         let size = entry.size();
-        let is_special = kind.is_gnu_longname()
-            || kind.is_gnu_longlink()
-            || kind.is_pax_local_extensions()
-            || kind.is_pax_global_extensions();
-        if is_special && size > MAX_SPECIAL_RECORD_BYTES {
-            return not_unpackable(invalid(format!(
-                "its {} record of {size} bytes is over the limit of {MAX_SPECIAL_RECORD_BYTES} bytes for tar headers",
-                record_name(kind)
-            )));
+        if let Err(e) = check_special_record(kind, size) {
+            return not_unpackable(e);
         }
         if kind.is_gnu_longname() || kind.is_gnu_longlink() {
             continue;
         }
         if kind.is_pax_local_extensions() {
-            let mut records = Vec::with_capacity(size as usize);
-            if let Err(e) = (&mut entry).take(size).read_to_end(&mut records) {
-                return not_unpackable(e);
-            }
-            if records.len() as u64 != size {
-                return not_unpackable(io::Error::new(io::ErrorKind::UnexpectedEof, "pax record is truncated"));
-            }
+            let records = match read_record(&mut entry, size) {
+                Ok(records) => records,
+                Err(e) => return not_unpackable(e),
+            };
             pax_size = match pax_fields(&records) {
                 Ok(fields) => fields.size,
                 Err(e) => return not_unpackable(invalid(e)),
@@ -243,6 +233,32 @@ fn first_tar_entry(layer: &Staged, temp_dir: &Path, max: u64, buf: &mut [u8]) ->
 /// The largest tar special record (GNU long name or long link, pax header) read, as Go's `archive/tar`
 /// (`maxSpecialFileSize` in `reader.go`).
 const MAX_SPECIAL_RECORD_BYTES: u64 = 1 << 20;
+
+/// Refuses a special record (GNU long name or long link, pax header) over [`MAX_SPECIAL_RECORD_BYTES`]
+/// before any of it is read, as Go's `readSpecialFile` fails with `ErrFieldTooLong`.
+fn check_special_record(kind: EntryType, size: u64) -> io::Result<()> {
+    let is_special = kind.is_gnu_longname()
+        || kind.is_gnu_longlink()
+        || kind.is_pax_local_extensions()
+        || kind.is_pax_global_extensions();
+    if is_special && size > MAX_SPECIAL_RECORD_BYTES {
+        return Err(invalid(format!(
+            "a {} record of {size} bytes is over the limit of {MAX_SPECIAL_RECORD_BYTES} bytes for tar headers",
+            record_name(kind)
+        )));
+    }
+    Ok(())
+}
+
+/// A special record's bytes, all `size` of them (checked by [`check_special_record`] first).
+fn read_record(entry: &mut impl Read, size: u64) -> io::Result<Vec<u8>> {
+    let mut record = Vec::with_capacity(size as usize);
+    entry.take(size).read_to_end(&mut record)?;
+    if record.len() as u64 != size {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a tar record is truncated"));
+    }
+    Ok(record)
+}
 
 fn record_name(kind: EntryType) -> &'static str {
     if kind.is_gnu_longname() {
@@ -329,22 +345,9 @@ pub(crate) fn extract_plugin(layer: &Staged, temp_dir: &Path, max: u64, buf: &mu
         };
         let kind = entry.header().entry_type();
         let size = entry.size();
-        let is_special = kind.is_gnu_longname()
-            || kind.is_gnu_longlink()
-            || kind.is_pax_local_extensions()
-            || kind.is_pax_global_extensions();
-        if is_special && size > MAX_SPECIAL_RECORD_BYTES {
-            return Err(parse_error(invalid(format!(
-                "a {} record of {size} bytes is over the limit of {MAX_SPECIAL_RECORD_BYTES} bytes for tar headers",
-                record_name(kind)
-            ))));
-        }
+        check_special_record(kind, size).map_err(parse_error)?;
         if kind.is_gnu_longname() || kind.is_pax_local_extensions() {
-            let mut record = Vec::with_capacity(size as usize);
-            (&mut entry).take(size).read_to_end(&mut record).map_err(parse_error)?;
-            if record.len() as u64 != size {
-                return Err(parse_error(io::Error::new(io::ErrorKind::UnexpectedEof, "a tar record is truncated")));
-            }
+            let mut record = read_record(&mut entry, size).map_err(parse_error)?;
             if kind.is_gnu_longname() {
                 // NUL-terminated, as GNU tar writes it.
                 let end = record.iter().position(|&b| b == 0).unwrap_or(record.len());
