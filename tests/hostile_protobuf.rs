@@ -15,6 +15,7 @@ use prost::encoding::{encode_key, encode_varint, WireType};
 use prost::Message;
 use wasm_ecds::{Cache, Options};
 use wasm_ecds_testkit::ecds::*;
+use wasm_ecds_testkit::memory;
 use wasm_ecds_testkit::server::{sha256_hex, wasm_module, Route, TestServer};
 
 const CHILD_ENV: &str = "WASM_ECDS_HOSTILE_CHILD";
@@ -179,32 +180,6 @@ fn hostile_response(shape: &str, url: &str, sha: &str) -> Vec<u8> {
 
 // ---- the child process ----
 
-/// Returns the allocator's free memory to the system (glibc `malloc_trim`, which also releases free pages
-/// inside the heap).
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: malloc_trim only returns free memory of the allocator to the system.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
-}
-
-/// `(VmRSS, VmHWM)` of this process in bytes.
-fn rss_and_peak() -> (usize, usize) {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let field = |name: &str| -> usize {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
-        let kib: usize = line[name.len()..].trim().trim_end_matches("kB").trim().parse().expect("kB");
-        kib * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// The child: converts the hostile response `shape` named by `$WASM_ECDS_HOSTILE_CHILD` (`shape|dir|url|sha256`)
 /// and prints `INPUT=<bytes> GROWTH=<bytes> OUTCOME=<converted|rejected: reason>`; it checks a conversion's
 /// output itself. Run only by the tests below, which start it with `--ignored`.
@@ -220,15 +195,10 @@ fn child_converts_a_hostile_response() {
     cache.convert(&response(&[wasm_extension("warm", &remote_wasm(url, sha))])).expect("warm-up converts");
 
     let input = hostile_response(shape, url, sha);
-    // Building the input freed more than it kept; give the free memory back, so that the conversion cannot
-    // hide its own growth in it.
-    release_free_memory();
-    // Reset the peak to the current resident size (Linux `Documentation/filesystems/proc.rst`, clear_refs:
-    // "5" resets the peak resident set size), then convert.
-    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
-    let (before, _) = rss_and_peak();
-    let result = cache.convert(&input);
-    let (_, peak) = rss_and_peak();
+    // Building the input freed more than it kept: `peak_of` gives that back first, so that the conversion
+    // cannot hide its own growth in it.
+    let (before_kib, peak_kib, result) = memory::peak_of(|| cache.convert(&input));
+    let (before, peak) = (before_kib as usize * 1024, peak_kib as usize * 1024);
     let outcome = match &result {
         Ok(_) => "converted".to_owned(),
         Err(r) => format!("rejected: {}", r.reason),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use wasm_ecds::{Cache, Options};
 use wasm_ecds_testkit::archives::{gzip_tar_with_special, gzip_zeros};
 use wasm_ecds_testkit::ecds::*;
+use wasm_ecds_testkit::memory;
 use wasm_ecds_testkit::server::{gzip, tar, wasm_module, Route, TestServer};
 
 const CHILD_ENV: &str = "WASM_ECDS_UNBOX_CHILD";
@@ -40,21 +41,13 @@ fn child_converts_and_reports_peak_memory() {
     let cache = Cache::new(Options::from_json(&options.to_string()).unwrap()).unwrap();
     let convert = |url: &str| cache.convert(&response(&[wasm_extension("ext", &remote_wasm(url, "nil"))]));
     convert(warm_up).expect("the warm-up module converts");
-    let before = peak_rss_kib();
-    let outcome = convert(url);
-    let growth = peak_rss_kib() - before;
+    let (idle, peak, outcome) = memory::peak_of(|| convert(url));
+    let growth = peak.saturating_sub(idle);
     println!("GROWTH_KIB={growth}");
     match outcome {
         Ok(_) => println!("OUTCOME=converted"),
         Err(rejection) => println!("OUTCOME=rejected: {}", rejection.reason),
     }
-}
-
-/// `VmHWM` of this process, in KiB.
-fn peak_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/self/status");
-    line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().expect("VmHWM in kB")
 }
 
 /// What the child reported: peak RSS growth in KiB and `converted` or `rejected: <reason>`.

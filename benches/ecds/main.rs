@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wasm_ecds::{Cache, Options};
+use wasm_ecds_testkit::memory;
 use wasm_ecds_testkit::proto;
 
 use measure::{run_group, Case};
@@ -80,16 +81,6 @@ fn open_cache(dir: &Path, extra: serde_json::Value) -> Cache {
     }
     let options = Options::from_json(&opts.to_string()).expect("options");
     Cache::new(options).expect("open cache")
-}
-
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn total_gets(server: &str) -> u64 {
@@ -461,7 +452,7 @@ fn mem(args: &Args) -> serde_json::Value {
     let from_registry = case.starts_with("oci");
     let gets = || if from_registry { 0 } else { total_gets(args.get("server")) };
     let gets_before = gets();
-    let hwm_before_reset = status_kib("VmHWM:");
+    let hwm_before_reset = memory::status_kib("VmHWM:");
     let (idle, peak, secs, result) = peak_of(|| cache.convert(&response));
     let downloads = gets() - gets_before;
     let outcome = match &result {
@@ -494,32 +485,15 @@ fn mem(args: &Args) -> serde_json::Value {
     v
 }
 
-/// Runs `f` from an idle process and returns (resident KiB right before, peak resident KiB during, seconds,
-/// what `f` returned). What was freed before goes back to the system first, so that `f` cannot hide growth
-/// in it; then the peak is reset to the resident size (Linux proc(5), `/proc/self/clear_refs` "5").
+/// Runs `f` from an idle process (see [`memory::peak_of`]) and returns (resident KiB right before, peak
+/// resident KiB during, seconds, what `f` returned).
 fn peak_of<T>(f: impl FnOnce() -> T) -> (u64, u64, f64, T) {
-    release_free_memory();
-    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM (/proc/self/clear_refs)");
-    let idle = status_kib("VmRSS:");
-    let t = Instant::now();
-    let out = f();
-    let secs = t.elapsed().as_secs_f64();
-    (idle, status_kib("VmHWM:"), secs, out)
-}
-
-/// Gives the allocator's free memory back to the system (glibc `malloc_trim`, which also releases free pages
-/// inside the heap).
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: malloc_trim only returns free memory of the allocator to the system.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
+    let (idle, peak, (secs, out)) = memory::peak_of(|| {
+        let t = Instant::now();
+        let out = f();
+        (t.elapsed().as_secs_f64(), out)
+    });
+    (idle, peak, secs, out)
 }
 
 fn fanin(args: &Args) -> serde_json::Value {

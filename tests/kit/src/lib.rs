@@ -18,6 +18,7 @@ pub mod ecds;
 pub mod images;
 pub mod logs;
 mod loopback;
+pub mod memory;
 pub mod proto;
 pub mod proxy;
 pub mod registry;
