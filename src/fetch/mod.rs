@@ -260,8 +260,9 @@ mod tests {
     use wasm_ecds_testkit::proxy::TestProxy;
     use wasm_ecds_testkit::server::{gzip, sha256_hex, tar, wasm_module, Route, TestServer};
 
-    /// Every option a fetch reads, set for these tests; the rest are the built-in defaults.
-    fn options() -> Options {
+    /// Every option a fetch reads, set for these tests (and the OCI fetcher's); the rest are the built-in
+    /// defaults.
+    pub(super) fn options() -> Options {
         Options {
             http_request_timeout: Duration::from_secs(5),
             max_attempts: 3,

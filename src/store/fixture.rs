@@ -283,6 +283,22 @@ pub(crate) fn req_sha(url: &str, sha: &str) -> ModuleRequest {
 }
 
 /// The lookup counter: (hits, misses).
+/// Runs `f` on 16 threads released together (a barrier), and returns their results.
+pub(crate) fn sixteen_at_once<T: Send>(f: impl Fn() -> T + Sync) -> Vec<T> {
+    let barrier = std::sync::Barrier::new(16);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    f()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 pub(crate) fn lookups(m: &Metrics) -> (u64, u64) {
     (m.lookups(true), m.lookups(false))
 }

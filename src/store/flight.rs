@@ -108,7 +108,7 @@ mod tests {
     use crate::metrics::FetchResult;
     use crate::module::ModuleRequest;
     use crate::store::files::sha256_hex;
-    use crate::store::fixture::{fixture, lookups, req, req_sha, wasm};
+    use crate::store::fixture::{fixture, lookups, req, req_sha, sixteen_at_once, wasm};
 
     #[test]
     fn single_flight_sixteen_threads_one_fetch() {
@@ -117,18 +117,7 @@ mod tests {
             let f = fixture();
             f.fetcher.serve("http://x/a.wasm", &body);
             f.fetcher.set_delay(Duration::from_millis(200));
-            let barrier = std::sync::Barrier::new(16);
-            let results: Vec<_> = std::thread::scope(|s| {
-                let hs: Vec<_> = (0..16)
-                    .map(|_| {
-                        s.spawn(|| {
-                            barrier.wait();
-                            f.store().get(&r)
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
-            });
+            let results = sixteen_at_once(|| f.store().get(&r));
             assert_eq!(f.fetcher.calls(), 1);
             let first = results[0].clone().unwrap();
             assert!(results.iter().all(|r| r.as_ref() == Ok(&first)));

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::files::sha256_hex;
-use super::fixture::{digest, fixture, fixture_with, lookups, req, req_sha, wasm, ImageFailure};
+use super::fixture::{digest, fixture, fixture_with, lookups, req, req_sha, sixteen_at_once, wasm, ImageFailure};
 use super::{FetchResult, MODULES_DIR};
 use crate::module::{ModuleRequest, ModuleSource, PullPolicy};
 
@@ -212,18 +212,7 @@ fn sixteen_threads_one_resolution_one_layer() {
         let f = fixture();
         f.fetcher.serve_image(&r.url, &d, &wasm("m"));
         f.fetcher.set_delay(Duration::from_millis(200));
-        let barrier = std::sync::Barrier::new(16);
-        let results: Vec<_> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..16)
-                .map(|_| {
-                    s.spawn(|| {
-                        barrier.wait();
-                        f.store().get(&r)
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results = sixteen_at_once(|| f.store().get(&r));
         assert_eq!((f.fetcher.resolutions(), f.fetcher.layers()), (1, 1), "{}", r.url);
         let first = results[0].clone().unwrap();
         assert!(results.iter().all(|x| x.as_ref() == Ok(&first)));

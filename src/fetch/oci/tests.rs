@@ -354,16 +354,9 @@ fn registry_with(repo: Repo, auth: Auth, faults: Vec<Fault>) -> Server {
 // ---------------------------------------------------------------------------------------------------------
 // Helpers.
 
+/// The HTTP fetch tests' options, with every registry spoken to over plain HTTP (the loopback registry below).
 fn options() -> Options {
-    Options {
-        http_request_timeout: Duration::from_secs(5),
-        max_attempts: 3,
-        retry_initial_backoff: Duration::from_millis(10),
-        retry_max_backoff: Duration::from_millis(50),
-        max_module_bytes: 1 << 20,
-        plain_http_hosts: vec!["*".into()],
-        ..Options::default()
-    }
+    Options { plain_http_hosts: vec!["*".into()], ..crate::fetch::tests::options() }
 }
 
 struct Outcome {
