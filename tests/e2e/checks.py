@@ -124,3 +124,13 @@ def assert_v2_served_in_place(envoy: h.Envoy, stack, out_v2: bytes, reloads: int
     assert_basic_auth(envoy, "v2")
     assert envoy.pid() == pid and envoy.proc.alive(), "Envoy must not have restarted"
     assert envoy.ecds_stat(h.HTTP_FILTER_NAME, "update_rejected") == 0
+
+
+def start_v1(stack, cache, http_v1: bytes, net_v1: bytes):
+    """Converts the v1 responses with `cache`, starts Envoy on them and checks the v1 behaviour. Returns the
+    Envoy, the converted HTTP response, Envoy's pid, the HTTP filter's reload count and the stat of its ECDS
+    file: what an update test compares against afterwards."""
+    http_out = convert(cache, http_v1)
+    envoy = stack.start_envoy(http_out, convert(cache, net_v1))
+    assert_basic_auth(envoy, "v1")
+    return envoy, http_out, envoy.pid(), envoy.ecds_stat(h.HTTP_FILTER_NAME, "config_reload"), os.stat(stack.http_ecds)

@@ -18,7 +18,7 @@ import pytest
 
 import harness as h
 from checks import (assert_basic_auth, assert_converted, assert_module_not_running, assert_network_filter,
-                    assert_rbac_fallback, assert_rbac_served, assert_v2_served_in_place, convert)
+                    assert_rbac_fallback, assert_rbac_served, assert_v2_served_in_place, convert, start_v1)
 
 FORMS = ["direct", "udpa", "xds"]
 
@@ -100,12 +100,7 @@ def test_rejected_response_keeps_previous_config_then_update_applies(stack, wasm
     same Envoy process."""
     (http_v1, _), (net_v1, _) = remote_responses(stack, wasm_modules["v1"], "direct", version="1")
     with wasm_ecds.Cache(cache_dir=str(stack.cache_dir)) as cache:
-        http_out = convert(cache, http_v1)
-        envoy = stack.start_envoy(http_out, convert(cache, net_v1))
-        pid = envoy.pid()
-        assert_basic_auth(envoy, "v1")
-        reloads = envoy.ecds_stat(h.HTTP_FILTER_NAME, "config_reload")
-        before = os.stat(stack.http_ecds)
+        envoy, http_out, pid, reloads, before = start_v1(stack, cache, http_v1, net_v1)
 
         # Failure path: the v2 module served, but the response carries the wrong sha256.
         wrong = h.sha256_hex(b"not the module")

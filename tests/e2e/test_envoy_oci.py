@@ -25,7 +25,7 @@ import pytest
 import harness as h
 import registry as r
 from checks import (assert_basic_auth, assert_converted, assert_network_filter, assert_rbac_fallback,
-                    assert_rbac_served, assert_v2_served_in_place, convert)
+                    assert_rbac_served, assert_v2_served_in_place, convert, start_v1)
 
 POLICY_ENV = "ISTIO_META_WASM_IMAGE_PULL_POLICY"
 RESOURCE_VERSION_ENV = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"
@@ -155,12 +155,7 @@ def test_oci_rejected_then_tag_update_applies(stack, registry, repo, wasm_module
     (http_v1, _), (net_v1, _) = oci_responses(
         url, v1.manifest_hex, version="1", env={POLICY_ENV: "Always", RESOURCE_VERSION_ENV: "1"})
     with wasm_ecds.Cache(cache_dir=str(stack.cache_dir), **cache_options(registry)) as cache:
-        http_out = convert(cache, http_v1)
-        envoy = stack.start_envoy(http_out, convert(cache, net_v1))
-        pid = envoy.pid()
-        assert_basic_auth(envoy, "v1")
-        reloads = envoy.ecds_stat(h.HTTP_FILTER_NAME, "config_reload")
-        before = os.stat(stack.http_ecds)
+        envoy, http_out, pid, reloads, before = start_v1(stack, cache, http_v1, net_v1)
 
         # Failure path: the tag now names v2, but the response carries another manifest digest.
         v2 = registry.push_image(repo, "stable", wasm_modules["v2"], fmt)
